@@ -1,0 +1,210 @@
+//! Least connections: the backend with the fewest in-flight requests relative
+//! to its weight (nginx's `least_conn`).
+//!
+//! Pools up to `exact_up_to` backends (default 64) are scanned whole, reading all
+//! in-flight counts with one host call. Ties are broken by the host's shared
+//! ticket, in proportion to weight, so an idle pool still rotates instead of
+//! always favouring the first backend. Larger pools use the power of two
+//! choices (as Envoy's least-request does): two random healthy backends are
+//! compared, which keeps a decision O(1) however large the pool.
+
+wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
+
+use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
+use fulcrum::plugin::host;
+use std::cell::{Cell, RefCell};
+
+const DEFAULT_EXACT_UP_TO: usize = 64;
+
+#[derive(Clone, Copy)]
+struct Peer {
+    id: BackendId,
+    weight: u64,
+}
+
+thread_local! {
+    static HEALTHY: RefCell<Vec<Peer>> = const { RefCell::new(Vec::new()) };
+    static EXACT_UP_TO: Cell<usize> = const { Cell::new(DEFAULT_EXACT_UP_TO) };
+    static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+}
+
+/// True when `a` carries fewer in-flight requests per unit of weight than `b`.
+fn lighter(a_conns: u64, a: Peer, b_conns: u64, b: Peer) -> bool {
+    a_conns * b.weight < b_conns * a.weight
+}
+
+/// Picks the least-loaded of `peers` given `conns` (indexed by backend id),
+/// skipping `tried`; among equally loaded ones, the `ticket`'s turn by weight.
+pub fn pick_exact(
+    peers: &[(u32, u64)],
+    conns: &[u32],
+    tried: &[u32],
+    ticket: impl FnOnce() -> u64,
+) -> Option<u32> {
+    let peers: Vec<Peer> = peers
+        .iter()
+        .map(|&(id, weight)| Peer { id, weight })
+        .collect();
+    pick(&peers, conns, tried, ticket)
+}
+
+fn pick(
+    peers: &[Peer],
+    conns: &[u32],
+    tried: &[BackendId],
+    ticket: impl FnOnce() -> u64,
+) -> Option<BackendId> {
+    let load = |p: &Peer| u64::from(conns.get(p.id as usize).copied().unwrap_or(0));
+    let mut best: Option<Peer> = None;
+    let mut tied_weight = 0u64;
+    for p in peers.iter().filter(|p| !tried.contains(&p.id)) {
+        match best {
+            Some(b) if lighter(load(&b), b, load(p), *p) => {}
+            Some(b) if !lighter(load(p), *p, load(&b), b) => tied_weight += p.weight,
+            _ => {
+                best = Some(*p);
+                tied_weight = p.weight;
+            }
+        }
+    }
+    let best = best?;
+    if tied_weight == best.weight {
+        return Some(best.id);
+    }
+    // Several backends share the lowest load: take turns among them by weight.
+    let mut turn = ticket() % tied_weight;
+    let tied = peers
+        .iter()
+        .filter(|p| !tried.contains(&p.id) && !lighter(load(&best), best, load(p), **p));
+    for p in tied {
+        if turn < p.weight {
+            return Some(p.id);
+        }
+        turn -= p.weight;
+    }
+    Some(best.id)
+}
+
+fn next_random() -> u64 {
+    RNG.with(|r| {
+        let mut x = r.get();
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        r.set(x);
+        x
+    })
+}
+
+/// Power of two choices among healthy peers not yet tried.
+fn pick_two(peers: &[Peer], tried: &[BackendId]) -> Option<BackendId> {
+    let candidates: Vec<&Peer> = if tried.is_empty() {
+        peers.iter().collect()
+    } else {
+        peers.iter().filter(|p| !tried.contains(&p.id)).collect()
+    };
+    match candidates.len() {
+        0 => None,
+        1 => Some(candidates[0].id),
+        n => {
+            let a = candidates[(next_random() % n as u64) as usize];
+            let mut b = candidates[(next_random() % (n as u64 - 1)) as usize];
+            if std::ptr::eq(a, b) {
+                b = candidates[n - 1];
+            }
+            let (ca, cb) = (
+                u64::from(host::in_flight(a.id)),
+                u64::from(host::in_flight(b.id)),
+            );
+            Some(if lighter(cb, *b, ca, *a) { b.id } else { a.id })
+        }
+    }
+}
+
+fn decide(tried: &[BackendId]) -> Option<BackendId> {
+    HEALTHY.with(|h| {
+        let peers = h.borrow();
+        if peers.len() > EXACT_UP_TO.with(Cell::get) {
+            return pick_two(&peers, tried);
+        }
+        let conns = host::in_flight_all();
+        pick(&peers, &conns, tried, || host::next_ticket(0))
+    })
+}
+
+struct LeastConn;
+
+impl Guest for LeastConn {
+    fn init(config: String) -> Result<(), String> {
+        // The config is a flat JSON object; the one key read is `exact_up_to`.
+        if let Some(rest) = config.split("\"exact_up_to\"").nth(1) {
+            let digits: String = rest
+                .trim_start_matches([' ', ':'])
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            let limit = digits
+                .parse()
+                .map_err(|_| format!("exact_up_to must be a whole number, got {}", rest.trim()))?;
+            EXACT_UP_TO.with(|c| c.set(limit));
+        }
+        RNG.with(|r| r.set(host::next_ticket(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
+        Ok(())
+    }
+
+    fn set_backends(backends: Vec<Backend>) {
+        let healthy = backends
+            .iter()
+            .filter(|b| b.healthy)
+            .map(|b| Peer {
+                id: b.id,
+                weight: u64::from(b.weight.max(1)),
+            })
+            .collect();
+        HEALTHY.with(|h| *h.borrow_mut() = healthy);
+    }
+
+    fn select() -> Option<BackendId> {
+        decide(&[])
+    }
+
+    fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
+        decide(&tried)
+    }
+}
+
+export!(LeastConn);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fewest_in_flight_wins() {
+        assert_eq!(
+            pick_exact(&[(0, 1), (1, 1), (2, 1)], &[3, 1, 2], &[], || 0),
+            Some(1)
+        );
+    }
+
+    #[test]
+    fn load_is_relative_to_weight() {
+        // 4 on weight 4 is lighter than 2 on weight 1.
+        assert_eq!(pick_exact(&[(0, 1), (1, 4)], &[2, 4], &[], || 0), Some(1));
+    }
+
+    #[test]
+    fn ties_take_turns_by_ticket() {
+        let peers = [(0, 1), (1, 1), (2, 1)];
+        let picks: Vec<_> = (0..3)
+            .map(|t| pick_exact(&peers, &[0, 0, 0], &[], || t))
+            .collect();
+        assert_eq!(picks, vec![Some(0), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn tried_backends_are_skipped() {
+        assert_eq!(pick_exact(&[(0, 1), (1, 1)], &[0, 5], &[0], || 0), Some(1));
+        assert_eq!(pick_exact(&[(0, 1)], &[0], &[0], || 0), None);
+    }
+}

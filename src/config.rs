@@ -1,0 +1,591 @@
+//! The TOML config file: its schema, and validation into the types Fulcrum runs on.
+//!
+//! Parsing happens in two steps. Serde reads the file into plain structs that
+//! mirror the TOML (unknown keys refused); `validate` turns them into a
+//! [`Config`] whose values are already checked and typed (socket addresses,
+//! durations, byte sizes, resolved paths). Every error names the file, the key
+//! and the reason on one line.
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a config could not be used. The `Display` form is the one line a user sees.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {reason}")]
+    Read { file: PathBuf, reason: String },
+    #[error("{file}: {key}: {reason}")]
+    Invalid {
+        file: PathBuf,
+        key: String,
+        reason: String,
+    },
+}
+
+/// A validated config, ready to run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The file this was read from (for messages and reloads).
+    pub source: PathBuf,
+    pub server: ServerConfig,
+    pub plugins: PluginsConfig,
+    /// Pools by name, sorted.
+    pub pools: BTreeMap<String, PoolConfig>,
+    pub routes: Vec<RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin: Option<SocketAddr>,
+    /// How long a client may take to send a request head.
+    pub header_read_timeout: Duration,
+    /// How long an idle keep-alive client connection is kept open.
+    pub client_idle_timeout: Duration,
+    /// How long in-flight requests may run on after a stop signal.
+    pub shutdown_grace: Duration,
+    /// Worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginsConfig {
+    /// The drop-in plugin directory, resolved against the config file's folder.
+    pub dir: Option<PathBuf>,
+    /// CPU deadline of one plugin call.
+    pub call_timeout: Duration,
+    /// Linear memory cap of one plugin instance, in bytes.
+    pub memory_limit: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct PoolConfig {
+    pub policy: String,
+    /// `policy_config` as a JSON document, handed to the plugin's `init`.
+    pub policy_config: String,
+    pub backends: Vec<BackendConfig>,
+    pub retries: u32,
+    pub connect_timeout: Duration,
+    pub response_timeout: Duration,
+    /// How long an idle upstream connection is kept for reuse.
+    pub upstream_idle_timeout: Duration,
+    /// Idle upstream connections kept per backend.
+    pub max_idle_per_backend: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct BackendConfig {
+    /// The address as written (`host:port`), used as the backend's name.
+    pub address: String,
+    /// What `address` resolved to when the config was loaded.
+    pub socket: SocketAddr,
+    pub weight: u32,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    /// Exact host to match (port ignored, case-insensitive); any host when `None`.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    pub pool: String,
+}
+
+/// Where the built-in policies end and plugin-directory names begin.
+pub const BUILTIN_POLICIES: [&str; 2] = ["round-robin", "least-conn"];
+
+// ---- the file as written -------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    server: RawServer,
+    #[serde(default)]
+    plugins: RawPlugins,
+    pools: BTreeMap<String, RawPool>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: String,
+    admin: Option<String>,
+    header_read_timeout: Option<String>,
+    client_idle_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    workers: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawPlugins {
+    dir: Option<PathBuf>,
+    call_timeout: Option<String>,
+    memory_limit: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    policy: Option<String>,
+    policy_config: Option<toml::Value>,
+    backends: Vec<RawBackend>,
+    retries: Option<u32>,
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    upstream_idle_timeout: Option<String>,
+    max_idle_per_backend: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawBackend {
+    Address(String),
+    Full(RawBackendTable),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBackendTable {
+    address: String,
+    weight: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    host: Option<String>,
+    path_prefix: Option<String>,
+    pool: String,
+}
+
+// ---- loading -------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            file: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        Config::parse(&text, path)
+    }
+
+    /// Validates config text as if read from `path` (relative paths resolve
+    /// against `path`'s folder).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let invalid = |key: String, reason: String| ConfigError::Invalid {
+            file: path.to_path_buf(),
+            key,
+            reason,
+        };
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+            invalid(
+                "(syntax)".into(),
+                format!("{} at {}", e.message(), position(text, e.span())),
+            )
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let reason = match inner.span() {
+                Some(span) => format!("{} at {}", inner.message(), position(text, Some(span))),
+                None => inner.message().to_string(),
+            };
+            invalid(
+                if key == "." {
+                    "(top level)".into()
+                } else {
+                    key
+                },
+                reason,
+            )
+        })?;
+        let folder = path.parent().unwrap_or(Path::new("."));
+        validate(raw, folder)
+            .map_err(|(key, reason)| invalid(key, reason))
+            .map(|mut c| {
+                c.source = path.to_path_buf();
+                c
+            })
+    }
+
+    /// The policy names this config refers to that are not built in.
+    pub fn plugin_policies(&self) -> impl Iterator<Item = &str> {
+        self.pools
+            .values()
+            .map(|p| p.policy.as_str())
+            .filter(|p| !BUILTIN_POLICIES.contains(p))
+    }
+}
+
+fn position(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    let Some(span) = span else {
+        return "unknown position".into();
+    };
+    let before = &text[..span.start.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    format!("line {line}, column {column}")
+}
+
+type KeyError = (String, String);
+
+fn duration(key: &str, value: Option<&str>, default: Duration) -> Result<Duration, KeyError> {
+    match value {
+        None => Ok(default),
+        Some(text) => humantime::parse_duration(text.trim()).map_err(|e| {
+            (
+                key.to_string(),
+                format!("`{text}` is not a duration ({e}); write e.g. \"500ms\" or \"2s\""),
+            )
+        }),
+    }
+}
+
+fn size(key: &str, value: Option<&str>, default: usize) -> Result<usize, KeyError> {
+    match value {
+        None => Ok(default),
+        Some(text) => text
+            .trim()
+            .parse::<bytesize::ByteSize>()
+            .map(|b| b.as_u64() as usize)
+            .map_err(|e| {
+                (
+                    key.to_string(),
+                    format!("`{text}` is not a size ({e}); write e.g. \"16MiB\""),
+                )
+            }),
+    }
+}
+
+fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
+    if let Ok(addr) = text.parse() {
+        return Ok(addr);
+    }
+    let resolved = text.to_socket_addrs().map_err(|e| {
+        (
+            key.to_string(),
+            format!("`{text}` is not an address of the form host:port ({e})"),
+        )
+    })?;
+    resolved
+        .into_iter()
+        .next()
+        .ok_or_else(|| (key.to_string(), format!("`{text}` resolved to no address")))
+}
+
+fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
+    let server = ServerConfig {
+        listen: socket("server.listen", &raw.server.listen)?,
+        admin: raw
+            .server
+            .admin
+            .as_deref()
+            .map(|a| socket("server.admin", a))
+            .transpose()?,
+        header_read_timeout: duration(
+            "server.header_read_timeout",
+            raw.server.header_read_timeout.as_deref(),
+            Duration::from_secs(10),
+        )?,
+        client_idle_timeout: duration(
+            "server.client_idle_timeout",
+            raw.server.client_idle_timeout.as_deref(),
+            Duration::from_secs(60),
+        )?,
+        shutdown_grace: duration(
+            "server.shutdown_grace",
+            raw.server.shutdown_grace.as_deref(),
+            Duration::from_secs(30),
+        )?,
+        workers: raw.server.workers.unwrap_or(0),
+    };
+    let plugins = PluginsConfig {
+        dir: raw.plugins.dir.map(|d| folder.join(d)),
+        call_timeout: duration(
+            "plugins.call_timeout",
+            raw.plugins.call_timeout.as_deref(),
+            Duration::from_millis(5),
+        )?,
+        memory_limit: size(
+            "plugins.memory_limit",
+            raw.plugins.memory_limit.as_deref(),
+            16 << 20,
+        )?,
+    };
+    if plugins.call_timeout.is_zero() {
+        return Err(("plugins.call_timeout".into(), "must be more than 0".into()));
+    }
+    if plugins.memory_limit < 1 << 16 {
+        return Err((
+            "plugins.memory_limit".into(),
+            "must be at least 64KiB (one Wasm page)".into(),
+        ));
+    }
+
+    if raw.pools.is_empty() {
+        return Err((
+            "pools".into(),
+            "at least one pool is needed, e.g. [pools.web]".into(),
+        ));
+    }
+    let mut pools = BTreeMap::new();
+    for (name, pool) in raw.pools {
+        let key = |k: &str| format!("pools.{name}.{k}");
+        let policy = pool.policy.unwrap_or_else(|| "round-robin".into());
+        check_policy_name(&policy).map_err(|reason| (key("policy"), reason))?;
+        if !BUILTIN_POLICIES.contains(&policy.as_str()) && plugins.dir.is_none() {
+            return Err((
+                key("policy"),
+                format!(
+                    "unknown policy `{policy}`: the built-ins are {}, and [plugins] dir is not set for a plugin",
+                    BUILTIN_POLICIES.join(", ")
+                ),
+            ));
+        }
+        let policy_config = match pool.policy_config {
+            None => "{}".to_string(),
+            Some(value) => serde_json::to_string(&value).map_err(|e| {
+                (
+                    key("policy_config"),
+                    format!("cannot be given as JSON: {e}"),
+                )
+            })?,
+        };
+        if pool.backends.is_empty() {
+            return Err((key("backends"), "a pool needs at least one backend".into()));
+        }
+        let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
+        for (i, backend) in pool.backends.into_iter().enumerate() {
+            let (address, weight) = match backend {
+                RawBackend::Address(a) => (a, 1),
+                RawBackend::Full(t) => (t.address, t.weight.unwrap_or(1)),
+            };
+            let bkey = format!("pools.{name}.backends[{i}]");
+            if weight == 0 {
+                return Err((format!("{bkey}.weight"), "must be at least 1".into()));
+            }
+            let socket = socket(&bkey, &address)?;
+            if backends.iter().any(|b| b.address == address) {
+                return Err((bkey, format!("`{address}` is listed twice in this pool")));
+            }
+            backends.push(BackendConfig {
+                address,
+                socket,
+                weight,
+            });
+        }
+        let config = PoolConfig {
+            policy,
+            policy_config,
+            backends,
+            retries: pool.retries.unwrap_or(1),
+            connect_timeout: duration(
+                &key("connect_timeout"),
+                pool.connect_timeout.as_deref(),
+                Duration::from_secs(1),
+            )?,
+            response_timeout: duration(
+                &key("response_timeout"),
+                pool.response_timeout.as_deref(),
+                Duration::from_secs(30),
+            )?,
+            upstream_idle_timeout: duration(
+                &key("upstream_idle_timeout"),
+                pool.upstream_idle_timeout.as_deref(),
+                Duration::from_secs(60),
+            )?,
+            max_idle_per_backend: pool.max_idle_per_backend.unwrap_or(256),
+        };
+        pools.insert(name, config);
+    }
+
+    let mut routes = Vec::with_capacity(raw.routes.len());
+    for (i, route) in raw.routes.into_iter().enumerate() {
+        if !pools.contains_key(&route.pool) {
+            return Err((
+                format!("routes[{i}].pool"),
+                format!(
+                    "unknown pool `{}`; defined pools: {}",
+                    route.pool,
+                    pools.keys().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            ));
+        }
+        let path_prefix = route.path_prefix.unwrap_or_else(|| "/".into());
+        if !path_prefix.starts_with('/') {
+            return Err((
+                format!("routes[{i}].path_prefix"),
+                format!("`{path_prefix}` must start with /"),
+            ));
+        }
+        routes.push(RouteConfig {
+            host: route.host.map(|h| h.to_ascii_lowercase()),
+            path_prefix,
+            pool: route.pool,
+        });
+    }
+    if routes.is_empty() {
+        if pools.len() > 1 {
+            return Err((
+                "routes".into(),
+                "with more than one pool, [[routes]] must say which requests go to which pool"
+                    .into(),
+            ));
+        }
+        if let Some(pool) = pools.keys().next() {
+            routes.push(RouteConfig {
+                host: None,
+                path_prefix: "/".into(),
+                pool: pool.clone(),
+            });
+        }
+    }
+
+    Ok(Config {
+        source: PathBuf::new(),
+        server,
+        plugins,
+        pools,
+        routes,
+    })
+}
+
+/// Policy names become file names (`NAME.wasm`): keep them to a safe alphabet.
+fn check_policy_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "`{name}` is not a policy name: use letters, digits, - and _"
+        ))
+    }
+}
+
+impl fmt::Display for RouteConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}{} -> {}",
+            self.host.as_deref().unwrap_or("*"),
+            self.path_prefix,
+            self.pool
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, String> {
+        Config::parse(text, Path::new("/etc/fulcrum/test.toml")).map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str =
+        "[server]\nlisten = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+
+    #[test]
+    fn minimal_config_gets_defaults_and_a_catch_all_route() {
+        let c = parse(MINIMAL).expect("valid");
+        let pool = &c.pools["web"];
+        assert_eq!(pool.policy, "round-robin");
+        assert_eq!(pool.policy_config, "{}");
+        assert_eq!(c.plugins.call_timeout, Duration::from_millis(5));
+        assert_eq!(
+            c.routes,
+            vec![RouteConfig {
+                host: None,
+                path_prefix: "/".into(),
+                pool: "web".into()
+            }]
+        );
+    }
+
+    #[test]
+    fn issue_example_parses() {
+        let c = parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:8080"
+            admin = "127.0.0.1:9901"
+            [plugins]
+            dir = "plugins.d"
+            call_timeout = "5ms"
+            memory_limit = "16MiB"
+            [pools.web]
+            policy = "least-conn"
+            policy_config = { exact_up_to = 8 }
+            backends = ["127.0.0.1:9001", { address = "127.0.0.1:9002", weight = 3 }]
+            [[routes]]
+            host = "api.example.com"
+            path_prefix = "/api"
+            pool = "web"
+            "#,
+        )
+        .expect("valid");
+        assert_eq!(
+            c.plugins.dir.as_deref(),
+            Some(Path::new("/etc/fulcrum/plugins.d"))
+        );
+        assert_eq!(c.plugins.memory_limit, 16 << 20);
+        let pool = &c.pools["web"];
+        assert_eq!(pool.policy_config, r#"{"exact_up_to":8}"#);
+        assert_eq!(pool.backends[1].weight, 3);
+        assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+    }
+
+    #[test]
+    fn errors_name_file_key_and_reason() {
+        let cases = [
+            (
+                "[server]\nlisten = \"127.0.0.1:8080\"\nbogus = 1\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n",
+                "server",
+                "unknown field `bogus`",
+            ),
+            (
+                &MINIMAL.replace("127.0.0.1:9001", "not an address"),
+                "pools.web.backends[0]",
+                "not an address",
+            ),
+            (
+                &format!("{MINIMAL}connect_timeout = \"fast\"\n"),
+                "pools.web.connect_timeout",
+                "not a duration",
+            ),
+            (
+                &format!("{MINIMAL}policy = \"nope\"\n"),
+                "pools.web.policy",
+                "unknown policy `nope`",
+            ),
+            (
+                &format!("{MINIMAL}[[routes]]\npool = \"api\"\n"),
+                "routes[0].pool",
+                "unknown pool `api`",
+            ),
+            (
+                &format!("{MINIMAL}[plugins]\nmemory_limit = \"lots\"\n"),
+                "plugins.memory_limit",
+                "not a size",
+            ),
+            ("[server\n", "(syntax)", "line 1"),
+        ];
+        for (text, key, reason) in cases {
+            let err = parse(text).expect_err(key);
+            assert!(err.starts_with("/etc/fulcrum/test.toml: "), "{err}");
+            assert!(err.contains(key), "`{err}` should name {key}");
+            assert!(err.contains(reason), "`{err}` should say {reason}");
+            assert!(!err.contains('\n'), "one line: {err}");
+        }
+    }
+}

@@ -1,0 +1,139 @@
+//! Demo backends: small HTTP servers that say who they are, used by the
+//! quickstart, the tests and the benchmarks.
+//!
+//! Every response carries `x-backend: NAME` and, by default, the body
+//! `NAME\n`. The path picks other behaviour:
+//! - `/slow/MS`: answers after MS milliseconds;
+//! - `/bytes/N`: streams N bytes of body, 64 KiB at a time;
+//! - `/healthz`: `ok`;
+//! - any request with a body: reads it to the end and answers with its length.
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::{Frame, Incoming};
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// What a demo backend has served, for tests to inspect.
+#[derive(Debug, Default)]
+pub struct DemoStats {
+    pub requests: AtomicU64,
+    /// Request body bytes received.
+    pub body_bytes: AtomicU64,
+}
+
+type DemoBody = BoxBody<Bytes, Infallible>;
+
+/// Serves requests on `listener` as backend `name` until the task is dropped.
+pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>) {
+    let name: Arc<str> = name.into();
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let (name, stats) = (name.clone(), stats.clone());
+        tokio::spawn(async move {
+            let service = service_fn(move |request| respond(request, name.clone(), stats.clone()));
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn respond(
+    request: Request<Incoming>,
+    name: Arc<str>,
+    stats: Arc<DemoStats>,
+) -> Result<Response<DemoBody>, Infallible> {
+    stats.requests.fetch_add(1, Ordering::Relaxed);
+    let path = request.uri().path().to_owned();
+    let mut received = 0u64;
+    let mut body = request.into_body();
+    while let Some(frame) = body.frame().await {
+        match frame {
+            Ok(frame) => {
+                if let Some(data) = frame.data_ref() {
+                    received += data.len() as u64;
+                }
+            }
+            Err(_) => {
+                return Ok(text(
+                    StatusCode::BAD_REQUEST,
+                    &name,
+                    "body read failed\n".into(),
+                ));
+            }
+        }
+    }
+    stats.body_bytes.fetch_add(received, Ordering::Relaxed);
+    if received > 0 {
+        return Ok(text(StatusCode::OK, &name, format!("{received}\n")));
+    }
+    let number = |prefix: &str| {
+        path.strip_prefix(prefix)
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+    if path == "/healthz" {
+        return Ok(text(StatusCode::OK, &name, "ok\n".into()));
+    }
+    if let Some(ms) = number("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    if let Some(total) = number("/bytes/") {
+        return Ok(stream_bytes(&name, total));
+    }
+    Ok(text(StatusCode::OK, &name, format!("{name}\n")))
+}
+
+fn text(status: StatusCode, name: &str, body: String) -> Response<DemoBody> {
+    let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
+    *response.status_mut() = status;
+    if let Ok(value) = http::HeaderValue::from_str(name) {
+        response.headers_mut().insert("x-backend", value);
+    }
+    response
+}
+
+fn stream_bytes(name: &str, total: u64) -> Response<DemoBody> {
+    const CHUNK: u64 = 64 * 1024;
+    let chunk = Bytes::from(vec![b'x'; CHUNK as usize]);
+    let frames = (0..total.div_ceil(CHUNK)).map(move |i| {
+        let len = CHUNK.min(total - i * CHUNK) as usize;
+        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+    });
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let mut response = Response::new(BodyExt::boxed(body));
+    if let Ok(value) = http::HeaderValue::from_str(name) {
+        response.headers_mut().insert("x-backend", value);
+    }
+    response
+}
+
+/// Starts `count` demo backends on 127.0.0.1 (port 0: the OS picks), named
+/// `backend-1`, `backend-2`, ... Returns their addresses and stats.
+pub async fn start(count: usize) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoStats>)>> {
+    start_on(&vec![0; count]).await
+}
+
+/// Like [`start`], on the given ports (0 for any).
+pub async fn start_on(
+    ports: &[u16],
+) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoStats>)>> {
+    let mut started = Vec::with_capacity(ports.len());
+    for (i, port) in ports.iter().enumerate() {
+        let listener = TcpListener::bind(("127.0.0.1", *port)).await?;
+        let addr = listener.local_addr()?;
+        let stats = Arc::new(DemoStats::default());
+        tokio::spawn(serve(listener, format!("backend-{}", i + 1), stats.clone()));
+        started.push((addr, stats));
+    }
+    Ok(started)
+}

@@ -1,0 +1,15 @@
+//! Fulcrum: an HTTP load balancer whose backend choice is made by WebAssembly
+//! components, hot-reloaded from a plugin directory.
+//!
+//! The binary (`src/main.rs`) is a thin CLI over this library; tests and
+//! benchmarks use the same modules.
+
+pub mod app;
+pub mod backend;
+pub mod config;
+pub mod demo;
+pub mod plugin;
+pub mod proxy;
+pub mod router;
+pub mod server;
+pub mod upstream;

@@ -1,0 +1,143 @@
+//! The `fulcrum` command line: parse arguments, load the config, run or check.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand, ValueEnum};
+use fulcrum::app::App;
+use fulcrum::config::Config;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+/// Fulcrum, an HTTP load balancer whose backend choice is made by WebAssembly
+/// components (built-in: round-robin, least-conn; or your own NAME.wasm in the
+/// plugin directory, hot-reloaded).
+#[derive(Parser)]
+#[command(name = "fulcrum", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Log line format. The filter comes from RUST_LOG (default: info).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the balancer. The config file and the plugin directory are watched
+    /// and reloaded live; SIGINT or SIGTERM stops it gracefully.
+    Run {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config and load every plugin it names, then exit:
+    /// 0 when it would run, 1 with the reason when not.
+    Check {
+        /// The TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let result = match cli.command {
+        Command::Run { config } => run(&config),
+        Command::Check { config } => check(&config),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fulcrum: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let app = App::new(config)?;
+    let snapshot = app.snapshot();
+    for pool in &snapshot.pools {
+        println!(
+            "pool {}: policy {} over {} backends",
+            pool.name,
+            pool.policy.plugin_name(),
+            pool.backends.len()
+        );
+    }
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn run(path: &Path) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if config.server.workers > 0 {
+        runtime.worker_threads(config.server.workers);
+    }
+    let runtime = runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        let listen = config.server.listen;
+        let app = tokio::task::spawn_blocking(move || App::new(config))
+            .await
+            .context("loading plugins panicked")??;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| {
+                format!(
+                    "{}: server.listen: cannot listen on {listen}",
+                    path.display()
+                )
+            })?;
+        app.watch_plugins()
+            .context("cannot watch the plugin directory")?;
+        app.watch_config(path)
+            .context("cannot watch the config file")?;
+        tracing::info!(%listen, pools = app.snapshot().pools.len(), "fulcrum is serving");
+        let drained = fulcrum::server::serve(Arc::clone(&app), listener, stop_signal()).await;
+        if drained {
+            tracing::info!("stopped");
+        } else {
+            tracing::warn!("stopped with requests still in flight after the grace period");
+        }
+        Ok(())
+    })
+}
+
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot listen for stop signals; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}

@@ -1,0 +1,257 @@
+//! The wasmtime side of the plugin host: engine, linker, generated bindings,
+//! per-store state and the host functions plugins import.
+//!
+//! Nothing outside `plugin` sees a wasmtime type; `plugin::mod` wraps this in
+//! a plain Rust API.
+
+use crate::backend::BackendList;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+wasmtime::component::bindgen!({
+    path: "wit",
+    world: "balancer",
+});
+
+pub use exports::fulcrum::plugin::policy::Backend as WitBackend;
+use fulcrum::plugin::host::Level;
+
+/// How often the epoch ticks; a call's deadline is counted in these ticks.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// Counters shared by every instance of a plugin in one pool (`next-ticket`).
+pub const TICKET_SLOTS: usize = 16;
+pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
+
+/// The request a plugin call is about, moved into the store for the call.
+#[derive(Default)]
+pub struct CurrentRequest {
+    pub parts: Option<http::request::Parts>,
+    pub client: Option<SocketAddr>,
+}
+
+/// Per-store (per-instance) host state.
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub limits: StoreLimits,
+    pub current: CurrentRequest,
+    /// The backend list last pushed with `set-backends`; ids index it.
+    pub backends: BackendList,
+    pub tickets: Tickets,
+    pub plugin_name: Arc<str>,
+}
+
+impl StoreState {
+    pub fn new(plugin_name: Arc<str>, memory_limit: usize, tickets: Tickets) -> StoreState {
+        StoreState {
+            // No preopened directories, no environment, no arguments, no network
+            // (sockets deny every address by default), stdin closed, output discarded.
+            wasi: WasiCtx::builder()
+                .allow_ip_name_lookup(false)
+                .allow_tcp(false)
+                .allow_udp(false)
+                .build(),
+            table: ResourceTable::new(),
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory_limit)
+                .instances(4)
+                .tables(16)
+                .memories(4)
+                .trap_on_grow_failure(true)
+                .build(),
+            current: CurrentRequest::default(),
+            backends: Arc::from(Vec::new()),
+            tickets,
+            plugin_name,
+        }
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl fulcrum::plugin::host::Host for StoreState {
+    fn in_flight_all(&mut self) -> Vec<u32> {
+        self.backends.iter().map(|b| b.state.in_flight()).collect()
+    }
+
+    fn in_flight(&mut self, id: u32) -> u32 {
+        self.backends
+            .get(id as usize)
+            .map_or(0, |b| b.state.in_flight())
+    }
+
+    fn next_ticket(&mut self, slot: u32) -> u64 {
+        self.tickets
+            .get(slot as usize)
+            .map_or(0, |counter| counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn log(&mut self, level: Level, message: String) {
+        let plugin = &*self.plugin_name;
+        match level {
+            Level::Trace => tracing::trace!(plugin, "{message}"),
+            Level::Debug => tracing::debug!(plugin, "{message}"),
+            Level::Info => tracing::info!(plugin, "{message}"),
+            Level::Warn => tracing::warn!(plugin, "{message}"),
+            Level::Error => tracing::error!(plugin, "{message}"),
+        }
+    }
+}
+
+impl fulcrum::plugin::request::Host for StoreState {
+    fn method(&mut self) -> String {
+        self.current
+            .parts
+            .as_ref()
+            .map_or_else(String::new, |p| p.method.as_str().to_owned())
+    }
+
+    fn path(&mut self) -> String {
+        self.current
+            .parts
+            .as_ref()
+            .map_or_else(String::new, |p| p.uri.path().to_owned())
+    }
+
+    fn query(&mut self) -> String {
+        self.current
+            .parts
+            .as_ref()
+            .and_then(|p| p.uri.query())
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn authority(&mut self) -> String {
+        let Some(parts) = self.current.parts.as_ref() else {
+            return String::new();
+        };
+        parts
+            .uri
+            .authority()
+            .map(|a| a.as_str())
+            .or_else(|| {
+                parts
+                    .headers
+                    .get(http::header::HOST)
+                    .and_then(|h| h.to_str().ok())
+            })
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    fn header(&mut self, name: String) -> Option<String> {
+        let parts = self.current.parts.as_ref()?;
+        let value = parts.headers.get(name.as_str())?;
+        value.to_str().ok().map(str::to_owned)
+    }
+
+    fn headers(&mut self) -> Vec<(String, String)> {
+        let Some(parts) = self.current.parts.as_ref() else {
+            return Vec::new();
+        };
+        parts
+            .headers
+            .iter()
+            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+            .collect()
+    }
+
+    fn client_addr(&mut self) -> String {
+        self.current
+            .client
+            .map(|a| a.to_string())
+            .unwrap_or_default()
+    }
+
+    fn client_ip_hash(&mut self) -> u64 {
+        let Some(client) = self.current.client else {
+            return 0;
+        };
+        let bytes = match client.ip() {
+            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
+            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
+        };
+        fnv1a(&bytes)
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
+        (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
+}
+
+/// The engine and linker every plugin shares; built once per process.
+pub struct Runtime {
+    pub engine: Engine,
+    pub linker: Linker<StoreState>,
+}
+
+impl Runtime {
+    /// The process-wide runtime. The epoch ticker thread starts with it.
+    pub fn get() -> &'static Runtime {
+        static RUNTIME: OnceLock<Runtime> = OnceLock::new();
+        RUNTIME.get_or_init(|| {
+            Runtime::new().unwrap_or_else(|e| panic!("the Wasm engine cannot start: {e:#}"))
+        })
+    }
+
+    fn new() -> wasmtime::Result<Runtime> {
+        let mut config = wasmtime::Config::new();
+        config.wasm_component_model(true);
+        config.epoch_interruption(true);
+        config.cranelift_opt_level(wasmtime::OptLevel::Speed);
+        let engine = Engine::new(&config)?;
+        let mut linker = Linker::new(&engine);
+        Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+
+        let ticker = engine.weak();
+        std::thread::Builder::new()
+            .name("fulcrum-epoch".into())
+            .spawn(move || {
+                while let Some(engine) = ticker.upgrade() {
+                    engine.increment_epoch();
+                    drop(engine);
+                    std::thread::sleep(EPOCH_TICK);
+                }
+            })
+            .map_err(wasmtime::Error::msg)?;
+        Ok(Runtime { engine, linker })
+    }
+
+    /// Compiles a component (seconds for large guests: never on the request path).
+    pub fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
+        Component::new(&self.engine, bytes)
+    }
+
+    /// Checks a compiled component implements the balancer world and pre-links it.
+    pub fn link(&self, component: &Component) -> wasmtime::Result<BalancerPre<StoreState>> {
+        BalancerPre::new(self.linker.instantiate_pre(component)?)
+    }
+
+    pub fn new_store(&self, state: StoreState) -> Store<StoreState> {
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|s| &mut s.limits);
+        store
+    }
+}
+
+/// Turns a `Duration` deadline into epoch ticks (at least one).
+pub fn deadline_ticks(timeout: Duration) -> u64 {
+    (timeout.as_micros().div_ceil(EPOCH_TICK.as_micros())).max(1) as u64
+}

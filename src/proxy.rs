@@ -1,0 +1,339 @@
+//! The request path: route → policy → connect (retrying elsewhere when nothing
+//! was sent) → forward → stream the response back.
+
+use crate::app::{App, Pool};
+use crate::plugin::RequestSlot;
+use crate::upstream::{Conn, RequestBody, SendError, UpstreamBody};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+/// A response body: the backend's, streamed, or one the balancer wrote.
+pub enum ProxyBody {
+    Upstream(UpstreamBody),
+    Local(Full<Bytes>),
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
+            ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(b) => b.is_end_stream(),
+            ProxyBody::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(b) => b.size_hint(),
+            ProxyBody::Local(b) => b.size_hint(),
+        }
+    }
+}
+
+/// A response the balancer answers itself, with a one-line plain-text body.
+pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
+    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(format!(
+        "{message}\n"
+    )))));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// Serves one client request.
+pub async fn handle(
+    app: &App,
+    client: SocketAddr,
+    request: Request<Incoming>,
+) -> Response<ProxyBody> {
+    let snapshot = app.snapshot();
+    let host = request_host(&request);
+    let Some(pool_index) = snapshot
+        .router
+        .pool_for(host.as_deref(), request.uri().path())
+    else {
+        return local_response(StatusCode::NOT_FOUND, "no route matches this request");
+    };
+    let pool = &snapshot.pools[pool_index];
+    let (parts, body) = request.into_parts();
+    forward(pool, client, parts, body, host).await
+}
+
+fn request_host<B>(request: &Request<B>) -> Option<String> {
+    request
+        .uri()
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .or_else(|| {
+            request
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .map(str::to_owned)
+        })
+}
+
+async fn forward(
+    pool: &Pool,
+    client: SocketAddr,
+    parts: http::request::Parts,
+    body: Incoming,
+    host: Option<String>,
+) -> Response<ProxyBody> {
+    let mut current = RequestSlot {
+        parts: Some(parts),
+        client: Some(client),
+    };
+    let mut body = Some(RequestBody::Stream(body));
+    let mut rewritten = false;
+    let mut tried: Vec<usize> = Vec::new();
+    let mut stale_connections = 0;
+
+    loop {
+        let choice = pool.policy.choose(&mut current, &pool.backends, &tried);
+        let Some(index) = choice.backend else {
+            return if tried.is_empty() {
+                local_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &format!("no backend of pool `{}` is available", pool.name),
+                )
+            } else {
+                local_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("no backend of pool `{}` could be reached", pool.name),
+                )
+            };
+        };
+        let backend = &pool.backends[index];
+        tried.push(index);
+        let out_of_tries = tried.len() > pool.config.retries as usize;
+        let in_flight = backend.state.start_request();
+
+        let conn = match backend
+            .conns
+            .checkout(
+                backend.socket,
+                pool.config.connect_timeout,
+                pool.conn_limits,
+            )
+            .await
+        {
+            Ok(conn) => conn,
+            Err(error) => {
+                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend unreachable");
+                if out_of_tries {
+                    return local_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("backend {} is unreachable", backend.address),
+                    );
+                }
+                continue;
+            }
+        };
+        let reused = conn.reused;
+
+        let (Some(mut parts), Some(request_body)) = (current.parts.take(), body.take()) else {
+            return local_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the request was lost before it could be sent",
+            );
+        };
+        if !rewritten {
+            if let Err(message) = rewrite_request_head(&mut parts, client, host.as_deref()) {
+                return local_response(StatusCode::BAD_REQUEST, message);
+            }
+            rewritten = true;
+        }
+        let request = Request::from_parts(parts, request_body);
+
+        match tokio::time::timeout(pool.config.response_timeout, send(conn, request, in_flight))
+            .await
+        {
+            Err(_) => {
+                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
+                return local_response(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    &format!("backend {} did not answer in time", backend.address),
+                );
+            }
+            Ok(Ok(response)) => return client_response(response),
+            Ok(Err(SendError::NotSent(request, error))) => {
+                // Nothing reached the backend: the request can go elsewhere intact.
+                let (parts, request_body) = request.into_parts();
+                current.parts = Some(parts);
+                body = Some(request_body);
+                if reused && stale_connections < MAX_STALE_RETRIES {
+                    // A keep-alive connection the backend had closed: not the backend's fault.
+                    stale_connections += 1;
+                    tried.pop();
+                    continue;
+                }
+                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "request not sent");
+                if out_of_tries {
+                    return local_response(
+                        StatusCode::BAD_GATEWAY,
+                        &format!("backend {} closed the connection", backend.address),
+                    );
+                }
+            }
+            Ok(Err(SendError::Failed(error))) => {
+                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
+                return local_response(
+                    StatusCode::BAD_GATEWAY,
+                    &format!("backend {} failed: {error}", backend.address),
+                );
+            }
+        }
+    }
+}
+
+/// Stale pooled connections tolerated per request before a backend counts as failing.
+const MAX_STALE_RETRIES: u32 = 3;
+
+async fn send(
+    conn: Conn,
+    request: Request<RequestBody>,
+    in_flight: crate::backend::InFlight,
+) -> Result<Response<UpstreamBody>, SendError> {
+    conn.send(request, in_flight).await
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are
+/// never forwarded.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Headers the Connection header names are hop-by-hop too.
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Turns the client's request head into the one sent upstream: HTTP/1.1 in
+/// origin form, hop-by-hop headers removed, `X-Forwarded-*` added.
+fn rewrite_request_head(
+    parts: &mut http::request::Parts,
+    client: SocketAddr,
+    host: Option<&str>,
+) -> Result<(), &'static str> {
+    remove_hop_by_hop(&mut parts.headers);
+    if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
+        let origin_form = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+        parts.uri = Uri::try_from(origin_form).map_err(|_| "the request target is not valid")?;
+    }
+    parts.version = Version::HTTP_11;
+    if let Some(host) = host {
+        if !parts.headers.contains_key(header::HOST) {
+            let value = HeaderValue::from_str(host).map_err(|_| "the Host header is not valid")?;
+            parts.headers.insert(header::HOST, value);
+        }
+        if let Ok(value) = HeaderValue::from_str(host) {
+            parts.headers.insert(X_FORWARDED_HOST.clone(), value);
+        }
+    }
+    let ip = client.ip().to_string();
+    let forwarded_for = match parts
+        .headers
+        .get(&X_FORWARDED_FOR)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(earlier) => format!("{earlier}, {ip}"),
+        None => ip,
+    };
+    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+        parts.headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    Ok(())
+}
+
+fn client_response(response: Response<UpstreamBody>) -> Response<ProxyBody> {
+    let (mut parts, body) = response.into_parts();
+    remove_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ProxyBody::Upstream(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_head_is_rewritten_for_the_backend() {
+        let request = Request::builder()
+            .uri("http://example.com/a?b=1")
+            .version(Version::HTTP_2)
+            .header("connection", "x-secret, keep-alive")
+            .header("x-secret", "1")
+            .header("te", "trailers")
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("accept", "*/*")
+            .body(())
+            .expect("valid request");
+        let (mut parts, ()) = request.into_parts();
+        let client: SocketAddr = "127.0.0.9:5555".parse().expect("addr");
+        rewrite_request_head(&mut parts, client, Some("example.com")).expect("rewrites");
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.version, Version::HTTP_11);
+        for gone in ["connection", "x-secret", "te", "keep-alive"] {
+            assert!(!parts.headers.contains_key(gone), "{gone} must be removed");
+        }
+        assert_eq!(parts.headers["host"], "example.com");
+        assert_eq!(parts.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+        assert_eq!(parts.headers["x-forwarded-host"], "example.com");
+        assert_eq!(parts.headers["x-forwarded-proto"], "http");
+        assert_eq!(parts.headers["accept"], "*/*");
+    }
+}

@@ -1,0 +1,73 @@
+//! A test-only policy. Its `policy_config` picks what it does on `select`:
+//! `{"mode": "first"}` always the first healthy backend, `"last"` the last one,
+//! `"loop"` spins forever, `"trap"` traps, `"grow"` allocates without bound,
+//! `"bad-id"` names a backend that does not exist, `"none"` declines.
+//! `"refuse"` fails `init`.
+
+wit_bindgen::generate!({ path: "../../../wit", world: "balancer" });
+
+use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
+use std::cell::RefCell;
+
+thread_local! {
+    static MODE: RefCell<String> = const { RefCell::new(String::new()) };
+    static HEALTHY: RefCell<Vec<BackendId>> = const { RefCell::new(Vec::new()) };
+}
+
+struct Misbehave;
+
+impl Guest for Misbehave {
+    fn init(config: String) -> Result<(), String> {
+        let mode = config
+            .split("\"mode\"")
+            .nth(1)
+            .and_then(|rest| rest.split('"').nth(1))
+            .unwrap_or("first")
+            .to_string();
+        if mode == "refuse" {
+            return Err("this plugin was told to refuse its config".into());
+        }
+        MODE.with(|m| *m.borrow_mut() = mode);
+        Ok(())
+    }
+
+    fn set_backends(backends: Vec<Backend>) {
+        HEALTHY.with(|h| {
+            *h.borrow_mut() = backends
+                .iter()
+                .filter(|b| b.healthy)
+                .map(|b| b.id)
+                .collect()
+        });
+    }
+
+    fn select() -> Option<BackendId> {
+        let mode = MODE.with(|m| m.borrow().clone());
+        match mode.as_str() {
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "trap" => core::arch::wasm32::unreachable(),
+            "grow" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "bad-id" => Some(9_999),
+            "none" => None,
+            "last" => HEALTHY.with(|h| h.borrow().last().copied()),
+            _ => HEALTHY.with(|h| h.borrow().first().copied()),
+        }
+    }
+
+    fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
+        HEALTHY.with(|h| h.borrow().iter().copied().find(|id| !tried.contains(id)))
+    }
+}
+
+export!(Misbehave);
