@@ -25,11 +25,11 @@ async fn main() -> anyhow::Result<()> {
         .values()
         .flat_map(|p| p.backends.iter().map(|b| b.socket.port()))
         .collect();
-    let backends = fulcrum::demo::start_on(&ports)
+    let backends = fulcrum::demo::start(&ports, &[])
         .await
         .context("cannot start the demo backends")?;
-    for (addr, _) in &backends {
-        tracing::info!(%addr, "demo backend listening");
+    for backend in &backends {
+        tracing::info!(addr = %backend.addr, "demo backend listening");
     }
     let listen = config.server.listen;
     let app = tokio::task::spawn_blocking(move || App::new(config)).await??;

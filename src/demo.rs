@@ -6,6 +6,7 @@
 //! - `/slow/MS`: answers after MS milliseconds;
 //! - `/bytes/N`: streams N bytes of body, 64 KiB at a time;
 //! - `/healthz`: `ok`;
+//! - `/headers`: the request head as received, one `name: value` a line;
 //! - any request with a body: reads it to the end and answers with its length.
 
 use bytes::Bytes;
@@ -30,8 +31,9 @@ pub struct DemoStats {
 
 type DemoBody = BoxBody<Bytes, Infallible>;
 
-/// Serves requests on `listener` as backend `name` until the task is dropped.
-pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>) {
+/// Serves requests on `listener` as backend `name`, each answer held back by
+/// `delay`, until the task is dropped.
+pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>, delay: Duration) {
     let name: Arc<str> = name.into();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
@@ -40,7 +42,15 @@ pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>) {
         let _ = stream.set_nodelay(true);
         let (name, stats) = (name.clone(), stats.clone());
         tokio::spawn(async move {
-            let service = service_fn(move |request| respond(request, name.clone(), stats.clone()));
+            let service = service_fn(move |request| {
+                let (name, stats) = (name.clone(), stats.clone());
+                async move {
+                    if !delay.is_zero() {
+                        tokio::time::sleep(delay).await;
+                    }
+                    respond(request, name, stats).await
+                }
+            });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
@@ -55,6 +65,13 @@ async fn respond(
 ) -> Result<Response<DemoBody>, Infallible> {
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let path = request.uri().path().to_owned();
+    if path == "/headers" {
+        let mut head = format!("{} {} {:?}\n", request.method(), request.uri(), request.version());
+        for (name, value) in request.headers() {
+            head.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+        }
+        return Ok(text(StatusCode::OK, &name, head));
+    }
     let mut received = 0u64;
     let mut body = request.into_body();
     while let Some(frame) = body.frame().await {
@@ -117,23 +134,26 @@ fn stream_bytes(name: &str, total: u64) -> Response<DemoBody> {
     response
 }
 
-/// Starts `count` demo backends on 127.0.0.1 (port 0: the OS picks), named
-/// `backend-1`, `backend-2`, ... Returns their addresses and stats.
-pub async fn start(count: usize) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoStats>)>> {
-    start_on(&vec![0; count]).await
+/// A started demo backend.
+#[derive(Debug, Clone)]
+pub struct DemoBackend {
+    pub addr: std::net::SocketAddr,
+    pub name: String,
+    pub stats: Arc<DemoStats>,
 }
 
-/// Like [`start`], on the given ports (0 for any).
-pub async fn start_on(
-    ports: &[u16],
-) -> std::io::Result<Vec<(std::net::SocketAddr, Arc<DemoStats>)>> {
+/// Starts one demo backend per entry of `delays` on 127.0.0.1 (`port` 0 lets
+/// the OS pick), named `backend-1`, `backend-2`, ...
+pub async fn start(ports: &[u16], delays: &[Duration]) -> std::io::Result<Vec<DemoBackend>> {
     let mut started = Vec::with_capacity(ports.len());
     for (i, port) in ports.iter().enumerate() {
         let listener = TcpListener::bind(("127.0.0.1", *port)).await?;
         let addr = listener.local_addr()?;
         let stats = Arc::new(DemoStats::default());
-        tokio::spawn(serve(listener, format!("backend-{}", i + 1), stats.clone()));
-        started.push((addr, stats));
+        let name = format!("backend-{}", i + 1);
+        let delay = delays.get(i).copied().unwrap_or_default();
+        tokio::spawn(serve(listener, name.clone(), stats.clone(), delay));
+        started.push(DemoBackend { addr, name, stats });
     }
     Ok(started)
 }

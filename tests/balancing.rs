@@ -1,0 +1,132 @@
+//! Balancing through the real binary: the sample policies' shares, and the
+//! proxy's basic contract (headers, error codes).
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+fn config(policy: &str, backends: &str) -> String {
+    format!("[server]\nlisten = \"{{listen}}\"\n[pools.web]\npolicy = \"{policy}\"\nbackends = {backends}\n")
+}
+
+async fn sequential(addr: std::net::SocketAddr, n: usize) -> Vec<Reply> {
+    let mut replies = Vec::with_capacity(n);
+    for _ in 0..n {
+        replies.push(get(addr, "/").await.expect("request through the balancer"));
+    }
+    replies
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_robin_splits_300_requests_exactly() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[])), &[]);
+    let counts = tally(&sequential(fulcrum.addr, 300).await);
+    let expected: std::collections::BTreeMap<String, usize> =
+        ["backend-1", "backend-2", "backend-3"].iter().map(|b| (b.to_string(), 100)).collect();
+    assert_eq!(counts, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn weighted_round_robin_follows_weights() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[1, 2, 3])), &[]);
+    let counts = tally(&sequential(fulcrum.addr, 300).await);
+    assert_eq!(counts.get("backend-1"), Some(&50), "{counts:?}");
+    assert_eq!(counts.get("backend-2"), Some(&100), "{counts:?}");
+    assert_eq!(counts.get("backend-3"), Some(&150), "{counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_rotates_when_idle_and_spares_a_slow_backend() {
+    let slow = Duration::from_millis(150);
+    let backends = start_backends(&[0, 0, 0], &[Duration::ZERO, Duration::ZERO, slow]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("least-conn", &backends_toml(&backends, &[])), &[]);
+
+    // Idle pool: every backend ties at 0 in flight, and ties take turns.
+    let counts = tally(&sequential(fulcrum.addr, 30).await);
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{counts:?}");
+
+    // 12 clients, 25 requests each: the slow backend holds its requests longer
+    // and must get clearly fewer of them.
+    let mut clients = Vec::new();
+    for _ in 0..12 {
+        let addr = fulcrum.addr;
+        clients.push(tokio::spawn(async move { sequential(addr, 25).await }));
+    }
+    let mut replies = Vec::new();
+    for client in clients {
+        replies.extend(client.await.expect("client task"));
+    }
+    let counts = tally(&replies);
+    let slow_share = counts.get("backend-3").copied().unwrap_or(0);
+    let fast_share = counts.get("backend-1").copied().unwrap_or(0).min(counts.get("backend-2").copied().unwrap_or(0));
+    assert_eq!(replies.len(), 300);
+    assert!(slow_share * 3 < fast_share, "slow backend got {slow_share}, fast ones at least {fast_share}: {counts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_headers_are_added_and_hop_by_hop_removed() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[])), &[]);
+    let request = http::Request::get("/headers?x=1")
+        .header("host", "shop.example")
+        .header("connection", "keep-alive, x-drop-me")
+        .header("x-drop-me", "secret")
+        .header("x-keep-me", "yes")
+        .body(http_body_util::Full::new(bytes::Bytes::new()))
+        .expect("request");
+    let reply = send(fulcrum.addr, request).await.expect("reply");
+    let head = String::from_utf8_lossy(&reply.body);
+    assert!(head.starts_with("GET /headers?x=1 HTTP/1.1"), "{head}");
+    assert!(head.contains("host: shop.example\n"), "{head}");
+    assert!(head.contains("x-forwarded-for: 127.0.0.1\n"), "{head}");
+    assert!(head.contains("x-forwarded-proto: http\n"), "{head}");
+    assert!(head.contains("x-forwarded-host: shop.example\n"), "{head}");
+    assert!(head.contains("x-keep-me: yes\n"), "{head}");
+    assert!(!head.contains("x-drop-me"), "{head}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_backends_give_502_and_unmatched_routes_404() {
+    let dead = format!("[\"127.0.0.1:{}\"]", free_port());
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[pools.dead]\nbackends = {dead}\nretries = 0\n[[routes]]\nhost = \"dead.example\"\npool = \"dead\"\n"
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let request = |host: &str| {
+        http::Request::get("/")
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    let reply = send(fulcrum.addr, request("dead.example")).await.expect("reply");
+    assert_eq!(reply.status, 502, "{:?}", reply.body);
+    let reply = send(fulcrum.addr, request("other.example")).await.expect("reply");
+    assert_eq!(reply.status, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_pick_pools_by_host_and_path() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\n\
+         [pools.site]\nbackends = [\"{}\"]\n\
+         [pools.api]\nbackends = [\"{}\"]\n\
+         [[routes]]\npool = \"site\"\n\
+         [[routes]]\nhost = \"api.example.com\"\npath_prefix = \"/api\"\npool = \"api\"\n",
+        backends[0].addr, backends[1].addr
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let request = |host: &str, path: &str| {
+        http::Request::get(path)
+            .header("host", host)
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request")
+    };
+    let to = |reply: Reply| reply.backend.unwrap_or_default();
+    assert_eq!(to(send(fulcrum.addr, request("api.example.com", "/api/v1")).await.expect("reply")), "backend-2");
+    assert_eq!(to(send(fulcrum.addr, request("api.example.com:80", "/index")).await.expect("reply")), "backend-1");
+    assert_eq!(to(send(fulcrum.addr, request("www.example.com", "/api/v1")).await.expect("reply")), "backend-1");
+}

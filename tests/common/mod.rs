@@ -1,0 +1,221 @@
+//! Shared helpers for the black-box tests: run the real `fulcrum` binary on a
+//! config, start demo backends on 127.0.0.1, and send real HTTP.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use fulcrum::demo::{DemoBackend, start as start_backends};
+
+/// Where build.rs put the plugin components.
+pub const WASM_DIR: &str = env!("FULCRUM_PLUGIN_WASM_DIR");
+
+/// The path of a plugin component built from `plugins/` or `tests/plugins/`.
+pub fn wasm(file: &str) -> PathBuf {
+    Path::new(WASM_DIR).join(file)
+}
+
+/// A loopback port free at the time of asking.
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// A running `fulcrum run` process, killed when dropped.
+pub struct Fulcrum {
+    child: Child,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+    log: PathBuf,
+}
+
+impl Fulcrum {
+    /// Writes `config` (with `{listen}` replaced by a free address) to
+    /// `fulcrum.toml` in a new temp dir, creates `plugins.d` there, copies the
+    /// given plugin files in, and starts the balancer.
+    pub fn start(config: &str, plugins: &[(&str, &Path)]) -> Fulcrum {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(dir.path().join("plugins.d")).expect("plugins.d");
+        for (name, source) in plugins {
+            std::fs::copy(source, dir.path().join("plugins.d").join(name)).expect("copy plugin");
+        }
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let path = dir.path().join("fulcrum.toml");
+        std::fs::write(&path, config.replace("{listen}", &addr.to_string())).expect("write config");
+        let log = dir.path().join("fulcrum.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+            .args(["run", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("log file"))
+            .spawn()
+            .expect("start fulcrum");
+        let mut fulcrum = Fulcrum { child, addr, dir, log };
+        fulcrum.wait_listening();
+        fulcrum
+    }
+
+    fn wait_listening(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("fulcrum exited with {status} before listening:\n{}", self.log());
+            }
+            if std::net::TcpStream::connect(self.addr).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("fulcrum did not listen on {} within 30 s:\n{}", self.addr, self.log());
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn plugin_dir(&self) -> PathBuf {
+        self.dir.path().join("plugins.d")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.path().join("fulcrum.toml")
+    }
+
+    /// Everything the balancer has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits up to `within` for the log to contain `text`.
+    pub fn wait_for_log(&self, text: &str, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if self.log().contains(text) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    /// Resident memory of the balancer process, in bytes.
+    pub fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map_or(0, |kb| kb * 1024)
+    }
+
+    /// Sends a signal and waits (bounded) for the exit status.
+    pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> Option<std::process::ExitStatus> {
+        unsafe {
+            libc::kill(self.child.id() as i32, signal);
+        }
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+}
+
+impl Drop for Fulcrum {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Writes `bytes` to `path` the way an operator's deploy tool should: to a
+/// temp file beside it, then an atomic rename.
+pub fn install_file(path: &Path, bytes: &[u8]) {
+    let tmp = path.with_extension("tmp-upload");
+    std::fs::write(&tmp, bytes).expect("write temp file");
+    std::fs::rename(&tmp, path).expect("rename into place");
+}
+
+/// Runs `fulcrum check` on config text; returns (success, stderr).
+pub fn check(config: &str) -> (bool, String) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("fulcrum.toml");
+    std::fs::write(&path, config).expect("write config");
+    check_file(&path)
+}
+
+pub fn check_file(path: &Path) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["check", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fulcrum check");
+    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+}
+
+/// One answer, as a test needs it.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub backend: Option<String>,
+    pub body: Bytes,
+}
+
+/// Sends one request on a fresh connection, bounded by 10 s.
+pub async fn send(addr: SocketAddr, request: http::Request<Full<Bytes>>) -> Result<Reply, String> {
+    tokio::time::timeout(Duration::from_secs(10), async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        tokio::spawn(connection);
+        let response = sender.send_request(request).await.map_err(|e| format!("send: {e}"))?;
+        let status = response.status().as_u16();
+        let backend = response.headers().get("x-backend").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
+        Ok(Reply { status, backend, body })
+    })
+    .await
+    .map_err(|_| "timed out after 10 s".to_string())?
+}
+
+/// GET `path` on a fresh connection.
+pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
+    let request = http::Request::get(path)
+        .header("host", "test.local")
+        .body(Full::new(Bytes::new()))
+        .map_err(|e| e.to_string())?;
+    send(addr, request).await
+}
+
+/// Counts replies per backend name.
+pub fn tally(replies: &[Reply]) -> std::collections::BTreeMap<String, usize> {
+    let mut counts = std::collections::BTreeMap::new();
+    for reply in replies {
+        *counts.entry(reply.backend.clone().unwrap_or_else(|| format!("status {}", reply.status))).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// A pool's `backends = [...]` TOML value for demo backends, with weights.
+pub fn backends_toml(backends: &[DemoBackend], weights: &[u32]) -> String {
+    let items: Vec<String> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match weights.get(i) {
+            Some(w) => format!("{{ address = \"{}\", weight = {w} }}", b.addr),
+            None => format!("\"{}\"", b.addr),
+        })
+        .collect();
+    format!("[{}]", items.join(", "))
+}
