@@ -243,7 +243,7 @@ impl App {
         let watched = file.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
+                if let Some(event) = event.ok().filter(crate::plugin::registry::is_change) {
                     if event
                         .paths
                         .iter()

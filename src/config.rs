@@ -134,19 +134,14 @@ struct RawPlugins {
 struct RawPool {
     policy: Option<String>,
     policy_config: Option<toml::Value>,
-    backends: Vec<RawBackend>,
+    /// Each an address string or a `{ address, weight }` table; checked in
+    /// `validate`, where the error can say which form was expected.
+    backends: Vec<toml::Value>,
     retries: Option<u32>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     max_idle_per_backend: Option<usize>,
-}
-
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawBackend {
-    Address(String),
-    Full(RawBackendTable),
 }
 
 #[derive(Deserialize)]
@@ -363,11 +358,20 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         }
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
         for (i, backend) in pool.backends.into_iter().enumerate() {
-            let (address, weight) = match backend {
-                RawBackend::Address(a) => (a, 1),
-                RawBackend::Full(t) => (t.address, t.weight.unwrap_or(1)),
-            };
             let bkey = format!("pools.{name}.backends[{i}]");
+            let (address, weight) = match backend {
+                toml::Value::String(a) => (a, 1),
+                table @ toml::Value::Table(_) => {
+                    let t: RawBackendTable = table.try_into().map_err(|e| (bkey.clone(), e.message().to_string()))?;
+                    (t.address, t.weight.unwrap_or(1))
+                }
+                other => {
+                    return Err((
+                        bkey,
+                        format!("expected \"host:port\" or {{ address = \"host:port\", weight = N }}, found a {}", other.type_str()),
+                    ));
+                }
+            };
             if weight == 0 {
                 return Err((format!("{bkey}.weight"), "must be at least 1".into()));
             }

@@ -159,7 +159,7 @@ impl Registry {
         let (tx, rx) = channel::<PathBuf>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Ok(event) = event {
+                if let Some(event) = event.ok().filter(is_change) {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }
@@ -208,6 +208,13 @@ impl Registry {
             tracing::error!(path = %path.display(), error = %e, "plugin refused; the previous version (if any) keeps serving");
         }
     }
+}
+
+/// Whether a file event is a change of content or name. Reading a file raises
+/// access events of its own, which must not trigger another reload.
+pub fn is_change(event: &notify::Event) -> bool {
+    use notify::EventKind;
+    matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
 }
 
 /// `NAME` of a `NAME.wasm` path; hidden files (editors', copies in progress) are not plugins.
