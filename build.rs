@@ -6,7 +6,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PLUGIN_CRATES: [&str; 4] = ["round-robin", "least-conn", "misbehave", "wrong-world"];
+const PLUGIN_CRATES: [&str; 5] = [
+    "round-robin",
+    "least-conn",
+    "header-hash",
+    "misbehave",
+    "wrong-world",
+];
 
 fn main() {
     for watched in ["plugins", "wit", "tests/plugins", "Cargo.lock"] {

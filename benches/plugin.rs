@@ -1,1 +1,104 @@
-fn main() {}
+//! The hot path without the network: one plugin decision per sample plugin at
+//! 3, 100 and 1,000 backends; a decision that reads a header, with few and many
+//! headers; and the host's own per-request work (route match, head rewrite).
+//!
+//! `cargo bench --bench plugin`; figures go to docs/BENCHMARKS.md.
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use fulcrum::backend::{Backend, BackendList, BackendState, InFlight};
+use fulcrum::config::RouteConfig;
+use fulcrum::plugin::registry::Registry;
+use fulcrum::plugin::{Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters, RequestSlot};
+use fulcrum::router::Router;
+use fulcrum::upstream::ConnPool;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+const LIMITS: Limits = Limits { call_timeout: Duration::from_millis(5), memory_limit: 16 << 20 };
+
+fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
+    let list: Vec<Arc<Backend>> = (0..n)
+        .map(|i| {
+            Arc::new(Backend {
+                address: format!("10.0.{}.{}:80", i / 250, i % 250 + 1),
+                socket: format!("10.0.{}.{}:80", i / 250, i % 250 + 1).parse().expect("address"),
+                weight: 1 + (i % 3) as u32,
+                state: Arc::new(BackendState::default()),
+                conns: Arc::new(ConnPool::default()),
+            })
+        })
+        .collect();
+    // Some load, so least-conn compares real counts instead of breaking ties.
+    let in_flight = list.iter().enumerate().flat_map(|(i, b)| (0..(i * 7 % 5)).map(|_| b.state.start_request())).collect();
+    (list.into(), in_flight)
+}
+
+fn request(headers: usize) -> RequestSlot {
+    let mut builder = http::Request::get("/api/users/42?page=2").header("host", "shop.example").header("x-user", "alice");
+    for i in 0..headers.saturating_sub(2) {
+        builder = builder.header(format!("x-extra-{i}"), "some value of typical length");
+    }
+    let (parts, ()) = builder.body(()).expect("request").into_parts();
+    RequestSlot { parts: Some(parts), client: Some("192.0.2.7:51000".parse().expect("client")) }
+}
+
+fn policy(slot: Arc<PluginSlot>, config: &str) -> Policy {
+    Policy::new(slot, config, LIMITS, PolicyCounters::default())
+}
+
+fn decisions(c: &mut Criterion) {
+    let registry = Registry::with_builtins().expect("built-ins load");
+    let mut group = c.benchmark_group("decision");
+    for name in ["round-robin", "least-conn"] {
+        let slot = registry.slot(name).expect("built-in");
+        for n in [3, 100, 1000] {
+            let policy = policy(slot.clone(), "{}");
+            let (list, _load) = backends(n);
+            let mut current = request(3);
+            assert!(policy.choose(&mut current, &list, &[]).fault.is_none(), "{name} decides without fault");
+            group.bench_function(BenchmarkId::new(name, n), |b| {
+                b.iter(|| black_box(policy.choose(&mut current, &list, &[])))
+            });
+        }
+    }
+
+    let wasm = std::fs::read(concat!(env!("FULCRUM_PLUGIN_WASM_DIR"), "/header_hash.wasm")).expect("header_hash.wasm");
+    let slot = PluginSlot::new(Plugin::load("header-hash", &wasm, PluginSource::Builtin).expect("header-hash loads"));
+    for headers in [3, 50] {
+        let policy = policy(slot.clone(), r#"{"header":"x-user"}"#);
+        let (list, _load) = backends(3);
+        let mut current = request(headers);
+        assert!(policy.choose(&mut current, &list, &[]).fault.is_none());
+        group.bench_function(BenchmarkId::new("header-hash/3-backends/headers", headers), |b| {
+            b.iter(|| black_box(policy.choose(&mut current, &list, &[])))
+        });
+    }
+    group.finish();
+}
+
+fn host_work(c: &mut Criterion) {
+    let routes: Vec<RouteConfig> = [(None, "/"), (Some("shop.example"), "/"), (Some("shop.example"), "/api"), (None, "/static")]
+        .iter()
+        .enumerate()
+        .map(|(i, (host, prefix))| RouteConfig { host: host.map(str::to_string), path_prefix: prefix.to_string(), pool: format!("p{i}") })
+        .collect();
+    let router = Router::new(&routes, |name| name.strip_prefix('p').and_then(|n| n.parse().ok()));
+    let mut group = c.benchmark_group("host");
+    group.bench_function("route-match", |b| b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42"))));
+    let client = "192.0.2.7:51000".parse().expect("client");
+    group.bench_function("rewrite-head/10-headers", |b| {
+        b.iter_batched(
+            || request(10).parts.expect("parts"),
+            |mut parts| {
+                fulcrum::proxy::rewrite_request_head(&mut parts, client, Some("shop.example")).expect("rewrites");
+                parts
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+}
+
+criterion_group!(benches, decisions, host_work);
+criterion_main!(benches);

@@ -362,13 +362,18 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             let (address, weight) = match backend {
                 toml::Value::String(a) => (a, 1),
                 table @ toml::Value::Table(_) => {
-                    let t: RawBackendTable = table.try_into().map_err(|e| (bkey.clone(), e.message().to_string()))?;
+                    let t: RawBackendTable = table
+                        .try_into()
+                        .map_err(|e| (bkey.clone(), e.message().to_string()))?;
                     (t.address, t.weight.unwrap_or(1))
                 }
                 other => {
                     return Err((
                         bkey,
-                        format!("expected \"host:port\" or {{ address = \"host:port\", weight = N }}, found a {}", other.type_str()),
+                        format!(
+                            "expected \"host:port\" or {{ address = \"host:port\", weight = N }}, found a {}",
+                            other.type_str()
+                        ),
                     ));
                 }
             };

@@ -66,9 +66,17 @@ async fn respond(
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let path = request.uri().path().to_owned();
     if path == "/headers" {
-        let mut head = format!("{} {} {:?}\n", request.method(), request.uri(), request.version());
+        let mut head = format!(
+            "{} {} {:?}\n",
+            request.method(),
+            request.uri(),
+            request.version()
+        );
         for (name, value) in request.headers() {
-            head.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
+            head.push_str(&format!(
+                "{name}: {}\n",
+                String::from_utf8_lossy(value.as_bytes())
+            ));
         }
         return Ok(text(StatusCode::OK, &name, head));
     }

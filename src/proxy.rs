@@ -262,7 +262,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Turns the client's request head into the one sent upstream: HTTP/1.1 in
 /// origin form, hop-by-hop headers removed, `X-Forwarded-*` added.
-fn rewrite_request_head(
+pub fn rewrite_request_head(
     parts: &mut http::request::Parts,
     client: SocketAddr,
     host: Option<&str>,

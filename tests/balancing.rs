@@ -7,7 +7,9 @@ use common::*;
 use std::time::Duration;
 
 fn config(policy: &str, backends: &str) -> String {
-    format!("[server]\nlisten = \"{{listen}}\"\n[pools.web]\npolicy = \"{policy}\"\nbackends = {backends}\n")
+    format!(
+        "[server]\nlisten = \"{{listen}}\"\n[pools.web]\npolicy = \"{policy}\"\nbackends = {backends}\n"
+    )
 }
 
 async fn sequential(addr: std::net::SocketAddr, n: usize) -> Vec<Reply> {
@@ -24,14 +26,20 @@ async fn round_robin_splits_300_requests_exactly() {
     let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[])), &[]);
     let counts = tally(&sequential(fulcrum.addr, 300).await);
     let expected: std::collections::BTreeMap<String, usize> =
-        ["backend-1", "backend-2", "backend-3"].iter().map(|b| (b.to_string(), 100)).collect();
+        ["backend-1", "backend-2", "backend-3"]
+            .iter()
+            .map(|b| (b.to_string(), 100))
+            .collect();
     assert_eq!(counts, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_weights() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
-    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[1, 2, 3])), &[]);
+    let fulcrum = Fulcrum::start(
+        &config("round-robin", &backends_toml(&backends, &[1, 2, 3])),
+        &[],
+    );
     let counts = tally(&sequential(fulcrum.addr, 300).await);
     assert_eq!(counts.get("backend-1"), Some(&50), "{counts:?}");
     assert_eq!(counts.get("backend-2"), Some(&100), "{counts:?}");
@@ -41,12 +49,18 @@ async fn weighted_round_robin_follows_weights() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_rotates_when_idle_and_spares_a_slow_backend() {
     let slow = Duration::from_millis(150);
-    let backends = start_backends(&[0, 0, 0], &[Duration::ZERO, Duration::ZERO, slow]).await.expect("backends");
+    let backends = start_backends(&[0, 0, 0], &[Duration::ZERO, Duration::ZERO, slow])
+        .await
+        .expect("backends");
     let fulcrum = Fulcrum::start(&config("least-conn", &backends_toml(&backends, &[])), &[]);
 
     // Idle pool: every backend ties at 0 in flight, and ties take turns.
     let counts = tally(&sequential(fulcrum.addr, 30).await);
-    assert_eq!(counts.values().copied().collect::<Vec<_>>(), vec![10, 10, 10], "{counts:?}");
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{counts:?}"
+    );
 
     // 12 clients, 25 requests each: the slow backend holds its requests longer
     // and must get clearly fewer of them.
@@ -61,9 +75,16 @@ async fn least_conn_rotates_when_idle_and_spares_a_slow_backend() {
     }
     let counts = tally(&replies);
     let slow_share = counts.get("backend-3").copied().unwrap_or(0);
-    let fast_share = counts.get("backend-1").copied().unwrap_or(0).min(counts.get("backend-2").copied().unwrap_or(0));
+    let fast_share = counts
+        .get("backend-1")
+        .copied()
+        .unwrap_or(0)
+        .min(counts.get("backend-2").copied().unwrap_or(0));
     assert_eq!(replies.len(), 300);
-    assert!(slow_share * 3 < fast_share, "slow backend got {slow_share}, fast ones at least {fast_share}: {counts:?}");
+    assert!(
+        slow_share * 3 < fast_share,
+        "slow backend got {slow_share}, fast ones at least {fast_share}: {counts:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -101,9 +122,13 @@ async fn unreachable_backends_give_502_and_unmatched_routes_404() {
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .expect("request")
     };
-    let reply = send(fulcrum.addr, request("dead.example")).await.expect("reply");
+    let reply = send(fulcrum.addr, request("dead.example"))
+        .await
+        .expect("reply");
     assert_eq!(reply.status, 502, "{:?}", reply.body);
-    let reply = send(fulcrum.addr, request("other.example")).await.expect("reply");
+    let reply = send(fulcrum.addr, request("other.example"))
+        .await
+        .expect("reply");
     assert_eq!(reply.status, 404);
 }
 
@@ -126,7 +151,22 @@ async fn routes_pick_pools_by_host_and_path() {
             .expect("request")
     };
     let to = |reply: Reply| reply.backend.unwrap_or_default();
-    assert_eq!(to(send(fulcrum.addr, request("api.example.com", "/api/v1")).await.expect("reply")), "backend-2");
-    assert_eq!(to(send(fulcrum.addr, request("api.example.com:80", "/index")).await.expect("reply")), "backend-1");
-    assert_eq!(to(send(fulcrum.addr, request("www.example.com", "/api/v1")).await.expect("reply")), "backend-1");
+    assert_eq!(
+        to(send(fulcrum.addr, request("api.example.com", "/api/v1"))
+            .await
+            .expect("reply")),
+        "backend-2"
+    );
+    assert_eq!(
+        to(send(fulcrum.addr, request("api.example.com:80", "/index"))
+            .await
+            .expect("reply")),
+        "backend-1"
+    );
+    assert_eq!(
+        to(send(fulcrum.addr, request("www.example.com", "/api/v1"))
+            .await
+            .expect("reply")),
+        "backend-1"
+    );
 }

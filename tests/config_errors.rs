@@ -10,7 +10,10 @@ const GOOD: &str = "[server]\nlisten = \"127.0.0.1:18080\"\n[pools.web]\npolicy 
 fn assert_refused(config: &str, key: &str, reason: &str) {
     let (ok, stderr) = check(config);
     assert!(!ok, "config should be refused:\n{config}");
-    let line = stderr.lines().find(|l| l.starts_with("fulcrum: ")).unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("fulcrum: "))
+        .unwrap_or_else(|| panic!("no error line in:\n{stderr}"));
     assert!(line.contains("fulcrum.toml"), "names the file: {line}");
     assert!(line.contains(key), "names the key {key}: {line}");
     assert!(line.contains(reason), "says {reason}: {line}");
@@ -26,47 +29,86 @@ fn a_good_config_checks_ok() {
 fn unreadable_file() {
     let (ok, stderr) = check_file(std::path::Path::new("/nonexistent/fulcrum.toml"));
     assert!(!ok);
-    assert!(stderr.contains("/nonexistent/fulcrum.toml") && stderr.contains("cannot read"), "{stderr}");
+    assert!(
+        stderr.contains("/nonexistent/fulcrum.toml") && stderr.contains("cannot read"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn toml_syntax_error() {
-    assert_refused(&GOOD.replace("[pools.web]", "[pools.web"), "(syntax)", "line 3");
+    assert_refused(
+        &GOOD.replace("[pools.web]", "[pools.web"),
+        "(syntax)",
+        "line 3",
+    );
 }
 
 #[test]
 fn unknown_key() {
-    assert_refused(&GOOD.replace("policy =", "polcy ="), "pools.web", "unknown field `polcy`");
+    assert_refused(
+        &GOOD.replace("policy =", "polcy ="),
+        "pools.web",
+        "unknown field `polcy`",
+    );
 }
 
 #[test]
 fn unknown_pool_in_route() {
-    assert_refused(&format!("{GOOD}[[routes]]\npool = \"api\"\n"), "routes[0].pool", "unknown pool `api`");
+    assert_refused(
+        &format!("{GOOD}[[routes]]\npool = \"api\"\n"),
+        "routes[0].pool",
+        "unknown pool `api`",
+    );
 }
 
 #[test]
 fn unknown_policy() {
-    assert_refused(&GOOD.replace("least-conn", "fastest"), "pools.web.policy", "unknown policy `fastest`");
-    let with_dir = GOOD.replace("least-conn", "fastest").replace("[pools.web]", "[plugins]\ndir = \".\"\n[pools.web]");
+    assert_refused(
+        &GOOD.replace("least-conn", "fastest"),
+        "pools.web.policy",
+        "unknown policy `fastest`",
+    );
+    let with_dir = GOOD
+        .replace("least-conn", "fastest")
+        .replace("[pools.web]", "[plugins]\ndir = \".\"\n[pools.web]");
     assert_refused(&with_dir, "pools.web.policy", "no fastest.wasm in");
 }
 
 #[test]
 fn bad_address() {
-    assert_refused(&GOOD.replace("127.0.0.1:9001", "127.0.0.1:http"), "pools.web.backends[0]", "not an address");
-    assert_refused(&GOOD.replace("127.0.0.1:18080", "nowhere"), "server.listen", "not an address");
+    assert_refused(
+        &GOOD.replace("127.0.0.1:9001", "127.0.0.1:http"),
+        "pools.web.backends[0]",
+        "not an address",
+    );
+    assert_refused(
+        &GOOD.replace("127.0.0.1:18080", "nowhere"),
+        "server.listen",
+        "not an address",
+    );
 }
 
 #[test]
 fn bad_duration_and_size() {
-    assert_refused(&format!("{GOOD}response_timeout = \"soon\"\n"), "pools.web.response_timeout", "not a duration");
     assert_refused(
-        &GOOD.replace("[pools.web]", "[plugins]\ncall_timeout = \"5 parsecs\"\n[pools.web]"),
+        &format!("{GOOD}response_timeout = \"soon\"\n"),
+        "pools.web.response_timeout",
+        "not a duration",
+    );
+    assert_refused(
+        &GOOD.replace(
+            "[pools.web]",
+            "[plugins]\ncall_timeout = \"5 parsecs\"\n[pools.web]",
+        ),
         "plugins.call_timeout",
         "not a duration",
     );
     assert_refused(
-        &GOOD.replace("[pools.web]", "[plugins]\nmemory_limit = \"16 bananas\"\n[pools.web]"),
+        &GOOD.replace(
+            "[pools.web]",
+            "[plugins]\nmemory_limit = \"16 bananas\"\n[pools.web]",
+        ),
         "plugins.memory_limit",
         "not a size",
     );
@@ -77,13 +119,19 @@ fn plugin_refusing_its_config() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(wasm("misbehave.wasm"), dir.path().join("picky.wasm")).expect("copy plugin");
     let text = GOOD
-        .replace("least-conn\"", "picky\"\npolicy_config = { mode = \"refuse\" }")
+        .replace(
+            "least-conn\"",
+            "picky\"\npolicy_config = { mode = \"refuse\" }",
+        )
         .replace("[pools.web]", "[plugins]\ndir = \".\"\n[pools.web]");
     let path = dir.path().join("fulcrum.toml");
     std::fs::write(&path, text).expect("write");
     let (ok, stderr) = check_file(&path);
     assert!(!ok);
-    assert!(stderr.contains("pools.web.policy") && stderr.contains("refused its config"), "{stderr}");
+    assert!(
+        stderr.contains("pools.web.policy") && stderr.contains("refused its config"),
+        "{stderr}"
+    );
 }
 
 #[test]

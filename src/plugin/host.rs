@@ -18,8 +18,8 @@ wasmtime::component::bindgen!({
     world: "balancer",
 });
 
+use self::fulcrum::plugin::host::Level;
 pub use exports::fulcrum::plugin::policy::Backend as WitBackend;
-use fulcrum::plugin::host::Level;
 
 /// How often the epoch ticks; a call's deadline is counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -82,7 +82,7 @@ impl WasiView for StoreState {
     }
 }
 
-impl fulcrum::plugin::host::Host for StoreState {
+impl self::fulcrum::plugin::host::Host for StoreState {
     fn in_flight_all(&mut self) -> Vec<u32> {
         self.backends.iter().map(|b| b.state.in_flight()).collect()
     }
@@ -111,7 +111,7 @@ impl fulcrum::plugin::host::Host for StoreState {
     }
 }
 
-impl fulcrum::plugin::request::Host for StoreState {
+impl self::fulcrum::plugin::request::Host for StoreState {
     fn method(&mut self) -> String {
         self.current
             .parts

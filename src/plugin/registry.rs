@@ -214,7 +214,10 @@ impl Registry {
 /// access events of its own, which must not trigger another reload.
 pub fn is_change(event: &notify::Event) -> bool {
     use notify::EventKind;
-    matches!(event.kind, EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_))
+    matches!(
+        event.kind,
+        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
+    )
 }
 
 /// `NAME` of a `NAME.wasm` path; hidden files (editors', copies in progress) are not plugins.

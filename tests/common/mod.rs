@@ -1,6 +1,6 @@
 //! Shared helpers for the black-box tests: run the real `fulcrum` binary on a
 //! config, start demo backends on 127.0.0.1, and send real HTTP.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -56,7 +56,12 @@ impl Fulcrum {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start fulcrum");
-        let mut fulcrum = Fulcrum { child, addr, dir, log };
+        let mut fulcrum = Fulcrum {
+            child,
+            addr,
+            dir,
+            log,
+        };
         fulcrum.wait_listening();
         fulcrum
     }
@@ -65,14 +70,21 @@ impl Fulcrum {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("fulcrum exited with {status} before listening:\n{}", self.log());
+                panic!(
+                    "fulcrum exited with {status} before listening:\n{}",
+                    self.log()
+                );
             }
             if std::net::TcpStream::connect(self.addr).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("fulcrum did not listen on {} within 30 s:\n{}", self.addr, self.log());
+        panic!(
+            "fulcrum did not listen on {} within 30 s:\n{}",
+            self.addr,
+            self.log()
+        );
     }
 
     pub fn pid(&self) -> u32 {
@@ -106,7 +118,8 @@ impl Fulcrum {
 
     /// Resident memory of the balancer process, in bytes.
     pub fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -115,7 +128,11 @@ impl Fulcrum {
     }
 
     /// Sends a signal and waits (bounded) for the exit status.
-    pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> Option<std::process::ExitStatus> {
+    pub fn signal_and_wait(
+        &mut self,
+        signal: i32,
+        within: Duration,
+    ) -> Option<std::process::ExitStatus> {
         unsafe {
             libc::kill(self.child.id() as i32, signal);
         }
@@ -160,7 +177,10 @@ pub fn check_file(path: &Path) -> (bool, String) {
         .env("RUST_LOG", "warn")
         .output()
         .expect("run fulcrum check");
-    (output.status.success(), String::from_utf8_lossy(&output.stderr).into_owned())
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
 }
 
 /// One answer, as a test needs it.
@@ -174,16 +194,34 @@ pub struct Reply {
 /// Sends one request on a fresh connection, bounded by 10 s.
 pub async fn send(addr: SocketAddr, request: http::Request<Full<Bytes>>) -> Result<Reply, String> {
     tokio::time::timeout(Duration::from_secs(10), async move {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect: {e}"))?;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(connection);
-        let response = sender.send_request(request).await.map_err(|e| format!("send: {e}"))?;
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| format!("send: {e}"))?;
         let status = response.status().as_u16();
-        let backend = response.headers().get("x-backend").and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?.to_bytes();
-        Ok(Reply { status, backend, body })
+        let backend = response
+            .headers()
+            .get("x-backend")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| format!("body: {e}"))?
+            .to_bytes();
+        Ok(Reply {
+            status,
+            backend,
+            body,
+        })
     })
     .await
     .map_err(|_| "timed out after 10 s".to_string())?
@@ -202,7 +240,14 @@ pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
 pub fn tally(replies: &[Reply]) -> std::collections::BTreeMap<String, usize> {
     let mut counts = std::collections::BTreeMap::new();
     for reply in replies {
-        *counts.entry(reply.backend.clone().unwrap_or_else(|| format!("status {}", reply.status))).or_insert(0) += 1;
+        *counts
+            .entry(
+                reply
+                    .backend
+                    .clone()
+                    .unwrap_or_else(|| format!("status {}", reply.status)),
+            )
+            .or_insert(0) += 1;
     }
     counts
 }

@@ -8,24 +8,17 @@
 //! choices (as Envoy's least-request does): two random healthy backends are
 //! compared, which keeps a decision O(1) however large the pool.
 
-wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
+/// A backend's id, as the WIT `backend-id`.
+pub type BackendId = u32;
 
-use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
-use fulcrum::plugin::host;
-use std::cell::{Cell, RefCell};
+/// Pools up to this size are scanned whole unless `exact_up_to` says otherwise.
+pub const DEFAULT_EXACT_UP_TO: usize = 64;
 
-const DEFAULT_EXACT_UP_TO: usize = 64;
-
-#[derive(Clone, Copy)]
-struct Peer {
-    id: BackendId,
-    weight: u64,
-}
-
-thread_local! {
-    static HEALTHY: RefCell<Vec<Peer>> = const { RefCell::new(Vec::new()) };
-    static EXACT_UP_TO: Cell<usize> = const { Cell::new(DEFAULT_EXACT_UP_TO) };
-    static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+/// A healthy backend as the policy keeps it.
+#[derive(Clone, Copy, Debug)]
+pub struct Peer {
+    pub id: BackendId,
+    pub weight: u64,
 }
 
 /// True when `a` carries fewer in-flight requests per unit of weight than `b`.
@@ -85,99 +78,129 @@ fn pick(
     Some(best.id)
 }
 
-fn next_random() -> u64 {
-    RNG.with(|r| {
-        let mut x = r.get();
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        r.set(x);
-        x
-    })
-}
-
-/// Power of two choices among healthy peers not yet tried.
-fn pick_two(peers: &[Peer], tried: &[BackendId]) -> Option<BackendId> {
-    let candidates: Vec<&Peer> = if tried.is_empty() {
-        peers.iter().collect()
-    } else {
-        peers.iter().filter(|p| !tried.contains(&p.id)).collect()
+/// Power of two choices among `peers` not yet tried: two drawn with `random`,
+/// the lighter by `in_flight` wins. O(1) in the pool's size.
+pub fn pick_two(
+    peers: &[Peer],
+    tried: &[BackendId],
+    mut random: impl FnMut() -> u64,
+    in_flight: impl Fn(BackendId) -> u32,
+) -> Option<BackendId> {
+    let usable = |p: &Peer| !tried.contains(&p.id);
+    let mut draw = || {
+        // A draw that hits a tried backend is drawn again; a scan ends the rare bad luck.
+        (0..8)
+            .map(|_| peers[(random() % peers.len() as u64) as usize])
+            .find(usable)
+            .or_else(|| peers.iter().copied().find(usable))
     };
-    match candidates.len() {
-        0 => None,
-        1 => Some(candidates[0].id),
-        n => {
-            let a = candidates[(next_random() % n as u64) as usize];
-            let mut b = candidates[(next_random() % (n as u64 - 1)) as usize];
-            if std::ptr::eq(a, b) {
-                b = candidates[n - 1];
+    if peers.is_empty() {
+        return None;
+    }
+    let a = draw()?;
+    let b = draw()?;
+    let (ca, cb) = (u64::from(in_flight(a.id)), u64::from(in_flight(b.id)));
+    Some(if lighter(cb, b, ca, a) { b.id } else { a.id })
+}
+
+/// The component glue: only built for Wasm, so the logic above tests on the host.
+#[cfg(target_arch = "wasm32")]
+mod component {
+    wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
+
+    use super::{DEFAULT_EXACT_UP_TO, Peer, pick, pick_two};
+    use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
+    use fulcrum::plugin::host;
+    use std::cell::{Cell, RefCell};
+
+    thread_local! {
+        static HEALTHY: RefCell<Vec<Peer>> = const { RefCell::new(Vec::new()) };
+        static EXACT_UP_TO: Cell<usize> = const { Cell::new(DEFAULT_EXACT_UP_TO) };
+        static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+    }
+
+    fn next_random() -> u64 {
+        RNG.with(|r| {
+            let mut x = r.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            r.set(x);
+            x
+        })
+    }
+
+    fn decide(tried: &[BackendId]) -> Option<BackendId> {
+        HEALTHY.with(|h| {
+            let peers = h.borrow();
+            if peers.len() > EXACT_UP_TO.with(Cell::get) {
+                return pick_two(&peers, tried, next_random, host::in_flight);
             }
-            let (ca, cb) = (
-                u64::from(host::in_flight(a.id)),
-                u64::from(host::in_flight(b.id)),
-            );
-            Some(if lighter(cb, *b, ca, *a) { b.id } else { a.id })
-        }
+            let conns = host::in_flight_all();
+            pick(&peers, &conns, tried, || host::next_ticket(0))
+        })
     }
-}
 
-fn decide(tried: &[BackendId]) -> Option<BackendId> {
-    HEALTHY.with(|h| {
-        let peers = h.borrow();
-        if peers.len() > EXACT_UP_TO.with(Cell::get) {
-            return pick_two(&peers, tried);
+    struct LeastConn;
+
+    impl Guest for LeastConn {
+        fn init(config: String) -> Result<(), String> {
+            // The config is a flat JSON object; the one key read is `exact_up_to`.
+            if let Some(rest) = config.split("\"exact_up_to\"").nth(1) {
+                let digits: String = rest
+                    .trim_start_matches([' ', ':'])
+                    .chars()
+                    .take_while(char::is_ascii_digit)
+                    .collect();
+                let limit = digits.parse().map_err(|_| {
+                    format!("exact_up_to must be a whole number, got {}", rest.trim())
+                })?;
+                EXACT_UP_TO.with(|c| c.set(limit));
+            }
+            RNG.with(|r| r.set(host::next_ticket(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
+            Ok(())
         }
-        let conns = host::in_flight_all();
-        pick(&peers, &conns, tried, || host::next_ticket(0))
-    })
-}
 
-struct LeastConn;
-
-impl Guest for LeastConn {
-    fn init(config: String) -> Result<(), String> {
-        // The config is a flat JSON object; the one key read is `exact_up_to`.
-        if let Some(rest) = config.split("\"exact_up_to\"").nth(1) {
-            let digits: String = rest
-                .trim_start_matches([' ', ':'])
-                .chars()
-                .take_while(char::is_ascii_digit)
+        fn set_backends(backends: Vec<Backend>) {
+            let healthy = backends
+                .iter()
+                .filter(|b| b.healthy)
+                .map(|b| Peer {
+                    id: b.id,
+                    weight: u64::from(b.weight.max(1)),
+                })
                 .collect();
-            let limit = digits
-                .parse()
-                .map_err(|_| format!("exact_up_to must be a whole number, got {}", rest.trim()))?;
-            EXACT_UP_TO.with(|c| c.set(limit));
+            HEALTHY.with(|h| *h.borrow_mut() = healthy);
         }
-        RNG.with(|r| r.set(host::next_ticket(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
-        Ok(())
+
+        fn select() -> Option<BackendId> {
+            decide(&[])
+        }
+
+        fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
+            decide(&tried)
+        }
     }
 
-    fn set_backends(backends: Vec<Backend>) {
-        let healthy = backends
-            .iter()
-            .filter(|b| b.healthy)
-            .map(|b| Peer {
-                id: b.id,
-                weight: u64::from(b.weight.max(1)),
-            })
-            .collect();
-        HEALTHY.with(|h| *h.borrow_mut() = healthy);
-    }
-
-    fn select() -> Option<BackendId> {
-        decide(&[])
-    }
-
-    fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
-        decide(&tried)
-    }
+    export!(LeastConn);
 }
-
-export!(LeastConn);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn pick_exact(
+        peers: &[(u32, u64)],
+        conns: &[u32],
+        tried: &[u32],
+        ticket: impl FnOnce() -> u64,
+    ) -> Option<u32> {
+        let peers: Vec<Peer> = peers
+            .iter()
+            .map(|&(id, weight)| Peer { id, weight })
+            .collect();
+        pick(&peers, conns, tried, ticket)
+    }
 
     #[test]
     fn fewest_in_flight_wins() {
@@ -200,6 +223,20 @@ mod tests {
             .map(|t| pick_exact(&peers, &[0, 0, 0], &[], || t))
             .collect();
         assert_eq!(picks, vec![Some(0), Some(1), Some(2)]);
+    }
+
+    #[test]
+    fn two_choices_take_the_lighter_and_skip_tried() {
+        let peers: Vec<Peer> = (0..100).map(|id| Peer { id, weight: 1 }).collect();
+        let mut draws = [10u64, 20].into_iter().cycle();
+        let load = |id: u32| if id == 20 { 0 } else { 7 };
+        assert_eq!(
+            pick_two(&peers, &[], || draws.next().unwrap_or(0), load),
+            Some(20)
+        );
+        let only = [Peer { id: 5, weight: 1 }, Peer { id: 6, weight: 1 }];
+        assert_eq!(pick_two(&only, &[5], || 0, |_| 0), Some(6));
+        assert_eq!(pick_two(&only, &[5, 6], || 0, |_| 0), None);
     }
 
     #[test]

@@ -7,18 +7,11 @@
 //! backend set changes, and maps the host's shared ticket counter onto it, so
 //! every instance agrees on whose turn it is.
 
-wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
-
-use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
-use fulcrum::plugin::host;
-use std::cell::RefCell;
+/// A backend's id, as the WIT `backend-id`.
+pub type BackendId = u32;
 
 /// Longest schedule kept; larger weight sums are scaled down to fit.
 const MAX_SCHEDULE: u64 = 1 << 16;
-
-thread_local! {
-    static SCHEDULE: RefCell<Vec<BackendId>> = const { RefCell::new(Vec::new()) };
-}
 
 /// One period of nginx's smooth weighted round robin over `(id, weight)` pairs.
 pub fn smooth_schedule(peers: &[(BackendId, u32)]) -> Vec<BackendId> {
@@ -58,48 +51,63 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-struct RoundRobin;
+/// The component glue: only built for Wasm, so the logic above tests on the host.
+#[cfg(target_arch = "wasm32")]
+mod component {
+    wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
 
-impl Guest for RoundRobin {
-    fn init(_config: String) -> Result<(), String> {
-        Ok(())
+    use super::smooth_schedule;
+    use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
+    use fulcrum::plugin::host;
+    use std::cell::RefCell;
+
+    thread_local! {
+        static SCHEDULE: RefCell<Vec<BackendId>> = const { RefCell::new(Vec::new()) };
     }
 
-    fn set_backends(backends: Vec<Backend>) {
-        let healthy: Vec<(BackendId, u32)> = backends
-            .iter()
-            .filter(|b| b.healthy)
-            .map(|b| (b.id, b.weight))
-            .collect();
-        SCHEDULE.with(|s| *s.borrow_mut() = smooth_schedule(&healthy));
+    struct RoundRobin;
+
+    impl Guest for RoundRobin {
+        fn init(_config: String) -> Result<(), String> {
+            Ok(())
+        }
+
+        fn set_backends(backends: Vec<Backend>) {
+            let healthy: Vec<(BackendId, u32)> = backends
+                .iter()
+                .filter(|b| b.healthy)
+                .map(|b| (b.id, b.weight))
+                .collect();
+            SCHEDULE.with(|s| *s.borrow_mut() = smooth_schedule(&healthy));
+        }
+
+        fn select() -> Option<BackendId> {
+            SCHEDULE.with(|s| {
+                let schedule = s.borrow();
+                if schedule.is_empty() {
+                    return None;
+                }
+                let ticket = host::next_ticket(0);
+                Some(schedule[(ticket % schedule.len() as u64) as usize])
+            })
+        }
+
+        fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
+            SCHEDULE.with(|s| {
+                let schedule = s.borrow();
+                if schedule.is_empty() {
+                    return None;
+                }
+                let start = host::next_ticket(0) as usize;
+                (0..schedule.len())
+                    .map(|step| schedule[(start + step) % schedule.len()])
+                    .find(|id| !tried.contains(id))
+            })
+        }
     }
 
-    fn select() -> Option<BackendId> {
-        SCHEDULE.with(|s| {
-            let schedule = s.borrow();
-            if schedule.is_empty() {
-                return None;
-            }
-            let ticket = host::next_ticket(0);
-            Some(schedule[(ticket % schedule.len() as u64) as usize])
-        })
-    }
-
-    fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
-        SCHEDULE.with(|s| {
-            let schedule = s.borrow();
-            if schedule.is_empty() {
-                return None;
-            }
-            let start = host::next_ticket(0) as usize;
-            (0..schedule.len())
-                .map(|step| schedule[(start + step) % schedule.len()])
-                .find(|id| !tried.contains(id))
-        })
-    }
+    export!(RoundRobin);
 }
-
-export!(RoundRobin);
 
 #[cfg(test)]
 mod tests {

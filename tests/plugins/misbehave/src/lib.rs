@@ -3,6 +3,8 @@
 //! `"loop"` spins forever, `"trap"` traps, `"grow"` allocates without bound,
 //! `"bad-id"` names a backend that does not exist, `"none"` declines.
 //! `"refuse"` fails `init`.
+// Only a Wasm component: there is nothing to build or test on the host.
+#![cfg(target_arch = "wasm32")]
 
 wit_bindgen::generate!({ path: "../../../wit", world: "balancer" });
 
