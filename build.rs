@@ -6,20 +6,13 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PLUGIN_CRATES: [&str; 5] = [
-    "round-robin",
-    "least-conn",
-    "header-hash",
-    "misbehave",
-    "wrong-world",
-];
+const PLUGIN_CRATES: [&str; 5] = ["round-robin", "least-conn", "header-hash", "misbehave", "wrong-world"];
 
 fn main() {
     for watched in ["plugins", "wit", "tests/plugins", "Cargo.lock"] {
         println!("cargo:rerun-if-changed={watched}");
     }
-    let root =
-        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     // A target dir of its own, so this build never waits on the outer build's lock.
@@ -53,9 +46,7 @@ fn main() {
     ] {
         command.env_remove(var);
     }
-    let output = command
-        .output()
-        .expect("cannot run cargo to build the plugins");
+    let output = command.output().expect("cannot run cargo to build the plugins");
     if !output.status.success() {
         let stderr = String::from_utf8_lossy(&output.stderr);
         let hint = if stderr.contains("wasm32-wasip2")
@@ -70,8 +61,5 @@ fn main() {
         panic!("building the plugins for wasm32-wasip2 failed:\n{stderr}{hint}");
     }
     let wasm_dir = target_dir.join("wasm32-wasip2").join("plugin");
-    println!(
-        "cargo:rustc-env=FULCRUM_PLUGIN_WASM_DIR={}",
-        wasm_dir.display()
-    );
+    println!("cargo:rustc-env=FULCRUM_PLUGIN_WASM_DIR={}", wasm_dir.display());
 }

@@ -15,7 +15,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
 
-const LIMITS: Limits = Limits { call_timeout: Duration::from_millis(5), memory_limit: 16 << 20 };
+const LIMITS: Limits = Limits {
+    call_timeout: Duration::from_millis(5),
+    memory_limit: 16 << 20,
+};
 
 fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
     let list: Vec<Arc<Backend>> = (0..n)
@@ -30,17 +33,26 @@ fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
         })
         .collect();
     // Some load, so least-conn compares real counts instead of breaking ties.
-    let in_flight = list.iter().enumerate().flat_map(|(i, b)| (0..(i * 7 % 5)).map(|_| b.state.start_request())).collect();
+    let in_flight = list
+        .iter()
+        .enumerate()
+        .flat_map(|(i, b)| (0..(i * 7 % 5)).map(|_| b.state.start_request()))
+        .collect();
     (list.into(), in_flight)
 }
 
 fn request(headers: usize) -> RequestSlot {
-    let mut builder = http::Request::get("/api/users/42?page=2").header("host", "shop.example").header("x-user", "alice");
+    let mut builder = http::Request::get("/api/users/42?page=2")
+        .header("host", "shop.example")
+        .header("x-user", "alice");
     for i in 0..headers.saturating_sub(2) {
         builder = builder.header(format!("x-extra-{i}"), "some value of typical length");
     }
     let (parts, ()) = builder.body(()).expect("request").into_parts();
-    RequestSlot { parts: Some(parts), client: Some("192.0.2.7:51000".parse().expect("client")) }
+    RequestSlot {
+        parts: Some(parts),
+        client: Some("192.0.2.7:51000".parse().expect("client")),
+    }
 }
 
 fn policy(slot: Arc<PluginSlot>, config: &str) -> Policy {
@@ -55,10 +67,13 @@ fn decisions(c: &mut Criterion) {
         for n in [3, 100, 1000] {
             let policy = policy(slot.clone(), "{}");
             let (list, _load) = backends(n);
-            let mut current = request(3);
-            assert!(policy.choose(&mut current, &list, &[]).fault.is_none(), "{name} decides without fault");
+            let current = request(3);
+            assert!(
+                policy.choose(&current, &list, &[]).fault.is_none(),
+                "{name} decides without fault"
+            );
             group.bench_function(BenchmarkId::new(name, n), |b| {
-                b.iter(|| black_box(policy.choose(&mut current, &list, &[])))
+                b.iter(|| black_box(policy.choose(&current, &list, &[])))
             });
         }
     }
@@ -68,24 +83,35 @@ fn decisions(c: &mut Criterion) {
     for headers in [3, 50] {
         let policy = policy(slot.clone(), r#"{"header":"x-user"}"#);
         let (list, _load) = backends(3);
-        let mut current = request(headers);
-        assert!(policy.choose(&mut current, &list, &[]).fault.is_none());
+        let current = request(headers);
+        assert!(policy.choose(&current, &list, &[]).fault.is_none());
         group.bench_function(BenchmarkId::new("header-hash/3-backends/headers", headers), |b| {
-            b.iter(|| black_box(policy.choose(&mut current, &list, &[])))
+            b.iter(|| black_box(policy.choose(&current, &list, &[])))
         });
     }
     group.finish();
 }
 
 fn host_work(c: &mut Criterion) {
-    let routes: Vec<RouteConfig> = [(None, "/"), (Some("shop.example"), "/"), (Some("shop.example"), "/api"), (None, "/static")]
-        .iter()
-        .enumerate()
-        .map(|(i, (host, prefix))| RouteConfig { host: host.map(str::to_string), path_prefix: prefix.to_string(), pool: format!("p{i}") })
-        .collect();
+    let routes: Vec<RouteConfig> = [
+        (None, "/"),
+        (Some("shop.example"), "/"),
+        (Some("shop.example"), "/api"),
+        (None, "/static"),
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, (host, prefix))| RouteConfig {
+        host: host.map(str::to_string),
+        path_prefix: prefix.to_string(),
+        pool: format!("p{i}"),
+    })
+    .collect();
     let router = Router::new(&routes, |name| name.strip_prefix('p').and_then(|n| n.parse().ok()));
     let mut group = c.benchmark_group("host");
-    group.bench_function("route-match", |b| b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42"))));
+    group.bench_function("route-match", |b| {
+        b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42")))
+    });
     let client = "192.0.2.7:51000".parse().expect("client");
     group.bench_function("rewrite-head/10-headers", |b| {
         b.iter_batched(

@@ -50,15 +50,12 @@ impl App {
     /// Loads the built-in and drop-in plugins a config needs and builds the
     /// first snapshot. Does not start any watcher (see [`App::watch_plugins`]).
     pub fn new(config: Config) -> Result<Arc<App>, ConfigError> {
-        let registry = Arc::new(
-            Registry::with_builtins().map_err(|e| invalid(&config, "plugins", e.to_string()))?,
-        );
+        let registry = Arc::new(Registry::with_builtins().map_err(|e| invalid(&config, "plugins", e.to_string()))?);
         if let Some(dir) = &config.plugins.dir {
             let limits = plugin_limits(&config);
             let pools: Vec<PoolConfig> = config.pools.values().cloned().collect();
-            let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| {
-                check_against(plugin, name, pools.iter(), &limits)
-            });
+            let validator: Validator =
+                Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, pools.iter(), &limits));
             for (path, error) in registry.load_dir(dir, &validator) {
                 let name = crate::plugin::registry::plugin_name(&path).unwrap_or_default();
                 if config.plugin_policies().any(|p| p == name) || !dir.is_dir() {
@@ -66,9 +63,7 @@ impl App {
                         .pools
                         .iter()
                         .find(|(_, p)| p.policy == name)
-                        .map_or("plugins.dir".to_string(), |(n, _)| {
-                            format!("pools.{n}.policy")
-                        });
+                        .map_or("plugins.dir".to_string(), |(n, _)| format!("pools.{n}.policy"));
                     return Err(invalid(&config, &key, error.to_string()));
                 }
                 tracing::warn!(path = %path.display(), %error, "plugin refused");
@@ -155,13 +150,7 @@ impl App {
             })?;
             slot.current()
                 .check(&pool.policy_config, &limits)
-                .map_err(|e| {
-                    invalid(
-                        &config,
-                        &format!("pools.{name}.policy_config"),
-                        e.to_string(),
-                    )
-                })?;
+                .map_err(|e| invalid(&config, &format!("pools.{name}.policy_config"), e.to_string()))?;
             let backends: Vec<Arc<Backend>> = pool
                 .backends
                 .iter()
@@ -199,15 +188,10 @@ impl App {
                 .get(pool)
                 .is_some_and(|p| p.backends.iter().any(|b| &b.address == address))
         });
-        kept.counters
-            .retain(|pool, _| config.pools.contains_key(pool));
+        kept.counters.retain(|pool, _| config.pools.contains_key(pool));
         let names: Vec<&String> = config.pools.keys().collect();
         let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));
-        Ok(Snapshot {
-            config,
-            pools,
-            router,
-        })
+        Ok(Snapshot { config, pools, router })
     }
 
     /// Starts hot reload of the plugin directory, if the config has one.
@@ -226,10 +210,7 @@ impl App {
             check_against(plugin, name, snapshot.config.pools.values(), &limits)
         });
         let watcher = self.registry.watch(dir, validator)?;
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(watcher);
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner()).push(watcher);
         tracing::info!(dir = %dir.display(), "watching the plugin directory");
         Ok(())
     }
@@ -241,18 +222,13 @@ impl App {
         let folder = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let watched = file.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Some(event) = event.ok().filter(crate::plugin::registry::is_change) {
-                    if event
-                        .paths
-                        .iter()
-                        .any(|p| p.file_name() == watched.file_name())
-                    {
-                        let _ = tx.send(());
-                    }
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Some(event) = event.ok().filter(crate::plugin::registry::is_change) {
+                if event.paths.iter().any(|p| p.file_name() == watched.file_name()) {
+                    let _ = tx.send(());
                 }
-            })?;
+            }
+        })?;
         watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;
         let app = Arc::downgrade(self);
         let source = path.to_path_buf();
@@ -276,10 +252,7 @@ impl App {
                 }
             })
             .map_err(|e| notify::Error::generic(&e.to_string()))?;
-        self.watchers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(watcher);
+        self.watchers.lock().unwrap_or_else(|p| p.into_inner()).push(watcher);
         Ok(())
     }
 }

@@ -19,11 +19,7 @@ pub enum ConfigError {
     #[error("{file}: cannot read: {reason}")]
     Read { file: PathBuf, reason: String },
     #[error("{file}: {key}: {reason}")]
-    Invalid {
-        file: PathBuf,
-        key: String,
-        reason: String,
-    },
+    Invalid { file: PathBuf, key: String, reason: String },
 }
 
 /// A validated config, ready to run.
@@ -192,14 +188,7 @@ impl Config {
                 Some(span) => format!("{} at {}", inner.message(), position(text, Some(span))),
                 None => inner.message().to_string(),
             };
-            invalid(
-                if key == "." {
-                    "(top level)".into()
-                } else {
-                    key
-                },
-                reason,
-            )
+            invalid(if key == "." { "(top level)".into() } else { key }, reason)
         })?;
         let folder = path.parent().unwrap_or(Path::new("."));
         validate(raw, folder)
@@ -308,11 +297,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             raw.plugins.call_timeout.as_deref(),
             Duration::from_millis(5),
         )?,
-        memory_limit: size(
-            "plugins.memory_limit",
-            raw.plugins.memory_limit.as_deref(),
-            16 << 20,
-        )?,
+        memory_limit: size("plugins.memory_limit", raw.plugins.memory_limit.as_deref(), 16 << 20)?,
     };
     if plugins.call_timeout.is_zero() {
         return Err(("plugins.call_timeout".into(), "must be more than 0".into()));
@@ -325,10 +310,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
     }
 
     if raw.pools.is_empty() {
-        return Err((
-            "pools".into(),
-            "at least one pool is needed, e.g. [pools.web]".into(),
-        ));
+        return Err(("pools".into(), "at least one pool is needed, e.g. [pools.web]".into()));
     }
     let mut pools = BTreeMap::new();
     for (name, pool) in raw.pools {
@@ -346,12 +328,8 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         }
         let policy_config = match pool.policy_config {
             None => "{}".to_string(),
-            Some(value) => serde_json::to_string(&value).map_err(|e| {
-                (
-                    key("policy_config"),
-                    format!("cannot be given as JSON: {e}"),
-                )
-            })?,
+            Some(value) => serde_json::to_string(&value)
+                .map_err(|e| (key("policy_config"), format!("cannot be given as JSON: {e}")))?,
         };
         if pool.backends.is_empty() {
             return Err((key("backends"), "a pool needs at least one backend".into()));
@@ -362,9 +340,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             let (address, weight) = match backend {
                 toml::Value::String(a) => (a, 1),
                 table @ toml::Value::Table(_) => {
-                    let t: RawBackendTable = table
-                        .try_into()
-                        .map_err(|e| (bkey.clone(), e.message().to_string()))?;
+                    let t: RawBackendTable = table.try_into().map_err(|e| (bkey.clone(), e.message().to_string()))?;
                     (t.address, t.weight.unwrap_or(1))
                 }
                 other => {
@@ -444,8 +420,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         if pools.len() > 1 {
             return Err((
                 "routes".into(),
-                "with more than one pool, [[routes]] must say which requests go to which pool"
-                    .into(),
+                "with more than one pool, [[routes]] must say which requests go to which pool".into(),
             ));
         }
         if let Some(pool) = pools.keys().next() {
@@ -468,16 +443,11 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
 
 /// Policy names become file names (`NAME.wasm`): keep them to a safe alphabet.
 fn check_policy_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    let ok = !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if ok {
         Ok(())
     } else {
-        Err(format!(
-            "`{name}` is not a policy name: use letters, digits, - and _"
-        ))
+        Err(format!("`{name}` is not a policy name: use letters, digits, - and _"))
     }
 }
 
@@ -501,8 +471,7 @@ mod tests {
         Config::parse(text, Path::new("/etc/fulcrum/test.toml")).map_err(|e| e.to_string())
     }
 
-    const MINIMAL: &str =
-        "[server]\nlisten = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    const MINIMAL: &str = "[server]\nlisten = \"127.0.0.1:8080\"\n[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
 
     #[test]
     fn minimal_config_gets_defaults_and_a_catch_all_route() {
@@ -543,10 +512,7 @@ mod tests {
             "#,
         )
         .expect("valid");
-        assert_eq!(
-            c.plugins.dir.as_deref(),
-            Some(Path::new("/etc/fulcrum/plugins.d"))
-        );
+        assert_eq!(c.plugins.dir.as_deref(), Some(Path::new("/etc/fulcrum/plugins.d")));
         assert_eq!(c.plugins.memory_limit, 16 << 20);
         let pool = &c.pools["web"];
         assert_eq!(pool.policy_config, r#"{"exact_up_to":8}"#);

@@ -66,17 +66,9 @@ async fn respond(
     stats.requests.fetch_add(1, Ordering::Relaxed);
     let path = request.uri().path().to_owned();
     if path == "/headers" {
-        let mut head = format!(
-            "{} {} {:?}\n",
-            request.method(),
-            request.uri(),
-            request.version()
-        );
+        let mut head = format!("{} {} {:?}\n", request.method(), request.uri(), request.version());
         for (name, value) in request.headers() {
-            head.push_str(&format!(
-                "{name}: {}\n",
-                String::from_utf8_lossy(value.as_bytes())
-            ));
+            head.push_str(&format!("{name}: {}\n", String::from_utf8_lossy(value.as_bytes())));
         }
         return Ok(text(StatusCode::OK, &name, head));
     }
@@ -90,11 +82,7 @@ async fn respond(
                 }
             }
             Err(_) => {
-                return Ok(text(
-                    StatusCode::BAD_REQUEST,
-                    &name,
-                    "body read failed\n".into(),
-                ));
+                return Ok(text(StatusCode::BAD_REQUEST, &name, "body read failed\n".into()));
             }
         }
     }
@@ -102,10 +90,7 @@ async fn respond(
     if received > 0 {
         return Ok(text(StatusCode::OK, &name, format!("{received}\n")));
     }
-    let number = |prefix: &str| {
-        path.strip_prefix(prefix)
-            .and_then(|n| n.parse::<u64>().ok())
-    };
+    let number = |prefix: &str| path.strip_prefix(prefix).and_then(|n| n.parse::<u64>().ok());
     if path == "/healthz" {
         return Ok(text(StatusCode::OK, &name, "ok\n".into()));
     }

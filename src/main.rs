@@ -96,10 +96,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
     if config.server.workers > 0 {
         runtime.worker_threads(config.server.workers);
     }
-    let runtime = runtime
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
+    let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
     runtime.block_on(async move {
         let listen = config.server.listen;
         let app = tokio::task::spawn_blocking(move || App::new(config))
@@ -107,16 +104,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
             .context("loading plugins panicked")??;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
-            .with_context(|| {
-                format!(
-                    "{}: server.listen: cannot listen on {listen}",
-                    path.display()
-                )
-            })?;
-        app.watch_plugins()
-            .context("cannot watch the plugin directory")?;
-        app.watch_config(path)
-            .context("cannot watch the config file")?;
+            .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+        app.watch_plugins().context("cannot watch the plugin directory")?;
+        app.watch_config(path).context("cannot watch the config file")?;
         tracing::info!(%listen, pools = app.snapshot().pools.len(), "fulcrum is serving");
         let drained = fulcrum::server::serve(Arc::clone(&app), listener, stop_signal()).await;
         if drained {
@@ -130,10 +120,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
 
 async fn stop_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
         tracing::error!("cannot listen for stop signals; stop with SIGKILL");
         return std::future::pending().await;
     };

@@ -25,10 +25,7 @@ impl Body for ProxyBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -52,9 +49,7 @@ impl Body for ProxyBody {
 
 /// A response the balancer answers itself, with a one-line plain-text body.
 pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(format!(
-        "{message}\n"
-    )))));
+    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(format!("{message}\n")))));
     *response.status_mut() = status;
     response.headers_mut().insert(
         header::CONTENT_TYPE,
@@ -64,17 +59,10 @@ pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 }
 
 /// Serves one client request.
-pub async fn handle(
-    app: &App,
-    client: SocketAddr,
-    request: Request<Incoming>,
-) -> Response<ProxyBody> {
+pub async fn handle(app: &App, client: SocketAddr, request: Request<Incoming>) -> Response<ProxyBody> {
     let snapshot = app.snapshot();
     let host = request_host(&request);
-    let Some(pool_index) = snapshot
-        .router
-        .pool_for(host.as_deref(), request.uri().path())
-    else {
+    let Some(pool_index) = snapshot.router.pool_for(host.as_deref(), request.uri().path()) else {
         return local_response(StatusCode::NOT_FOUND, "no route matches this request");
     };
     let pool = &snapshot.pools[pool_index];
@@ -83,17 +71,13 @@ pub async fn handle(
 }
 
 fn request_host<B>(request: &Request<B>) -> Option<String> {
-    request
-        .uri()
-        .authority()
-        .map(|a| a.as_str().to_owned())
-        .or_else(|| {
-            request
-                .headers()
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .map(str::to_owned)
-        })
+    request.uri().authority().map(|a| a.as_str().to_owned()).or_else(|| {
+        request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 async fn forward(
@@ -113,7 +97,7 @@ async fn forward(
     let mut stale_connections = 0;
 
     loop {
-        let choice = pool.policy.choose(&mut current, &pool.backends, &tried);
+        let choice = pool.policy.choose(&current, &pool.backends, &tried);
         let Some(index) = choice.backend else {
             return if tried.is_empty() {
                 local_response(
@@ -134,11 +118,7 @@ async fn forward(
 
         let conn = match backend
             .conns
-            .checkout(
-                backend.socket,
-                pool.config.connect_timeout,
-                pool.conn_limits,
-            )
+            .checkout(backend.socket, pool.config.connect_timeout, pool.conn_limits)
             .await
         {
             Ok(conn) => conn,
@@ -170,9 +150,7 @@ async fn forward(
         }
         let request = Request::from_parts(parts, request_body);
 
-        match tokio::time::timeout(pool.config.response_timeout, send(conn, request, in_flight))
-            .await
-        {
+        match tokio::time::timeout(pool.config.response_timeout, send(conn, request, in_flight)).await {
             Err(_) => {
                 backend.state.failures.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
@@ -283,11 +261,7 @@ pub fn rewrite_request_head(
         }
     }
     let ip = client.ip().to_string();
-    let forwarded_for = match parts
-        .headers
-        .get(&X_FORWARDED_FOR)
-        .and_then(|v| v.to_str().ok())
-    {
+    let forwarded_for = match parts.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(earlier) => format!("{earlier}, {ip}"),
         None => ip,
     };

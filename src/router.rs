@@ -69,9 +69,7 @@ impl Router {
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         // [v6]:port
-        return host
-            .split_once(']')
-            .map_or(host, |(h, _)| &host[..h.len() + 1]);
+        return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
     host.rsplit_once(':').map_or(host, |(h, _)| h)
 }
@@ -102,10 +100,7 @@ mod tests {
     #[test]
     fn host_routes_win_then_longest_prefix() {
         let r = router();
-        assert_eq!(
-            r.pool_for(Some("admin.example.com:8080"), "/api/x"),
-            Some(2)
-        );
+        assert_eq!(r.pool_for(Some("admin.example.com:8080"), "/api/x"), Some(2));
         assert_eq!(r.pool_for(Some("ADMIN.example.com"), "/"), Some(2));
         assert_eq!(r.pool_for(Some("www.example.com"), "/api/users"), Some(1));
         assert_eq!(r.pool_for(None, "/index.html"), Some(0));

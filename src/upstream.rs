@@ -33,10 +33,7 @@ impl Body for RequestBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             RequestBody::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             RequestBody::Bytes(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -84,9 +81,7 @@ pub struct ConnPool {
 
 impl std::fmt::Debug for ConnPool {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnPool")
-            .field("idle", &self.idle_count())
-            .finish()
+        f.debug_struct("ConnPool").field("idle", &self.idle_count()).finish()
     }
 }
 
@@ -99,9 +94,7 @@ pub struct PoolLimits {
 
 impl ConnPool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleConn>> {
-        self.idle
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Idle connections held now.
@@ -240,10 +233,7 @@ impl Body for UpstreamBody {
     type Data = Bytes;
     type Error = hyper::Error;
 
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),

@@ -7,9 +7,7 @@ use common::*;
 use std::time::Duration;
 
 fn config(policy: &str, backends: &str) -> String {
-    format!(
-        "[server]\nlisten = \"{{listen}}\"\n[pools.web]\npolicy = \"{policy}\"\nbackends = {backends}\n"
-    )
+    format!("[server]\nlisten = \"{{listen}}\"\n[pools.web]\npolicy = \"{policy}\"\nbackends = {backends}\n")
 }
 
 async fn sequential(addr: std::net::SocketAddr, n: usize) -> Vec<Reply> {
@@ -25,21 +23,17 @@ async fn round_robin_splits_300_requests_exactly() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
     let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[])), &[]);
     let counts = tally(&sequential(fulcrum.addr, 300).await);
-    let expected: std::collections::BTreeMap<String, usize> =
-        ["backend-1", "backend-2", "backend-3"]
-            .iter()
-            .map(|b| (b.to_string(), 100))
-            .collect();
+    let expected: std::collections::BTreeMap<String, usize> = ["backend-1", "backend-2", "backend-3"]
+        .iter()
+        .map(|b| (b.to_string(), 100))
+        .collect();
     assert_eq!(counts, expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_round_robin_follows_weights() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
-    let fulcrum = Fulcrum::start(
-        &config("round-robin", &backends_toml(&backends, &[1, 2, 3])),
-        &[],
-    );
+    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[1, 2, 3])), &[]);
     let counts = tally(&sequential(fulcrum.addr, 300).await);
     assert_eq!(counts.get("backend-1"), Some(&50), "{counts:?}");
     assert_eq!(counts.get("backend-2"), Some(&100), "{counts:?}");
@@ -122,13 +116,9 @@ async fn unreachable_backends_give_502_and_unmatched_routes_404() {
             .body(http_body_util::Full::new(bytes::Bytes::new()))
             .expect("request")
     };
-    let reply = send(fulcrum.addr, request("dead.example"))
-        .await
-        .expect("reply");
+    let reply = send(fulcrum.addr, request("dead.example")).await.expect("reply");
     assert_eq!(reply.status, 502, "{:?}", reply.body);
-    let reply = send(fulcrum.addr, request("other.example"))
-        .await
-        .expect("reply");
+    let reply = send(fulcrum.addr, request("other.example")).await.expect("reply");
     assert_eq!(reply.status, 404);
 }
 

@@ -5,7 +5,8 @@ mod common;
 
 use common::*;
 
-const GOOD: &str = "[server]\nlisten = \"127.0.0.1:18080\"\n[pools.web]\npolicy = \"least-conn\"\nbackends = [\"127.0.0.1:9001\"]\n";
+const GOOD: &str =
+    "[server]\nlisten = \"127.0.0.1:18080\"\n[pools.web]\npolicy = \"least-conn\"\nbackends = [\"127.0.0.1:9001\"]\n";
 
 fn assert_refused(config: &str, key: &str, reason: &str) {
     let (ok, stderr) = check(config);
@@ -37,11 +38,7 @@ fn unreadable_file() {
 
 #[test]
 fn toml_syntax_error() {
-    assert_refused(
-        &GOOD.replace("[pools.web]", "[pools.web"),
-        "(syntax)",
-        "line 3",
-    );
+    assert_refused(&GOOD.replace("[pools.web]", "[pools.web"), "(syntax)", "line 3");
 }
 
 #[test]
@@ -97,18 +94,12 @@ fn bad_duration_and_size() {
         "not a duration",
     );
     assert_refused(
-        &GOOD.replace(
-            "[pools.web]",
-            "[plugins]\ncall_timeout = \"5 parsecs\"\n[pools.web]",
-        ),
+        &GOOD.replace("[pools.web]", "[plugins]\ncall_timeout = \"5 parsecs\"\n[pools.web]"),
         "plugins.call_timeout",
         "not a duration",
     );
     assert_refused(
-        &GOOD.replace(
-            "[pools.web]",
-            "[plugins]\nmemory_limit = \"16 bananas\"\n[pools.web]",
-        ),
+        &GOOD.replace("[pools.web]", "[plugins]\nmemory_limit = \"16 bananas\"\n[pools.web]"),
         "plugins.memory_limit",
         "not a size",
     );
@@ -119,10 +110,7 @@ fn plugin_refusing_its_config() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(wasm("misbehave.wasm"), dir.path().join("picky.wasm")).expect("copy plugin");
     let text = GOOD
-        .replace(
-            "least-conn\"",
-            "picky\"\npolicy_config = { mode = \"refuse\" }",
-        )
+        .replace("least-conn\"", "picky\"\npolicy_config = { mode = \"refuse\" }")
         .replace("[pools.web]", "[plugins]\ndir = \".\"\n[pools.web]");
     let path = dir.path().join("fulcrum.toml");
     std::fs::write(&path, text).expect("write");

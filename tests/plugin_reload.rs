@@ -105,10 +105,7 @@ async fn time_until(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_the_policy_20_times_under_load_loses_no_request() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
-    let fulcrum = Fulcrum::start(
-        &swap_config(&backends),
-        &[("swap.wasm", &wasm("misbehave.wasm"))],
-    );
+    let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
     let first = std::fs::read(wasm("misbehave.wasm")).expect("misbehave.wasm");
     let rotate = std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm");
     let target = fulcrum.plugin_dir().join("swap.wasm");
@@ -120,19 +117,12 @@ async fn swapping_the_policy_20_times_under_load_loses_no_request() {
         install_file(&target, if to_rotation { &rotate } else { &first });
         let seen = if to_rotation {
             // Round robin shows itself as soon as anything but backend-1 answers.
-            time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| {
-                b != "backend-1"
-            })
-            .await
+            time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| b != "backend-1").await
         } else {
             // "first" shows itself as a run of backend-1 that round robin cannot produce.
-            time_until(fulcrum.addr, 8, Duration::from_secs(5), |b| {
-                b == "backend-1"
-            })
-            .await
+            time_until(fulcrum.addr, 8, Duration::from_secs(5), |b| b == "backend-1").await
         };
-        let took = seen
-            .unwrap_or_else(|| panic!("swap {swap} not visible within 5 s:\n{}", fulcrum.log()));
+        let took = seen.unwrap_or_else(|| panic!("swap {swap} not visible within 5 s:\n{}", fulcrum.log()));
         slowest = slowest.max(took);
     }
     let (ok, failed, errors) = load.finish().await;
@@ -142,21 +132,13 @@ async fn swapping_the_policy_20_times_under_load_loses_no_request() {
         slowest <= Duration::from_secs(1),
         "a swap took {slowest:?} to be visible"
     );
-    assert_eq!(
-        fulcrum.log().matches("plugin loaded").count(),
-        21,
-        "{}",
-        fulcrum.log()
-    );
+    assert_eq!(fulcrum.log().matches("plugin loaded").count(), 21, "{}", fulcrum.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
-    let fulcrum = Fulcrum::start(
-        &swap_config(&backends),
-        &[("swap.wasm", &wasm("misbehave.wasm"))],
-    );
+    let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
     let all_first = |replies: &[Reply]| {
         replies
             .iter()
@@ -165,10 +147,7 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
     let dir = fulcrum.plugin_dir();
 
     // New files: garbage, and a valid component of another world.
-    install_file(
-        &dir.join("garbage.wasm"),
-        b"\0asm this is not a component at all",
-    );
+    install_file(&dir.join("garbage.wasm"), b"\0asm this is not a component at all");
     install_file(
         &dir.join("other.wasm"),
         &std::fs::read(wasm("wrong_world.wasm")).expect("wrong_world.wasm"),
@@ -198,9 +177,7 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
         let refusals = fulcrum.log().matches("plugin refused").count();
         install_file(&dir.join("swap.wasm"), &bytes);
         let deadline = Instant::now() + Duration::from_secs(5);
-        while fulcrum.log().matches("plugin refused").count() == refusals
-            && Instant::now() < deadline
-        {
+        while fulcrum.log().matches("plugin refused").count() == refusals && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let log = fulcrum.log();
@@ -209,10 +186,7 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
             .rev()
             .find(|l| l.contains("plugin refused"))
             .unwrap_or_default();
-        assert!(
-            refusal.contains(reason),
-            "refusal names the reason ({reason}): {log}"
-        );
+        assert!(refusal.contains(reason), "refusal names the reason ({reason}): {log}");
         let mut replies = Vec::new();
         for _ in 0..10 {
             replies.push(get(fulcrum.addr, "/").await.expect("still serving"));
@@ -241,10 +215,7 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_half_written_plugin_is_not_loaded_as_broken() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
-    let fulcrum = Fulcrum::start(
-        &swap_config(&backends),
-        &[("swap.wasm", &wasm("misbehave.wasm"))],
-    );
+    let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
     let bytes = std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm");
     // A slow copy straight onto the file: 8 pieces, 30 ms apart.
     let path = fulcrum.plugin_dir().join("swap.wasm");
@@ -255,15 +226,8 @@ async fn a_half_written_plugin_is_not_loaded_as_broken() {
         tokio::time::sleep(Duration::from_millis(30)).await;
     }
     drop(file);
-    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| {
-        b != "backend-1"
-    })
-    .await;
-    assert!(
-        seen.is_some(),
-        "the complete file was loaded: {}",
-        fulcrum.log()
-    );
+    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| b != "backend-1").await;
+    assert!(seen.is_some(), "the complete file was loaded: {}", fulcrum.log());
     assert!(
         !fulcrum.log().contains("plugin refused"),
         "no half-written load attempt: {}",
@@ -282,24 +246,12 @@ async fn the_config_reloads_live_and_a_bad_one_changes_nothing() {
     };
     let fulcrum = Fulcrum::start(&config("round-robin", &backends[..1]), &[]);
     let listen = format!("\"{}\"", fulcrum.addr);
-    let write = |text: String| {
-        install_file(
-            &fulcrum.config_path(),
-            text.replace("\"{listen}\"", &listen).as_bytes(),
-        )
-    };
+    let write = |text: String| install_file(&fulcrum.config_path(), text.replace("\"{listen}\"", &listen).as_bytes());
 
     // Add two backends: traffic spreads to them.
     write(config("round-robin", &backends));
-    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| {
-        b == "backend-3"
-    })
-    .await;
-    assert!(
-        seen.is_some(),
-        "new backends took traffic: {}",
-        fulcrum.log()
-    );
+    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| b == "backend-3").await;
+    assert!(seen.is_some(), "new backends took traffic: {}", fulcrum.log());
 
     // A broken config: refused with its key, the running one stays.
     write(config("round-robin", &backends).replace("policy =", "polcy ="));
@@ -308,11 +260,7 @@ async fn the_config_reloads_live_and_a_bad_one_changes_nothing() {
         "{}",
         fulcrum.log()
     );
-    assert!(
-        fulcrum.log().contains("pools.web.polcy"),
-        "{}",
-        fulcrum.log()
-    );
+    assert!(fulcrum.log().contains("pools.web.polcy"), "{}", fulcrum.log());
     let mut replies = Vec::new();
     for _ in 0..30 {
         replies.push(get(fulcrum.addr, "/").await.expect("still serving"));

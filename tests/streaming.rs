@@ -53,9 +53,7 @@ async fn hundred_mib_up_and_down_with_flat_memory() {
 
     // Download: the backend streams 100 MiB.
     let downloaded = tokio::time::timeout(Duration::from_secs(60), async {
-        let stream = tokio::net::TcpStream::connect(fulcrum.addr)
-            .await
-            .expect("connect");
+        let stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");
@@ -64,11 +62,7 @@ async fn hundred_mib_up_and_down_with_flat_memory() {
             .header("host", "test.local")
             .body(http_body_util::Empty::<Bytes>::new())
             .expect("request");
-        let mut body = sender
-            .send_request(request)
-            .await
-            .expect("response")
-            .into_body();
+        let mut body = sender.send_request(request).await.expect("response").into_body();
         let mut total = 0u64;
         while let Some(frame) = body.frame().await {
             if let Some(data) = frame.expect("frame").data_ref() {
@@ -83,27 +77,20 @@ async fn hundred_mib_up_and_down_with_flat_memory() {
 
     // Upload: the client streams 100 MiB; the backend answers the count.
     let uploaded = tokio::time::timeout(Duration::from_secs(60), async {
-        let stream = tokio::net::TcpStream::connect(fulcrum.addr)
-            .await
-            .expect("connect");
+        let stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
         let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .expect("handshake");
         tokio::spawn(connection);
         let chunk = Bytes::from(vec![b'u'; CHUNK]);
-        let frames = (0..SIZE / CHUNK as u64)
-            .map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
+        let frames =
+            (0..SIZE / CHUNK as u64).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));
         let request = http::Request::post("/upload")
             .header("host", "test.local")
             .body(StreamBody::new(futures_util::stream::iter(frames)))
             .expect("request");
         let response = sender.send_request(request).await.expect("response");
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .expect("body")
-            .to_bytes();
+        let body = response.into_body().collect().await.expect("body").to_bytes();
         String::from_utf8_lossy(&body)
             .trim()
             .parse::<u64>()

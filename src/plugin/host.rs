@@ -28,11 +28,25 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const TICKET_SLOTS: usize = 16;
 pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
-/// The request a plugin call is about, moved into the store for the call.
+/// The request a plugin call is about.
 #[derive(Default)]
 pub struct CurrentRequest {
     pub parts: Option<http::request::Parts>,
     pub client: Option<SocketAddr>,
+}
+
+/// The current request as the store sees it: a pointer set for the length of
+/// one call and cleared after, so the request is lent to the plugin without
+/// being copied or moved.
+pub struct LentRequest(*const CurrentRequest);
+
+// SAFETY: the pointer is only dereferenced by host functions running inside
+// the call that lent it, on the lending thread, while the lender's borrow lives.
+unsafe impl Send for LentRequest {}
+unsafe impl Sync for LentRequest {}
+
+impl LentRequest {
+    const NONE: LentRequest = LentRequest(std::ptr::null());
 }
 
 /// Per-store (per-instance) host state.
@@ -40,7 +54,7 @@ pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub limits: StoreLimits,
-    pub current: CurrentRequest,
+    current: LentRequest,
     /// The backend list last pushed with `set-backends`; ids index it.
     pub backends: BackendList,
     pub tickets: Tickets,
@@ -65,11 +79,38 @@ impl StoreState {
                 .memories(4)
                 .trap_on_grow_failure(true)
                 .build(),
-            current: CurrentRequest::default(),
+            current: LentRequest::NONE,
             backends: Arc::from(Vec::new()),
             tickets,
             plugin_name,
         }
+    }
+}
+
+impl StoreState {
+    /// Runs `f` with `request` as the current request of this store.
+    pub fn with_request<R>(
+        store: &mut Store<StoreState>,
+        request: &CurrentRequest,
+        f: impl FnOnce(&mut Store<StoreState>) -> R,
+    ) -> R {
+        store.data_mut().current = LentRequest(request);
+        let result = f(store);
+        store.data_mut().current = LentRequest::NONE;
+        result
+    }
+
+    fn request(&self) -> Option<&CurrentRequest> {
+        // SAFETY: non-null only inside `with_request`, whose borrow outlives the call.
+        unsafe { self.current.0.as_ref() }
+    }
+
+    fn parts(&self) -> Option<&http::request::Parts> {
+        self.request()?.parts.as_ref()
+    }
+
+    fn client(&self) -> Option<SocketAddr> {
+        self.request()?.client
     }
 }
 
@@ -87,10 +128,18 @@ impl self::fulcrum::plugin::host::Host for StoreState {
         self.backends.iter().map(|b| b.state.in_flight()).collect()
     }
 
+    fn in_flight_four(&mut self, first: u32) -> (u32, u32, u32, u32) {
+        let backends = &self.backends;
+        let count = |i: u32| {
+            backends
+                .get(first.saturating_add(i) as usize)
+                .map_or(0, |b| b.state.in_flight())
+        };
+        (count(0), count(1), count(2), count(3))
+    }
+
     fn in_flight(&mut self, id: u32) -> u32 {
-        self.backends
-            .get(id as usize)
-            .map_or(0, |b| b.state.in_flight())
+        self.backends.get(id as usize).map_or(0, |b| b.state.in_flight())
     }
 
     fn next_ticket(&mut self, slot: u32) -> u64 {
@@ -113,54 +162,43 @@ impl self::fulcrum::plugin::host::Host for StoreState {
 
 impl self::fulcrum::plugin::request::Host for StoreState {
     fn method(&mut self) -> String {
-        self.current
-            .parts
-            .as_ref()
+        self.parts()
             .map_or_else(String::new, |p| p.method.as_str().to_owned())
     }
 
     fn path(&mut self) -> String {
-        self.current
-            .parts
-            .as_ref()
+        self.parts()
             .map_or_else(String::new, |p| p.uri.path().to_owned())
     }
 
     fn query(&mut self) -> String {
-        self.current
-            .parts
-            .as_ref()
+        self.parts()
             .and_then(|p| p.uri.query())
             .unwrap_or_default()
             .to_owned()
     }
 
     fn authority(&mut self) -> String {
-        let Some(parts) = self.current.parts.as_ref() else {
+        let Some(parts) = self.parts() else {
             return String::new();
         };
         parts
             .uri
             .authority()
             .map(|a| a.as_str())
-            .or_else(|| {
-                parts
-                    .headers
-                    .get(http::header::HOST)
-                    .and_then(|h| h.to_str().ok())
-            })
+            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
             .unwrap_or_default()
             .to_owned()
     }
 
     fn header(&mut self, name: String) -> Option<String> {
-        let parts = self.current.parts.as_ref()?;
+        let parts = self.parts()?;
         let value = parts.headers.get(name.as_str())?;
         value.to_str().ok().map(str::to_owned)
     }
 
     fn headers(&mut self) -> Vec<(String, String)> {
-        let Some(parts) = self.current.parts.as_ref() else {
+        let Some(parts) = self.parts() else {
             return Vec::new();
         };
         parts
@@ -171,14 +209,11 @@ impl self::fulcrum::plugin::request::Host for StoreState {
     }
 
     fn client_addr(&mut self) -> String {
-        self.current
-            .client
-            .map(|a| a.to_string())
-            .unwrap_or_default()
+        self.client().map(|a| a.to_string()).unwrap_or_default()
     }
 
     fn client_ip_hash(&mut self) -> u64 {
-        let Some(client) = self.current.client else {
+        let Some(client) = self.client() else {
             return 0;
         };
         let bytes = match client.ip() {
@@ -205,9 +240,7 @@ impl Runtime {
     /// The process-wide runtime. The epoch ticker thread starts with it.
     pub fn get() -> &'static Runtime {
         static RUNTIME: OnceLock<Runtime> = OnceLock::new();
-        RUNTIME.get_or_init(|| {
-            Runtime::new().unwrap_or_else(|e| panic!("the Wasm engine cannot start: {e:#}"))
-        })
+        RUNTIME.get_or_init(|| Runtime::new().unwrap_or_else(|e| panic!("the Wasm engine cannot start: {e:#}")))
     }
 
     fn new() -> wasmtime::Result<Runtime> {

@@ -17,11 +17,8 @@ pub mod registry;
 
 use crate::backend::{BackendList, health_epoch};
 use arc_swap::ArcSwap;
-use host::{
-    Balancer, BalancerPre, CurrentRequest, Runtime, StoreState, Tickets, WitBackend, deadline_ticks,
-};
+use host::{Balancer, BalancerPre, CurrentRequest, Runtime, StoreState, Tickets, WitBackend, deadline_ticks};
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -76,27 +73,18 @@ impl std::fmt::Debug for Plugin {
 impl Plugin {
     /// Compiles `bytes` and links them against the balancer world. Slow for
     /// large components: call it off the request path.
-    pub fn load(
-        name: &str,
-        bytes: &[u8],
-        source: PluginSource,
-    ) -> Result<Arc<Plugin>, PluginError> {
+    pub fn load(name: &str, bytes: &[u8], source: PluginSource) -> Result<Arc<Plugin>, PluginError> {
         let runtime = Runtime::get();
         let component = runtime.compile(bytes).map_err(|e| PluginError::Compile {
             name: name.into(),
             reason: one_line(&e),
         })?;
-        let pre = runtime
-            .link(&component)
-            .map_err(|e| PluginError::WrongWorld {
-                name: name.into(),
-                reason: one_line(&e),
-            })?;
+        let pre = runtime.link(&component).map_err(|e| PluginError::WrongWorld {
+            name: name.into(),
+            reason: one_line(&e),
+        })?;
         use sha2::Digest;
-        let digest = sha2::Sha256::digest(bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let digest = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
         Ok(Arc::new(Plugin {
             name: name.into(),
             source,
@@ -124,13 +112,10 @@ impl Plugin {
         let state = StoreState::new(self.name.clone(), limits.memory_limit, tickets);
         let mut store = runtime.new_store(state);
         store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
-        let instance = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|e| PluginError::Instantiate {
-                name: self.name.to_string(),
-                reason: one_line(&e),
-            })?;
+        let instance = self.pre.instantiate(&mut store).map_err(|e| PluginError::Instantiate {
+            name: self.name.to_string(),
+            reason: one_line(&e),
+        })?;
         store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
         instance
             .fulcrum_plugin_policy()
@@ -262,12 +247,7 @@ pub struct PolicyCounters {
 }
 
 impl Policy {
-    pub fn new(
-        slot: Arc<PluginSlot>,
-        config: &str,
-        limits: Limits,
-        counters: PolicyCounters,
-    ) -> Policy {
+    pub fn new(slot: Arc<PluginSlot>, config: &str, limits: Limits, counters: PolicyCounters) -> Policy {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Policy {
             id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -289,14 +269,8 @@ impl Policy {
     }
 
     /// Chooses a backend for `request` among `backends`, never one in `tried`
-    /// and never an unhealthy one. `request` is lent to the plugin for the call
-    /// and handed back unchanged.
-    pub fn choose(
-        &self,
-        request: &mut CurrentRequest,
-        backends: &BackendList,
-        tried: &[usize],
-    ) -> Choice {
+    /// and never an unhealthy one. The plugin reads `request` during the call.
+    pub fn choose(&self, request: &CurrentRequest, backends: &BackendList, tried: &[usize]) -> Choice {
         let plugin = self.slot.current.load();
         let fault = if plugin.is_quarantined() {
             Fault::Quarantined
@@ -310,8 +284,7 @@ impl Policy {
                 }
                 Ok(Some(id)) => {
                     let index = id as usize;
-                    let valid = backends.get(index).is_some_and(|b| b.state.is_healthy())
-                        && !tried.contains(&index);
+                    let valid = backends.get(index).is_some_and(|b| b.state.is_healthy()) && !tried.contains(&index);
                     if valid {
                         plugin.record_success();
                         return Choice {
@@ -340,38 +313,47 @@ impl Policy {
     fn call_plugin(
         &self,
         plugin: &Arc<Plugin>,
-        request: &mut CurrentRequest,
+        request: &CurrentRequest,
         backends: &BackendList,
         tried: &[usize],
     ) -> Result<Option<u32>, String> {
         LIVE.with(|live| {
             let mut live = live.borrow_mut();
-            let stale = live.get(&self.id).is_none_or(|l| !Arc::ptr_eq(&l.plugin, plugin));
-            if stale {
-                live.retain(|_, l| l.policy_alive.strong_count() > 0);
-                let (store, instance) = plugin
-                    .start(&self.config, &self.limits, self.tickets.clone())
-                    .map_err(|e| e.to_string())?;
-                let entry = LiveInstance {
-                    plugin: plugin.clone(),
-                    store,
-                    instance,
-                    pushed_list: std::ptr::null(),
-                    pushed_epoch: u64::MAX,
-                    policy_alive: Arc::downgrade(&self.alive),
-                };
-                live.insert(self.id, entry);
-            }
-            let Some(entry) = live.get_mut(&self.id) else { return Err("instance cache lost its entry".into()) };
-            let result = std::panic::catch_unwind(AssertUnwindSafe(|| entry.decide(request, backends, tried, &self.limits)));
+            let found = live.iter().position(|(id, _)| *id == self.id);
+            let index = match found {
+                Some(i) if Arc::ptr_eq(&live[i].1.plugin, plugin) => i,
+                _ => {
+                    if let Some(i) = found {
+                        live.swap_remove(i);
+                    }
+                    live.retain(|(_, l)| l.policy_alive.strong_count() > 0);
+                    let (store, instance) = plugin
+                        .start(&self.config, &self.limits, self.tickets.clone())
+                        .map_err(|e| e.to_string())?;
+                    let entry = LiveInstance {
+                        plugin: plugin.clone(),
+                        store,
+                        instance,
+                        pushed_list: std::ptr::null(),
+                        pushed_epoch: u64::MAX,
+                        policy_alive: Arc::downgrade(&self.alive),
+                    };
+                    live.push((self.id, entry));
+                    live.len() - 1
+                }
+            };
+            let entry = &mut live[index].1;
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                entry.decide(request, backends, tried, &self.limits)
+            }));
             match result {
                 Ok(Ok(choice)) => Ok(choice),
                 Ok(Err(e)) => {
-                    live.remove(&self.id);
+                    live.swap_remove(index);
                     Err(one_line(&e))
                 }
                 Err(_) => {
-                    live.remove(&self.id);
+                    live.swap_remove(index);
                     Err("the host panicked while serving the plugin (did it write to stdout or stderr?)".into())
                 }
             }
@@ -393,7 +375,7 @@ struct LiveInstance {
 impl LiveInstance {
     fn decide(
         &mut self,
-        request: &mut CurrentRequest,
+        request: &CurrentRequest,
         backends: &BackendList,
         tried: &[usize],
         limits: &Limits,
@@ -413,28 +395,26 @@ impl LiveInstance {
                 })
                 .collect();
             self.store.data_mut().backends = backends.clone();
-            self.store
-                .set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
+            self.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
             policy.call_set_backends(&mut self.store, &wit)?;
             self.pushed_list = list_id;
             self.pushed_epoch = epoch;
         }
-        std::mem::swap(&mut self.store.data_mut().current, request);
-        self.store
-            .set_epoch_deadline(deadline_ticks(limits.call_timeout));
-        let result = if tried.is_empty() {
-            policy.call_select(&mut self.store)
-        } else {
-            let tried: Vec<u32> = tried.iter().map(|&i| i as u32).collect();
-            policy.call_reselect(&mut self.store, &tried)
-        };
-        std::mem::swap(&mut self.store.data_mut().current, request);
-        result
+        self.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+        StoreState::with_request(&mut self.store, request, |store| {
+            if tried.is_empty() {
+                policy.call_select(store)
+            } else {
+                let tried: Vec<u32> = tried.iter().map(|&i| i as u32).collect();
+                policy.call_reselect(store, &tried)
+            }
+        })
     }
 }
 
 thread_local! {
-    static LIVE: RefCell<HashMap<u64, LiveInstance>> = RefCell::new(HashMap::new());
+    /// By policy id; a handful of entries per thread, so a scan beats hashing.
+    static LIVE: RefCell<Vec<(u64, LiveInstance)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Round robin over healthy backends not yet tried: what serves a request when

@@ -18,10 +18,7 @@ use std::time::{Duration, Instant};
 pub const BUILTINS: [(&str, &[u8]); 2] = [
     (
         "round-robin",
-        include_bytes!(concat!(
-            env!("FULCRUM_PLUGIN_WASM_DIR"),
-            "/round_robin.wasm"
-        )),
+        include_bytes!(concat!(env!("FULCRUM_PLUGIN_WASM_DIR"), "/round_robin.wasm")),
     ),
     (
         "least-conn",
@@ -48,32 +45,22 @@ impl Registry {
         let registry = Registry::default();
         for (name, bytes) in BUILTINS {
             let plugin = Plugin::load(name, bytes, PluginSource::Builtin)?;
-            registry
-                .write()
-                .insert(name.to_string(), PluginSlot::new(plugin));
+            registry.write().insert(name.to_string(), PluginSlot::new(plugin));
         }
         Ok(registry)
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Arc<PluginSlot>>> {
-        self.slots
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.slots.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     pub fn slot(&self, name: &str) -> Option<Arc<PluginSlot>> {
-        let slots = self
-            .slots
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slots = self.slots.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         slots.get(name).cloned()
     }
 
     pub fn names(&self) -> Vec<String> {
-        let slots = self
-            .slots
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let slots = self.slots.read().unwrap_or_else(|poisoned| poisoned.into_inner());
         let mut names: Vec<String> = slots.keys().cloned().collect();
         names.sort();
         names
@@ -140,8 +127,7 @@ impl Registry {
         match existing {
             Some(slot) => slot.replace(plugin.clone()),
             None => {
-                self.write()
-                    .insert(name.to_string(), PluginSlot::new(plugin.clone()));
+                self.write().insert(name.to_string(), PluginSlot::new(plugin.clone()));
             }
         }
         tracing::info!(plugin = name, digest = %&plugin.digest[..12], path = %path.display(), "plugin loaded");
@@ -157,14 +143,13 @@ impl Registry {
     ) -> Result<notify::RecommendedWatcher, notify::Error> {
         use notify::Watcher;
         let (tx, rx) = channel::<PathBuf>();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-                if let Some(event) = event.ok().filter(is_change) {
-                    for path in event.paths {
-                        let _ = tx.send(path);
-                    }
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            if let Some(event) = event.ok().filter(is_change) {
+                for path in event.paths {
+                    let _ = tx.send(path);
                 }
-            })?;
+            }
+        })?;
         watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
         let registry = Arc::clone(self);
         std::thread::Builder::new()
@@ -228,8 +213,6 @@ pub fn plugin_name(path: &Path) -> Option<&str> {
     let stem = path.file_stem()?.to_str()?;
     let valid = !stem.is_empty()
         && !stem.starts_with('.')
-        && stem
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        && stem.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     valid.then_some(stem)
 }

@@ -56,12 +56,7 @@ impl Fulcrum {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start fulcrum");
-        let mut fulcrum = Fulcrum {
-            child,
-            addr,
-            dir,
-            log,
-        };
+        let mut fulcrum = Fulcrum { child, addr, dir, log };
         fulcrum.wait_listening();
         fulcrum
     }
@@ -70,21 +65,14 @@ impl Fulcrum {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
-                    "fulcrum exited with {status} before listening:\n{}",
-                    self.log()
-                );
+                panic!("fulcrum exited with {status} before listening:\n{}", self.log());
             }
             if std::net::TcpStream::connect(self.addr).is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!(
-            "fulcrum did not listen on {} within 30 s:\n{}",
-            self.addr,
-            self.log()
-        );
+        panic!("fulcrum did not listen on {} within 30 s:\n{}", self.addr, self.log());
     }
 
     pub fn pid(&self) -> u32 {
@@ -118,8 +106,7 @@ impl Fulcrum {
 
     /// Resident memory of the balancer process, in bytes.
     pub fn rss(&self) -> u64 {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -128,11 +115,7 @@ impl Fulcrum {
     }
 
     /// Sends a signal and waits (bounded) for the exit status.
-    pub fn signal_and_wait(
-        &mut self,
-        signal: i32,
-        within: Duration,
-    ) -> Option<std::process::ExitStatus> {
+    pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> Option<std::process::ExitStatus> {
         unsafe {
             libc::kill(self.child.id() as i32, signal);
         }
@@ -201,10 +184,7 @@ pub async fn send(addr: SocketAddr, request: http::Request<Full<Bytes>>) -> Resu
             .await
             .map_err(|e| format!("handshake: {e}"))?;
         tokio::spawn(connection);
-        let response = sender
-            .send_request(request)
-            .await
-            .map_err(|e| format!("send: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| format!("send: {e}"))?;
         let status = response.status().as_u16();
         let backend = response
             .headers()
@@ -217,11 +197,7 @@ pub async fn send(addr: SocketAddr, request: http::Request<Full<Bytes>>) -> Resu
             .await
             .map_err(|e| format!("body: {e}"))?
             .to_bytes();
-        Ok(Reply {
-            status,
-            backend,
-            body,
-        })
+        Ok(Reply { status, backend, body })
     })
     .await
     .map_err(|_| "timed out after 10 s".to_string())?

@@ -64,13 +64,7 @@ mod component {
         }
 
         fn set_backends(backends: Vec<Backend>) {
-            HEALTHY.with(|h| {
-                *h.borrow_mut() = backends
-                    .iter()
-                    .filter(|b| b.healthy)
-                    .map(|b| b.id)
-                    .collect()
-            });
+            HEALTHY.with(|h| *h.borrow_mut() = backends.iter().filter(|b| b.healthy).map(|b| b.id).collect());
         }
 
         fn select() -> Option<BackendId> {
@@ -82,12 +76,7 @@ mod component {
 
         fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
             HEALTHY.with(|h| {
-                let rest: Vec<BackendId> = h
-                    .borrow()
-                    .iter()
-                    .copied()
-                    .filter(|id| !tried.contains(id))
-                    .collect();
+                let rest: Vec<BackendId> = h.borrow().iter().copied().filter(|id| !tried.contains(id)).collect();
                 (!rest.is_empty()).then(|| rest[jump_hash(key(), rest.len())])
             })
         }
@@ -102,10 +91,7 @@ mod tests {
 
     #[test]
     fn same_key_same_bucket_and_spread() {
-        assert_eq!(
-            jump_hash(fnv1a(b"alice"), 10),
-            jump_hash(fnv1a(b"alice"), 10)
-        );
+        assert_eq!(jump_hash(fnv1a(b"alice"), 10), jump_hash(fnv1a(b"alice"), 10));
         let mut seen = [0usize; 4];
         for user in 0..4000u32 {
             seen[jump_hash(fnv1a(&user.to_le_bytes()), 4)] += 1;
@@ -116,9 +102,7 @@ mod tests {
     #[test]
     fn growing_the_pool_moves_few_keys() {
         let moved = (0..1000u32)
-            .filter(|k| {
-                jump_hash(fnv1a(&k.to_le_bytes()), 10) != jump_hash(fnv1a(&k.to_le_bytes()), 11)
-            })
+            .filter(|k| jump_hash(fnv1a(&k.to_le_bytes()), 10) != jump_hash(fnv1a(&k.to_le_bytes()), 11))
             .count();
         assert!(moved < 150, "{moved} of 1000 keys moved");
     }

@@ -1,8 +1,8 @@
 //! Least connections: the backend with the fewest in-flight requests relative
 //! to its weight (nginx's `least_conn`).
 //!
-//! Pools up to `exact_up_to` backends (default 64) are scanned whole, reading all
-//! in-flight counts with one host call. Ties are broken by the host's shared
+//! Pools up to `exact_up_to` backends (default 64) are scanned whole, reading
+//! the in-flight counts four at a time (pools up to 8) or as one list. Ties are broken by the host's shared
 //! ticket, in proportion to weight, so an idle pool still rotates instead of
 //! always favouring the first backend. Larger pools use the power of two
 //! choices (as Envoy's least-request does): two random healthy backends are
@@ -28,25 +28,12 @@ fn lighter(a_conns: u64, a: Peer, b_conns: u64, b: Peer) -> bool {
 
 /// Picks the least-loaded of `peers` given `conns` (indexed by backend id),
 /// skipping `tried`; among equally loaded ones, the `ticket`'s turn by weight.
-pub fn pick_exact(
-    peers: &[(u32, u64)],
-    conns: &[u32],
-    tried: &[u32],
-    ticket: impl FnOnce() -> u64,
-) -> Option<u32> {
-    let peers: Vec<Peer> = peers
-        .iter()
-        .map(|&(id, weight)| Peer { id, weight })
-        .collect();
+pub fn pick_exact(peers: &[(u32, u64)], conns: &[u32], tried: &[u32], ticket: impl FnOnce() -> u64) -> Option<u32> {
+    let peers: Vec<Peer> = peers.iter().map(|&(id, weight)| Peer { id, weight }).collect();
     pick(&peers, conns, tried, ticket)
 }
 
-fn pick(
-    peers: &[Peer],
-    conns: &[u32],
-    tried: &[BackendId],
-    ticket: impl FnOnce() -> u64,
-) -> Option<BackendId> {
+fn pick(peers: &[Peer], conns: &[u32], tried: &[BackendId], ticket: impl FnOnce() -> u64) -> Option<BackendId> {
     let load = |p: &Peer| u64::from(conns.get(p.id as usize).copied().unwrap_or(0));
     let mut best: Option<Peer> = None;
     let mut tied_weight = 0u64;
@@ -117,6 +104,26 @@ mod component {
         static HEALTHY: RefCell<Vec<Peer>> = const { RefCell::new(Vec::new()) };
         static EXACT_UP_TO: Cell<usize> = const { Cell::new(DEFAULT_EXACT_UP_TO) };
         static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
+        static BACKENDS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    /// Every backend's in-flight count, indexed by id, read the cheapest way
+    /// for the pool's size: four per host call into a stack buffer for small
+    /// pools (no allocation on either side), one list otherwise.
+    fn with_in_flight_counts<R>(backends: usize, f: impl FnOnce(&[u32]) -> R) -> R {
+        if backends > 8 {
+            return f(&host::in_flight_all());
+        }
+        let mut counts = [0u32; 8];
+        for first in (0..backends).step_by(4) {
+            let (a, b, c, d) = host::in_flight_four(first as u32);
+            counts[first..first + 4].copy_from_slice(&[a, b, c, d]);
+        }
+        f(&counts[..backends])
+    }
+
+    fn backend_count() -> usize {
+        BACKENDS.with(Cell::get)
     }
 
     fn next_random() -> u64 {
@@ -136,8 +143,9 @@ mod component {
             if peers.len() > EXACT_UP_TO.with(Cell::get) {
                 return pick_two(&peers, tried, next_random, host::in_flight);
             }
-            let conns = host::in_flight_all();
-            pick(&peers, &conns, tried, || host::next_ticket(0))
+            with_in_flight_counts(backend_count(), |conns| {
+                pick(&peers, conns, tried, || host::next_ticket(0))
+            })
         })
     }
 
@@ -152,9 +160,9 @@ mod component {
                     .chars()
                     .take_while(char::is_ascii_digit)
                     .collect();
-                let limit = digits.parse().map_err(|_| {
-                    format!("exact_up_to must be a whole number, got {}", rest.trim())
-                })?;
+                let limit = digits
+                    .parse()
+                    .map_err(|_| format!("exact_up_to must be a whole number, got {}", rest.trim()))?;
                 EXACT_UP_TO.with(|c| c.set(limit));
             }
             RNG.with(|r| r.set(host::next_ticket(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
@@ -171,6 +179,7 @@ mod component {
                 })
                 .collect();
             HEALTHY.with(|h| *h.borrow_mut() = healthy);
+            BACKENDS.with(|n| n.set(backends.len()));
         }
 
         fn select() -> Option<BackendId> {
@@ -189,25 +198,14 @@ mod component {
 mod tests {
     use super::*;
 
-    fn pick_exact(
-        peers: &[(u32, u64)],
-        conns: &[u32],
-        tried: &[u32],
-        ticket: impl FnOnce() -> u64,
-    ) -> Option<u32> {
-        let peers: Vec<Peer> = peers
-            .iter()
-            .map(|&(id, weight)| Peer { id, weight })
-            .collect();
+    fn pick_exact(peers: &[(u32, u64)], conns: &[u32], tried: &[u32], ticket: impl FnOnce() -> u64) -> Option<u32> {
+        let peers: Vec<Peer> = peers.iter().map(|&(id, weight)| Peer { id, weight }).collect();
         pick(&peers, conns, tried, ticket)
     }
 
     #[test]
     fn fewest_in_flight_wins() {
-        assert_eq!(
-            pick_exact(&[(0, 1), (1, 1), (2, 1)], &[3, 1, 2], &[], || 0),
-            Some(1)
-        );
+        assert_eq!(pick_exact(&[(0, 1), (1, 1), (2, 1)], &[3, 1, 2], &[], || 0), Some(1));
     }
 
     #[test]
@@ -219,9 +217,7 @@ mod tests {
     #[test]
     fn ties_take_turns_by_ticket() {
         let peers = [(0, 1), (1, 1), (2, 1)];
-        let picks: Vec<_> = (0..3)
-            .map(|t| pick_exact(&peers, &[0, 0, 0], &[], || t))
-            .collect();
+        let picks: Vec<_> = (0..3).map(|t| pick_exact(&peers, &[0, 0, 0], &[], || t)).collect();
         assert_eq!(picks, vec![Some(0), Some(1), Some(2)]);
     }
 
@@ -230,10 +226,7 @@ mod tests {
         let peers: Vec<Peer> = (0..100).map(|id| Peer { id, weight: 1 }).collect();
         let mut draws = [10u64, 20].into_iter().cycle();
         let load = |id: u32| if id == 20 { 0 } else { 7 };
-        assert_eq!(
-            pick_two(&peers, &[], || draws.next().unwrap_or(0), load),
-            Some(20)
-        );
+        assert_eq!(pick_two(&peers, &[], || draws.next().unwrap_or(0), load), Some(20));
         let only = [Peer { id: 5, weight: 1 }, Peer { id: 6, weight: 1 }];
         assert_eq!(pick_two(&only, &[5], || 0, |_| 0), Some(6));
         assert_eq!(pick_two(&only, &[5, 6], || 0, |_| 0), None);

@@ -40,9 +40,7 @@ fn fit_weights(mut weights: Vec<u64>) -> Vec<u64> {
     weights.iter_mut().for_each(|w| *w /= divisor);
     let total: u64 = weights.iter().sum();
     if total > MAX_SCHEDULE {
-        weights
-            .iter_mut()
-            .for_each(|w| *w = (*w * MAX_SCHEDULE / total).max(1));
+        weights.iter_mut().for_each(|w| *w = (*w * MAX_SCHEDULE / total).max(1));
     }
     weights
 }
@@ -121,10 +119,7 @@ mod tests {
 
     #[test]
     fn nginx_sequence_for_5_1_1() {
-        assert_eq!(
-            smooth_schedule(&[(0, 5), (1, 1), (2, 1)]),
-            vec![0, 0, 1, 0, 2, 0, 0]
-        );
+        assert_eq!(smooth_schedule(&[(0, 5), (1, 1), (2, 1)]), vec![0, 0, 1, 0, 2, 0, 0]);
     }
 
     #[test]

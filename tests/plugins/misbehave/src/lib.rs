@@ -34,13 +34,7 @@ impl Guest for Misbehave {
     }
 
     fn set_backends(backends: Vec<Backend>) {
-        HEALTHY.with(|h| {
-            *h.borrow_mut() = backends
-                .iter()
-                .filter(|b| b.healthy)
-                .map(|b| b.id)
-                .collect()
-        });
+        HEALTHY.with(|h| *h.borrow_mut() = backends.iter().filter(|b| b.healthy).map(|b| b.id).collect());
     }
 
     fn select() -> Option<BackendId> {
