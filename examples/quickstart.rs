@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let listen = config.server.listen;
     let app = tokio::task::spawn_blocking(move || App::new(config)).await??;
+    app.start_health_checks(tokio::runtime::Handle::current());
     app.watch_plugins()?;
     app.watch_config(&path)?;
     let listener = tokio::net::TcpListener::bind(listen)

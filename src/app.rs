@@ -44,6 +44,38 @@ pub struct App {
     registry: Arc<Registry>,
     kept: Mutex<Kept>,
     watchers: Mutex<Vec<notify::RecommendedWatcher>>,
+    health: Mutex<HealthTasks>,
+}
+
+/// The running health-check tasks and the runtime they run on.
+#[derive(Default)]
+struct HealthTasks {
+    runtime: Option<tokio::runtime::Handle>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl HealthTasks {
+    /// Replaces the running checks with those `snapshot` asks for.
+    fn restart(&mut self, snapshot: &Snapshot) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let Some(runtime) = &self.runtime else { return };
+        for pool in &snapshot.pools {
+            if let Some(config) = &pool.config.health {
+                self.tasks
+                    .extend(crate::health::spawn_checks(runtime, &pool.name, &pool.backends, config));
+            }
+        }
+    }
+}
+
+impl Drop for HealthTasks {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
 }
 
 impl App {
@@ -78,6 +110,7 @@ impl App {
             registry,
             kept: Mutex::new(Kept::default()),
             watchers: Mutex::new(Vec::new()),
+            health: Mutex::new(HealthTasks::default()),
         });
         let snapshot = app.build(config)?;
         app.snapshot.store(Arc::new(snapshot));
@@ -122,10 +155,18 @@ impl App {
                 tracing::warn!(key, old = %old, new = %new, "this setting takes effect at the next restart");
             }
         }
-        let snapshot = self.build(config)?;
-        self.snapshot.store(Arc::new(snapshot));
+        let snapshot = Arc::new(self.build(config)?);
+        self.snapshot.store(snapshot.clone());
+        self.health.lock().unwrap_or_else(|p| p.into_inner()).restart(&snapshot);
         tracing::info!("config reloaded");
         Ok(())
+    }
+
+    /// Starts active health checks on `runtime`; reloads restart them there.
+    pub fn start_health_checks(&self, runtime: tokio::runtime::Handle) {
+        let mut health = self.health.lock().unwrap_or_else(|p| p.into_inner());
+        health.runtime = Some(runtime);
+        health.restart(&self.snapshot());
     }
 
     fn build(&self, config: Config) -> Result<Snapshot, ConfigError> {

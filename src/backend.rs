@@ -15,20 +15,33 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 /// push a fresh backend list before their next decision.
 static HEALTH_EPOCH: AtomicU64 = AtomicU64::new(0);
 
-/// The current health epoch (see [`BackendState::set_healthy`]).
+/// The current health epoch: it changes whenever any backend's health does.
 pub fn health_epoch() -> u64 {
     HEALTH_EPOCH.load(Ordering::Acquire)
 }
 
 /// Live, shared state of one backend.
+///
+/// A backend is healthy when active checks say it is up and passive ejection
+/// has not taken it out. `healthy` caches that conjunction so the request path
+/// reads one atomic.
 #[derive(Debug)]
 pub struct BackendState {
     in_flight: AtomicU32,
     healthy: AtomicBool,
+    /// Set by active health checks; true until a check says otherwise.
+    up: AtomicBool,
+    /// Set while passive ejection keeps the backend out.
+    ejected: AtomicBool,
     /// Requests sent to this backend.
     pub requests: AtomicU64,
-    /// Requests that failed at this backend (connect error, reset, timeout, 5xx from a failure).
+    /// Requests that failed at this backend (connect error, reset, timeout, 5xx).
     pub failures: AtomicU64,
+    /// Failed requests in a row, for passive ejection.
+    pub consecutive_failures: AtomicU32,
+    /// Times ejected in the current streak, and when last (ms on the process clock).
+    pub ejections: AtomicU32,
+    pub last_ejection_ms: AtomicU64,
 }
 
 impl Default for BackendState {
@@ -36,8 +49,13 @@ impl Default for BackendState {
         BackendState {
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
+            up: AtomicBool::new(true),
+            ejected: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            ejections: AtomicU32::new(0),
+            last_ejection_ms: AtomicU64::new(0),
         }
     }
 }
@@ -51,13 +69,34 @@ impl BackendState {
         self.healthy.load(Ordering::Acquire)
     }
 
-    /// Sets health; returns true when it changed.
-    pub fn set_healthy(&self, healthy: bool) -> bool {
-        let changed = self.healthy.swap(healthy, Ordering::AcqRel) != healthy;
-        if changed {
+    /// What active health checks say.
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+
+    /// Records the verdict of active health checks; true when it changed.
+    pub fn set_up(&self, up: bool) -> bool {
+        let changed = self.up.swap(up, Ordering::AcqRel) != up;
+        self.refresh_health();
+        changed
+    }
+
+    /// Ejects or readmits the backend; true when it changed.
+    pub fn set_ejected(&self, ejected: bool) -> bool {
+        let changed = self.ejected.swap(ejected, Ordering::AcqRel) != ejected;
+        self.refresh_health();
+        changed
+    }
+
+    fn refresh_health(&self) {
+        let healthy = self.is_up() && !self.is_ejected();
+        if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
             HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
         }
-        changed
     }
 
     /// Counts a request as in flight until the guard drops.

@@ -71,6 +71,55 @@ pub struct PoolConfig {
     pub upstream_idle_timeout: Duration,
     /// Idle upstream connections kept per backend.
     pub max_idle_per_backend: usize,
+    /// Idempotent requests with a body up to this size are held in memory so
+    /// they can be retried after reaching a backend that failed.
+    pub retry_buffer: usize,
+    /// Active health checks; none when `[pools.NAME.health]` is absent.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection of backends that fail requests.
+    pub outlier: OutlierConfig,
+}
+
+/// How a pool's backends are checked (`[pools.NAME.health]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthConfig {
+    /// `None` for a TCP connect check, else the path of an HTTP GET.
+    pub path: Option<String>,
+    /// `Host` header of the HTTP check; the backend's address when `None`.
+    pub host: Option<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Consecutive successes that bring a down backend back.
+    pub rise: u32,
+    /// Consecutive failures that take a backend down.
+    pub fall: u32,
+    /// Statuses that count as healthy (inclusive range).
+    pub expect_status: (u16, u16),
+}
+
+/// Passive ejection (outlier detection, `[pools.NAME.outlier]`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct OutlierConfig {
+    /// Consecutive failed requests (connect error, reset, timeout, 5xx) that
+    /// eject a backend; 0 turns passive ejection off.
+    pub consecutive_failures: u32,
+    /// First ejection lasts this long; each repeat doubles it.
+    pub base_ejection_time: Duration,
+    /// Longest ejection; a backend not ejected for this long starts over at the base time.
+    pub max_ejection_time: Duration,
+    /// Never eject more than this share of the pool (at least one backend may go).
+    pub max_ejected_percent: u32,
+}
+
+impl Default for OutlierConfig {
+    fn default() -> Self {
+        OutlierConfig {
+            consecutive_failures: 5,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejected_percent: 50,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -138,6 +187,32 @@ struct RawPool {
     response_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     max_idle_per_backend: Option<usize>,
+    retry_buffer: Option<String>,
+    health: Option<RawHealth>,
+    outlier: Option<RawOutlier>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHealth {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    path: Option<String>,
+    host: Option<String>,
+    interval: Option<String>,
+    timeout: Option<String>,
+    rise: Option<u32>,
+    fall: Option<u32>,
+    expect_status: Option<toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOutlier {
+    consecutive_failures: Option<u32>,
+    base_ejection_time: Option<String>,
+    max_ejection_time: Option<String>,
+    max_ejected_percent: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -387,6 +462,9 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 Duration::from_secs(60),
             )?,
             max_idle_per_backend: pool.max_idle_per_backend.unwrap_or(256),
+            retry_buffer: size(&key("retry_buffer"), pool.retry_buffer.as_deref(), 64 << 10)?,
+            health: pool.health.map(|h| health(&name, h)).transpose()?,
+            outlier: outlier(&name, pool.outlier)?,
         };
         pools.insert(name, config);
     }
@@ -439,6 +517,99 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         pools,
         routes,
     })
+}
+
+fn health(pool: &str, raw: RawHealth) -> Result<HealthConfig, KeyError> {
+    let key = |k: &str| format!("pools.{pool}.health.{k}");
+    let path = match (raw.kind.as_deref(), raw.path) {
+        (Some("tcp"), Some(_)) => {
+            return Err((
+                key("path"),
+                "a tcp check has no path; remove it or use type = \"http\"".into(),
+            ));
+        }
+        (Some("tcp"), None) => None,
+        (None | Some("http"), path) => {
+            let path = path.unwrap_or_else(|| "/".into());
+            if !path.starts_with('/') {
+                return Err((key("path"), format!("`{path}` must start with /")));
+            }
+            Some(path)
+        }
+        (Some(other), _) => {
+            return Err((
+                key("type"),
+                format!("`{other}` is not a check type: use \"http\" or \"tcp\""),
+            ));
+        }
+    };
+    let expect_status = match raw.expect_status {
+        None => (200, 399),
+        Some(toml::Value::Integer(code)) => (code as u16, code as u16),
+        Some(toml::Value::String(range)) => {
+            let parsed = match range.split_once('-') {
+                Some((low, high)) => low.trim().parse().ok().zip(high.trim().parse().ok()),
+                None => range.trim().parse().ok().map(|c| (c, c)),
+            };
+            parsed
+                .filter(|(low, high)| (100..=599).contains(low) && low <= high && *high <= 599)
+                .ok_or_else(|| {
+                    (
+                        key("expect_status"),
+                        format!("`{range}` is not a status or range like \"200-299\""),
+                    )
+                })?
+        }
+        Some(other) => {
+            return Err((
+                key("expect_status"),
+                format!("expected a status or \"200-299\", found a {}", other.type_str()),
+            ));
+        }
+    };
+    let config = HealthConfig {
+        path,
+        host: raw.host,
+        interval: duration(&key("interval"), raw.interval.as_deref(), Duration::from_secs(2))?,
+        timeout: duration(&key("timeout"), raw.timeout.as_deref(), Duration::from_secs(1))?,
+        rise: raw.rise.unwrap_or(2),
+        fall: raw.fall.unwrap_or(3),
+        expect_status,
+    };
+    if config.interval.is_zero() {
+        return Err((key("interval"), "must be more than 0".into()));
+    }
+    if config.rise == 0 || config.fall == 0 {
+        return Err((
+            key(if config.rise == 0 { "rise" } else { "fall" }),
+            "must be at least 1".into(),
+        ));
+    }
+    Ok(config)
+}
+
+fn outlier(pool: &str, raw: Option<RawOutlier>) -> Result<OutlierConfig, KeyError> {
+    let default = OutlierConfig::default();
+    let Some(raw) = raw else { return Ok(default) };
+    let key = |k: &str| format!("pools.{pool}.outlier.{k}");
+    let config = OutlierConfig {
+        consecutive_failures: raw.consecutive_failures.unwrap_or(default.consecutive_failures),
+        base_ejection_time: duration(
+            &key("base_ejection_time"),
+            raw.base_ejection_time.as_deref(),
+            default.base_ejection_time,
+        )?,
+        max_ejection_time: duration(
+            &key("max_ejection_time"),
+            raw.max_ejection_time.as_deref(),
+            default.max_ejection_time,
+        )?,
+        max_ejected_percent: raw.max_ejected_percent.unwrap_or(default.max_ejected_percent),
+    };
+    if config.max_ejected_percent > 100 {
+        return Err((key("max_ejected_percent"), "must be between 0 and 100".into()));
+    }
+    Ok(config)
 }
 
 /// Policy names become file names (`NAME.wasm`): keep them to a safe alphabet.
@@ -518,6 +689,28 @@ mod tests {
         assert_eq!(pool.policy_config, r#"{"exact_up_to":8}"#);
         assert_eq!(pool.backends[1].weight, 3);
         assert_eq!(c.routes[0].host.as_deref(), Some("api.example.com"));
+    }
+
+    #[test]
+    fn health_and_outlier_sections() {
+        let c = parse(&format!(
+            "{MINIMAL}[pools.web.health]\npath = \"/healthz\"\ninterval = \"1s\"\ntimeout = \"500ms\"\nrise = 2\nfall = 2\nexpect_status = \"200-299\"\n[pools.web.outlier]\nconsecutive_failures = 3\n"
+        ))
+        .expect("valid");
+        let pool = &c.pools["web"];
+        let health = pool.health.as_ref().expect("health");
+        assert_eq!(health.path.as_deref(), Some("/healthz"));
+        assert_eq!(
+            (health.interval, health.timeout),
+            (Duration::from_secs(1), Duration::from_millis(500))
+        );
+        assert_eq!(health.expect_status, (200, 299));
+        assert_eq!(pool.outlier.consecutive_failures, 3);
+        assert_eq!(pool.outlier.max_ejected_percent, 50);
+        let tcp = parse(&format!("{MINIMAL}[pools.web.health]\ntype = \"tcp\"\n")).expect("valid");
+        assert_eq!(tcp.pools["web"].health.as_ref().and_then(|h| h.path.clone()), None);
+        let err = parse(&format!("{MINIMAL}[pools.web.health]\nexpect_status = \"2xx\"\n")).expect_err("bad status");
+        assert!(err.contains("pools.web.health.expect_status"), "{err}");
     }
 
     #[test]

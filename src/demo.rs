@@ -34,13 +34,30 @@ type DemoBody = BoxBody<Bytes, Infallible>;
 /// Serves requests on `listener` as backend `name`, each answer held back by
 /// `delay`, until the task is dropped.
 pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>, delay: Duration) {
+    serve_until(listener, name, stats, delay, tokio::sync::watch::channel(false).1).await
+}
+
+/// Like [`serve`], until `killed` turns true: then the listener closes and
+/// every open connection is dropped mid-flight, as when a process dies.
+pub async fn serve_until(
+    listener: TcpListener,
+    name: String,
+    stats: Arc<DemoStats>,
+    delay: Duration,
+    mut killed: tokio::sync::watch::Receiver<bool>,
+) {
     let name: Arc<str> = name.into();
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = killed.wait_for(|k| *k) => return,
+        };
+        let Ok((stream, _)) = accepted else {
             continue;
         };
         let _ = stream.set_nodelay(true);
         let (name, stats) = (name.clone(), stats.clone());
+        let mut killed = killed.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request| {
                 let (name, stats) = (name.clone(), stats.clone());
@@ -51,9 +68,12 @@ pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>, d
                     respond(request, name, stats).await
                 }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = killed.wait_for(|k| *k) => {}
+            }
         });
     }
 }
@@ -133,6 +153,33 @@ pub struct DemoBackend {
     pub addr: std::net::SocketAddr,
     pub name: String,
     pub stats: Arc<DemoStats>,
+    pub delay: Duration,
+    kill: Arc<tokio::sync::watch::Sender<bool>>,
+}
+
+impl DemoBackend {
+    /// Stops the backend as if its process died: no more connections, and
+    /// open ones are cut.
+    pub fn kill(&self) {
+        self.kill.send_replace(true);
+    }
+
+    /// Starts the backend again on the same address, with the same stats.
+    pub async fn restart(&self) -> std::io::Result<DemoBackend> {
+        let listener = TcpListener::bind(self.addr).await?;
+        let (kill, killed) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve_until(
+            listener,
+            self.name.clone(),
+            self.stats.clone(),
+            self.delay,
+            killed,
+        ));
+        Ok(DemoBackend {
+            kill: Arc::new(kill),
+            ..self.clone()
+        })
+    }
 }
 
 /// Starts one demo backend per entry of `delays` on 127.0.0.1 (`port` 0 lets
@@ -145,8 +192,15 @@ pub async fn start(ports: &[u16], delays: &[Duration]) -> std::io::Result<Vec<De
         let stats = Arc::new(DemoStats::default());
         let name = format!("backend-{}", i + 1);
         let delay = delays.get(i).copied().unwrap_or_default();
-        tokio::spawn(serve(listener, name.clone(), stats.clone(), delay));
-        started.push(DemoBackend { addr, name, stats });
+        let (kill, killed) = tokio::sync::watch::channel(false);
+        tokio::spawn(serve_until(listener, name.clone(), stats.clone(), delay, killed));
+        started.push(DemoBackend {
+            addr,
+            name,
+            stats,
+            delay,
+            kill: Arc::new(kill),
+        });
     }
     Ok(started)
 }

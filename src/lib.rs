@@ -4,10 +4,12 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests and
 //! benchmarks use the same modules.
 
+pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod config;
 pub mod demo;
+pub mod health;
 pub mod plugin;
 pub mod proxy;
 pub mod router;

@@ -105,6 +105,14 @@ fn run(path: &Path) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+        app.start_health_checks(tokio::runtime::Handle::current());
+        if let Some(admin) = app.snapshot().config.server.admin {
+            let listener = tokio::net::TcpListener::bind(admin)
+                .await
+                .with_context(|| format!("{}: server.admin: cannot listen on {admin}", path.display()))?;
+            tokio::spawn(fulcrum::admin::serve(Arc::clone(&app), listener));
+            tracing::info!(%admin, "admin API listening");
+        }
         app.watch_plugins().context("cannot watch the plugin directory")?;
         app.watch_config(path).context("cannot watch the config file")?;
         tracing::info!(%listen, pools = app.snapshot().pools.len(), "fulcrum is serving");

@@ -2,6 +2,7 @@
 //! was sent) → forward → stream the response back.
 
 use crate::app::{App, Pool};
+use crate::health::{self, Outcome};
 use crate::plugin::RequestSlot;
 use crate::upstream::{Conn, RequestBody, SendError, UpstreamBody};
 use bytes::Bytes;
@@ -12,7 +13,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 
 /// A response body: the backend's, streamed, or one the balancer wrote.
@@ -80,6 +80,72 @@ fn request_host<B>(request: &Request<B>) -> Option<String> {
     })
 }
 
+/// How the request body can be sent, and sent again.
+enum BodyState {
+    /// The client's body, streamed: it can be sent once.
+    Stream(Incoming),
+    /// Held in memory (empty, or small and idempotent): it can be sent again.
+    Held(Bytes),
+    /// Already streamed to a backend.
+    Spent,
+}
+
+impl BodyState {
+    /// The body for the next attempt, if there can be one.
+    fn next(&mut self) -> Option<RequestBody> {
+        match std::mem::replace(self, BodyState::Spent) {
+            BodyState::Stream(body) => Some(RequestBody::Stream(body)),
+            BodyState::Held(bytes) => {
+                *self = BodyState::Held(bytes.clone());
+                Some(RequestBody::Bytes(Full::new(bytes)))
+            }
+            BodyState::Spent => None,
+        }
+    }
+
+    fn is_replayable(&self) -> bool {
+        matches!(self, BodyState::Held(_))
+    }
+}
+
+/// Methods a client expects may be repeated (RFC 9110 9.2.2).
+fn is_idempotent(method: &http::Method) -> bool {
+    use http::Method;
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
+}
+
+/// Reads the body into memory when the request may be retried after reaching a
+/// backend: an idempotent method and a declared length within `limit`.
+async fn prepare_body(
+    parts: &http::request::Parts,
+    body: Incoming,
+    limit: usize,
+) -> Result<BodyState, Response<ProxyBody>> {
+    if body.is_end_stream() {
+        return Ok(BodyState::Held(Bytes::new()));
+    }
+    let declared = parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok());
+    match declared {
+        Some(length) if length <= limit && is_idempotent(&parts.method) => {
+            match http_body_util::BodyExt::collect(http_body_util::Limited::new(body, limit)).await {
+                Ok(collected) => Ok(BodyState::Held(collected.to_bytes())),
+                Err(_) => Err(local_response(
+                    StatusCode::BAD_REQUEST,
+                    "the request body did not match its Content-Length",
+                )),
+            }
+        }
+        _ => Ok(BodyState::Stream(body)),
+    }
+}
+
 async fn forward(
     pool: &Pool,
     client: SocketAddr,
@@ -87,14 +153,21 @@ async fn forward(
     body: Incoming,
     host: Option<String>,
 ) -> Response<ProxyBody> {
+    let mut body = match prepare_body(&parts, body, pool.config.retry_buffer).await {
+        Ok(body) => body,
+        Err(response) => return response,
+    };
+    let may_replay = is_idempotent(&parts.method);
     let mut current = RequestSlot {
         parts: Some(parts),
         client: Some(client),
     };
-    let mut body = Some(RequestBody::Stream(body));
     let mut rewritten = false;
     let mut tried: Vec<usize> = Vec::new();
     let mut stale_connections = 0;
+    let report = |backend: &std::sync::Arc<crate::backend::Backend>, outcome| {
+        health::record(&pool.name, &pool.backends, backend, outcome, &pool.config.outlier)
+    };
 
     loop {
         let choice = pool.policy.choose(&current, &pool.backends, &tried);
@@ -107,7 +180,7 @@ async fn forward(
             } else {
                 local_response(
                     StatusCode::BAD_GATEWAY,
-                    &format!("no backend of pool `{}` could be reached", pool.name),
+                    &format!("no backend of pool `{}` could serve the request", pool.name),
                 )
             };
         };
@@ -123,7 +196,7 @@ async fn forward(
         {
             Ok(conn) => conn,
             Err(error) => {
-                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                report(backend, Outcome::Failure);
                 tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend unreachable");
                 if out_of_tries {
                     return local_response(
@@ -136,7 +209,7 @@ async fn forward(
         };
         let reused = conn.reused;
 
-        let (Some(mut parts), Some(request_body)) = (current.parts.take(), body.take()) else {
+        let Some(mut parts) = current.parts.take() else {
             return local_response(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "the request was lost before it could be sent",
@@ -148,30 +221,48 @@ async fn forward(
             }
             rewritten = true;
         }
+        let Some(request_body) = body.next() else {
+            return local_response(
+                StatusCode::BAD_GATEWAY,
+                "the request body was already sent and cannot be sent again",
+            );
+        };
+        // Only a request that can be sent again keeps a copy of its head.
+        let replay_head = (may_replay && body.is_replayable()).then(|| parts.clone());
         let request = Request::from_parts(parts, request_body);
 
         match tokio::time::timeout(pool.config.response_timeout, send(conn, request, in_flight)).await {
             Err(_) => {
-                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                report(backend, Outcome::Failure);
                 tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
                 return local_response(
                     StatusCode::GATEWAY_TIMEOUT,
                     &format!("backend {} did not answer in time", backend.address),
                 );
             }
-            Ok(Ok(response)) => return client_response(response),
+            Ok(Ok(response)) => {
+                let outcome = if response.status().is_server_error() {
+                    Outcome::Failure
+                } else {
+                    Outcome::Success
+                };
+                report(backend, outcome);
+                return client_response(response);
+            }
             Ok(Err(SendError::NotSent(request, error))) => {
                 // Nothing reached the backend: the request can go elsewhere intact.
                 let (parts, request_body) = request.into_parts();
                 current.parts = Some(parts);
-                body = Some(request_body);
+                if let RequestBody::Stream(stream) = request_body {
+                    body = BodyState::Stream(stream);
+                }
                 if reused && stale_connections < MAX_STALE_RETRIES {
                     // A keep-alive connection the backend had closed: not the backend's fault.
                     stale_connections += 1;
                     tried.pop();
                     continue;
                 }
-                backend.state.failures.fetch_add(1, Ordering::Relaxed);
+                report(backend, Outcome::Failure);
                 tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "request not sent");
                 if out_of_tries {
                     return local_response(
@@ -181,12 +272,20 @@ async fn forward(
                 }
             }
             Ok(Err(SendError::Failed(error))) => {
-                backend.state.failures.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
-                return local_response(
-                    StatusCode::BAD_GATEWAY,
-                    &format!("backend {} failed: {error}", backend.address),
-                );
+                report(backend, Outcome::Failure);
+                match replay_head {
+                    Some(head) if !out_of_tries => {
+                        tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed an idempotent request; retrying elsewhere");
+                        current.parts = Some(head);
+                    }
+                    _ => {
+                        tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
+                        return local_response(
+                            StatusCode::BAD_GATEWAY,
+                            &format!("backend {} failed: {error}", backend.address),
+                        );
+                    }
+                }
             }
         }
     }

@@ -162,20 +162,15 @@ impl self::fulcrum::plugin::host::Host for StoreState {
 
 impl self::fulcrum::plugin::request::Host for StoreState {
     fn method(&mut self) -> String {
-        self.parts()
-            .map_or_else(String::new, |p| p.method.as_str().to_owned())
+        self.parts().map_or_else(String::new, |p| p.method.as_str().to_owned())
     }
 
     fn path(&mut self) -> String {
-        self.parts()
-            .map_or_else(String::new, |p| p.uri.path().to_owned())
+        self.parts().map_or_else(String::new, |p| p.uri.path().to_owned())
     }
 
     fn query(&mut self) -> String {
-        self.parts()
-            .and_then(|p| p.uri.query())
-            .unwrap_or_default()
-            .to_owned()
+        self.parts().and_then(|p| p.uri.query()).unwrap_or_default().to_owned()
     }
 
     fn authority(&mut self) -> String {

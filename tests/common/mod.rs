@@ -30,6 +30,8 @@ pub fn free_port() -> u16 {
 pub struct Fulcrum {
     child: Child,
     pub addr: SocketAddr,
+    /// The admin listener, when the config has `admin = "{admin}"`.
+    pub admin: SocketAddr,
     pub dir: tempfile::TempDir,
     log: PathBuf,
 }
@@ -45,8 +47,12 @@ impl Fulcrum {
             std::fs::copy(source, dir.path().join("plugins.d").join(name)).expect("copy plugin");
         }
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let path = dir.path().join("fulcrum.toml");
-        std::fs::write(&path, config.replace("{listen}", &addr.to_string())).expect("write config");
+        let config = config
+            .replace("{listen}", &addr.to_string())
+            .replace("{admin}", &admin.to_string());
+        std::fs::write(&path, config).expect("write config");
         let log = dir.path().join("fulcrum.log");
         let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
             .args(["run", "--config"])
@@ -56,7 +62,13 @@ impl Fulcrum {
             .stderr(std::fs::File::create(&log).expect("log file"))
             .spawn()
             .expect("start fulcrum");
-        let mut fulcrum = Fulcrum { child, addr, dir, log };
+        let mut fulcrum = Fulcrum {
+            child,
+            addr,
+            admin,
+            dir,
+            log,
+        };
         fulcrum.wait_listening();
         fulcrum
     }
@@ -73,6 +85,24 @@ impl Fulcrum {
             std::thread::sleep(Duration::from_millis(20));
         }
         panic!("fulcrum did not listen on {} within 30 s:\n{}", self.addr, self.log());
+    }
+
+    /// `GET /status` of the admin API, parsed.
+    pub async fn status(&self) -> serde_json::Value {
+        let reply = get(self.admin, "/status").await.expect("admin status");
+        serde_json::from_slice(&reply.body).expect("status is JSON")
+    }
+
+    /// The status entry of backend `address` in pool `pool`.
+    pub async fn backend_status(&self, pool: &str, address: &str) -> serde_json::Value {
+        let status = self.status().await;
+        let pools = status["pools"].as_array().cloned().unwrap_or_default();
+        let pool = pools.into_iter().find(|p| p["name"] == pool).expect("pool in status");
+        let backends = pool["backends"].as_array().cloned().unwrap_or_default();
+        backends
+            .into_iter()
+            .find(|b| b["address"] == address)
+            .expect("backend in status")
     }
 
     pub fn pid(&self) -> u32 {

@@ -1,0 +1,208 @@
+#!/usr/bin/env bash
+# Load benchmark: Fulcrum against nginx and HAProxy, proxying the same traffic
+# to the same three backends on this machine, in one run.
+#
+#   benches/load.sh                 # full run: pinned and unpinned, 16 and 256 connections
+#   SMOKE=1 benches/load.sh         # 1 s per row, to prove the script works
+#   DURATION=20 WORKERS=2 POLICY=round-robin benches/load.sh
+#
+# Installs nginx, haproxy and wrk with apt-get when missing. Every process it
+# starts is stopped on exit, however it exits. Prints one table per mode:
+# req/s, p50, p99, proxy CPU µs per request ((utime+stime) ÷ requests), proxy
+# RSS at the end of the row, and ratios to nginx. Traffic stays on 127.0.0.1.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10}
+WORKERS=${WORKERS:-1}
+POLICY=${POLICY:-least-conn}      # least-conn or round-robin, applied to all three proxies
+CONNS=${CONNS:-"16 256"}
+MODES=${MODES:-"pinned unpinned"}
+if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; fi
+
+need=()
+for tool in nginx haproxy wrk taskset; do command -v "$tool" >/dev/null || need+=("$tool"); done
+if ((${#need[@]})); then
+  echo "installing: nginx haproxy wrk" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq >/dev/null && apt-get install -y -qq nginx haproxy wrk util-linux >/dev/null
+fi
+PATH=$PATH:/usr/sbin
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+
+cargo build --release --bin fulcrum >&2
+FULCRUM=$PWD/target/release/fulcrum
+
+WORK=$(mktemp -d /tmp/fulcrum-load.XXXXXX)
+PIDS=()
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 0.3
+  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  # nginx and haproxy fork: stop whatever still runs from our config files.
+  pkill -f "$WORK" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+B1=19101 B2=19102 B3=19103
+P_FULCRUM=18180 P_NGINX=18181 P_HAPROXY=18182
+
+# ---- backends: one nginx, one worker, three ports, a 6-byte body ----
+mkdir -p "$WORK/backends" "$WORK/nginx"
+cat > "$WORK/backends/nginx.conf" <<EOF
+worker_processes 1;
+daemon off;
+pid $WORK/backends/nginx.pid;
+error_log $WORK/backends/error.log warn;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  server { listen 127.0.0.1:$B1 reuseport; location / { return 200 "hello\n"; } }
+  server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "hello\n"; } }
+  server { listen 127.0.0.1:$B3 reuseport; location / { return 200 "hello\n"; } }
+}
+EOF
+
+nginx_lb=least_conn; haproxy_lb=leastconn
+if [[ "$POLICY" == round-robin ]]; then nginx_lb=""; haproxy_lb=roundrobin; fi
+
+cat > "$WORK/nginx/nginx.conf" <<EOF
+worker_processes $WORKERS;
+daemon off;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+worker_rlimit_nofile 65536;
+events { worker_connections 16384; }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  upstream backends {
+    ${nginx_lb:+$nginx_lb;}
+    server 127.0.0.1:$B1; server 127.0.0.1:$B2; server 127.0.0.1:$B3;
+    keepalive 256;
+  }
+  server {
+    listen 127.0.0.1:$P_NGINX;
+    location / {
+      proxy_pass http://backends;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+      proxy_set_header X-Forwarded-For \$remote_addr;
+    }
+  }
+}
+EOF
+
+cat > "$WORK/haproxy.cfg" <<EOF
+global
+  nbthread $WORKERS
+  maxconn 8000
+defaults
+  mode http
+  timeout connect 1s
+  timeout client 30s
+  timeout server 30s
+  option http-keep-alive
+  http-reuse always
+frontend fe
+  bind 127.0.0.1:$P_HAPROXY
+  option forwardfor
+  default_backend be
+backend be
+  balance $haproxy_lb
+  server b1 127.0.0.1:$B1
+  server b2 127.0.0.1:$B2
+  server b3 127.0.0.1:$B3
+EOF
+
+cat > "$WORK/fulcrum.toml" <<EOF
+[server]
+listen = "127.0.0.1:$P_FULCRUM"
+workers = $WORKERS
+[pools.web]
+policy = "$POLICY"
+backends = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
+EOF
+
+wait_port() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.05
+  done
+  echo "nothing listens on port $1" >&2; return 1
+}
+
+# All pids of a process tree (nginx master + workers).
+tree_pids() { echo "$1" $(pgrep -P "$1" 2>/dev/null || true); }
+cpu_ticks() { local t=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/stat ]] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
+rss_kib() { local r=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/status ]] && r=$((r + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $r; }
+HZ=$(getconf CLK_TCK)
+
+start_all() {  # $1: taskset prefix for the proxies, $2: for backends
+  $2 nginx -c "$WORK/backends/nginx.conf" & PIDS+=($!)
+  wait_port $B1
+  $1 nginx -c "$WORK/nginx/nginx.conf" & PIDS+=($!); NGINX_PID=$!
+  $1 haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!); HAPROXY_PID=$!
+  RUST_LOG=warn $1 "$FULCRUM" run --config "$WORK/fulcrum.toml" & PIDS+=($!); FULCRUM_PID=$!
+  wait_port $P_NGINX; wait_port $P_HAPROXY; wait_port $P_FULCRUM
+}
+
+stop_all() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  PIDS=()
+}
+
+# One wrk row: prints "req/s p50_ms p99_ms cpu_us_per_req rss_mib"
+measure() {  # $1 port, $2 pid, $3 conns, $4 client taskset prefix
+  $4 wrk -t1 -c"$3" -d1s "http://127.0.0.1:$1/" >/dev/null 2>&1 || true   # warm pools
+  local before after out
+  before=$(cpu_ticks "$2")
+  out=$($4 wrk -t1 -c"$3" -d"${DURATION}s" --latency "http://127.0.0.1:$1/")
+  after=$(cpu_ticks "$2")
+  local requests rps p50 p99 errors
+  requests=$(awk '/requests in/{print $1}' <<<"$out")
+  rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
+  p50=$(awk '$1=="50%"{print $2}' <<<"$out")
+  p99=$(awk '$1=="99%"{print $2}' <<<"$out")
+  errors=$(awk '/Non-2xx|Socket errors/{print}' <<<"$out" | tr '\n' ' ')
+  [[ -n "$errors" ]] && echo "  (port $1, $3 conns: $errors)" >&2
+  local cpu_us
+  cpu_us=$(awk -v t=$((after - before)) -v hz="$HZ" -v n="$requests" 'BEGIN{printf "%.1f", n ? t * 1e6 / hz / n : 0}')
+  echo "$rps $(to_ms "$p50") $(to_ms "$p99") $cpu_us $(awk -v k="$(rss_kib "$2")" 'BEGIN{printf "%.1f", k/1024}')"
+}
+
+to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
+  awk -v v="$1" 'BEGIN{ if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; else print v }'
+}
+
+echo "# Fulcrum load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per row"
+echo "# $("$FULCRUM" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
+for mode in $MODES; do
+  if [[ $mode == pinned ]]; then PROXY_SET="taskset -c 1"; REST_SET="taskset -c 0"; else PROXY_SET=""; REST_SET=""; fi
+  start_all "$PROXY_SET" "$REST_SET"
+  echo
+  echo "## $mode$([[ $mode == pinned ]] && echo ': proxy on core 1; wrk and backends on core 0')"
+  echo
+  echo "| proxy | conns | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB | req/s ÷ nginx | CPU ÷ nginx |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+  for conns in $CONNS; do
+    declare -A row=()
+    for proxy in nginx haproxy fulcrum; do
+      case $proxy in
+        nginx) row[$proxy]=$(measure $P_NGINX "$NGINX_PID" "$conns" "$REST_SET") ;;
+        haproxy) row[$proxy]=$(measure $P_HAPROXY "$HAPROXY_PID" "$conns" "$REST_SET") ;;
+        fulcrum) row[$proxy]=$(measure $P_FULCRUM "$FULCRUM_PID" "$conns" "$REST_SET") ;;
+      esac
+    done
+    read -r n_rps _ _ n_cpu _ <<<"${row[nginx]}"
+    for proxy in nginx haproxy fulcrum; do
+      read -r rps p50 p99 cpu rss <<<"${row[$proxy]}"
+      awk -v p="$proxy" -v c="$conns" -v r="$rps" -v a="$p50" -v b="$p99" -v u="$cpu" -v m="$rss" -v nr="$n_rps" -v nc="$n_cpu" \
+        'BEGIN{printf "| %s | %s | %.0f | %s | %s | %s | %s | %.2f | %.2f |\n", p, c, r, a, b, u, m, (nr ? r/nr : 0), (nc ? u/nc : 0)}'
+    done
+  done
+  stop_all
+done

@@ -1,0 +1,243 @@
+//! Backend health, off the request path: active checks (HTTP GET or TCP
+//! connect, per pool) and passive ejection of backends that fail requests.
+//!
+//! Active checks run as one task per backend, started staggered across the
+//! interval so a pool's backends are not all probed at the same instant. A
+//! backend goes down after `fall` failed checks in a row and comes back after
+//! `rise` good ones. Passive ejection counts failed requests in a row as the
+//! proxy reports them; an ejection lasts a base time that doubles on each
+//! repeat, and never takes out more than `max_ejected_percent` of a pool.
+
+use crate::backend::{Backend, BackendList};
+use crate::config::{HealthConfig, OutlierConfig};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+use tokio::task::JoinHandle;
+
+/// Starts active checks for every backend of `backends`; dropping the
+/// returned handles' tasks (abort) stops them.
+pub fn spawn_checks(
+    runtime: &tokio::runtime::Handle,
+    pool: &str,
+    backends: &BackendList,
+    config: &HealthConfig,
+) -> Vec<JoinHandle<()>> {
+    let n = backends.len().max(1) as u32;
+    backends
+        .iter()
+        .enumerate()
+        .map(|(i, backend)| {
+            let offset = config.interval * i as u32 / n;
+            runtime.spawn(check_loop(pool.to_string(), backend.clone(), config.clone(), offset))
+        })
+        .collect()
+}
+
+async fn check_loop(pool: String, backend: Arc<Backend>, config: HealthConfig, offset: Duration) {
+    tokio::time::sleep(offset).await;
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let (mut good, mut bad) = (0u32, 0u32);
+    loop {
+        ticker.tick().await;
+        let result = probe(&backend, &config).await;
+        match &result {
+            Ok(()) => {
+                good += 1;
+                bad = 0;
+            }
+            Err(_) => {
+                bad += 1;
+                good = 0;
+            }
+        }
+        let up = backend.state.is_up();
+        if up && bad >= config.fall {
+            backend.state.set_up(false);
+            let reason = result.err().unwrap_or_default();
+            tracing::warn!(%pool, backend = %backend.address, %reason, checks = bad, "backend is down");
+        } else if !up && good >= config.rise {
+            backend.state.set_up(true);
+            tracing::info!(%pool, backend = %backend.address, checks = good, "backend is up");
+        }
+    }
+}
+
+/// One check: a TCP connect, or an HTTP GET answered with an expected status.
+pub async fn probe(backend: &Backend, config: &HealthConfig) -> Result<(), String> {
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(backend.socket)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let Some(path) = &config.path else { return Ok(()) };
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| format!("handshake: {e}"))?;
+        let connection = tokio::spawn(connection);
+        let host = config.host.as_deref().unwrap_or(&backend.address);
+        let request = http::Request::get(path.as_str())
+            .header(http::header::HOST, host)
+            .header(http::header::USER_AGENT, "fulcrum-health-check")
+            .header(http::header::CONNECTION, "close")
+            .body(Empty::<bytes::Bytes>::new())
+            .map_err(|e| format!("request: {e}"))?;
+        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"));
+        connection.abort();
+        let status = response?.status().as_u16();
+        let (low, high) = config.expect_status;
+        if (low..=high).contains(&status) {
+            Ok(())
+        } else {
+            Err(format!("status {status}, expected {low}-{high}"))
+        }
+    };
+    tokio::time::timeout(config.timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", config.timeout)))
+}
+
+/// Milliseconds on a process-wide monotonic clock.
+fn now_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// What the proxy tells passive ejection about one request to a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Success,
+    Failure,
+}
+
+/// Records a request's outcome; ejects `backend` when it failed too often in a
+/// row and the pool can spare it. Call from inside the runtime (the end of an
+/// ejection is a timer).
+pub fn record(pool: &str, backends: &BackendList, backend: &Arc<Backend>, outcome: Outcome, config: &OutlierConfig) {
+    let state = &backend.state;
+    if outcome == Outcome::Success {
+        if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            state.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        return;
+    }
+    state.failures.fetch_add(1, Ordering::Relaxed);
+    let failures = state.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
+    if config.consecutive_failures == 0 || failures < config.consecutive_failures || state.is_ejected() {
+        return;
+    }
+    let ejected = backends.iter().filter(|b| b.state.is_ejected()).count();
+    let allowed = (backends.len() * config.max_ejected_percent as usize / 100).max(1);
+    if ejected + 1 > allowed {
+        tracing::warn!(%pool, backend = %backend.address, ejected, allowed, "backend keeps failing, but the pool's ejection limit is reached");
+        return;
+    }
+    if !state.set_ejected(true) {
+        return;
+    }
+    let now = now_ms();
+    let last = state.last_ejection_ms.swap(now, Ordering::Relaxed);
+    let streak = if last != 0 && now.saturating_sub(last) > config.max_ejection_time.as_millis() as u64 {
+        state.ejections.store(1, Ordering::Relaxed);
+        1
+    } else {
+        state.ejections.fetch_add(1, Ordering::Relaxed) + 1
+    };
+    let time = config
+        .base_ejection_time
+        .saturating_mul(1 << (streak - 1).min(16))
+        .min(config.max_ejection_time);
+    tracing::warn!(%pool, backend = %backend.address, failures, ejection = streak, duration = ?time, "backend ejected after failing requests in a row");
+    let (backend, pool) = (backend.clone(), pool.to_string());
+    tokio::spawn(async move {
+        tokio::time::sleep(time).await;
+        backend.state.consecutive_failures.store(0, Ordering::Relaxed);
+        if backend.state.set_ejected(false) {
+            tracing::info!(%pool, backend = %backend.address, "backend readmitted after ejection");
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::BackendState;
+    use crate::upstream::ConnPool;
+
+    fn pool(n: usize) -> BackendList {
+        (0..n)
+            .map(|i| {
+                Arc::new(Backend {
+                    address: format!("127.0.0.1:{}", 1000 + i),
+                    socket: format!("127.0.0.1:{}", 1000 + i).parse().expect("addr"),
+                    weight: 1,
+                    state: Arc::new(BackendState::default()),
+                    conns: Arc::new(ConnPool::default()),
+                })
+            })
+            .collect::<Vec<_>>()
+            .into()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ejection_after_consecutive_failures_then_readmission() {
+        let backends = pool(3);
+        let config = OutlierConfig {
+            consecutive_failures: 3,
+            base_ejection_time: Duration::from_secs(10),
+            ..OutlierConfig::default()
+        };
+        for _ in 0..2 {
+            record("p", &backends, &backends[0], Outcome::Failure, &config);
+        }
+        record("p", &backends, &backends[0], Outcome::Success, &config);
+        for _ in 0..2 {
+            record("p", &backends, &backends[0], Outcome::Failure, &config);
+        }
+        assert!(!backends[0].state.is_ejected(), "a success resets the count");
+        record("p", &backends, &backends[0], Outcome::Failure, &config);
+        assert!(backends[0].state.is_ejected());
+        assert!(!backends[0].state.is_healthy());
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(backends[0].state.is_healthy(), "readmitted after the ejection time");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn never_ejects_more_than_the_allowed_share() {
+        let backends = pool(3);
+        let config = OutlierConfig {
+            consecutive_failures: 1,
+            max_ejected_percent: 50,
+            ..OutlierConfig::default()
+        };
+        for backend in backends.iter() {
+            record("p", &backends, backend, Outcome::Failure, &config);
+        }
+        assert_eq!(
+            backends.iter().filter(|b| b.state.is_ejected()).count(),
+            1,
+            "50% of 3 allows one"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_ejections_last_longer() {
+        let backends = pool(2);
+        let config = OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejected_percent: 100,
+        };
+        record("p", &backends, &backends[0], Outcome::Failure, &config);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(!backends[0].state.is_ejected());
+        record("p", &backends, &backends[0], Outcome::Failure, &config);
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(backends[0].state.is_ejected(), "second ejection lasts 20 s");
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(!backends[0].state.is_ejected());
+    }
+}

@@ -1,0 +1,313 @@
+//! Backends that die, hang and reset, plugins that misbehave, and a stop
+//! signal mid-request: no request lost that could be saved, no crash.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http_body_util::Full;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncReadExt;
+
+/// Clients sending GETs until stopped (bounded to 20,000 each).
+fn get_load(
+    addr: std::net::SocketAddr,
+    clients: usize,
+    path: &'static str,
+) -> (
+    Arc<AtomicBool>,
+    Arc<AtomicUsize>,
+    Vec<tokio::task::JoinHandle<Vec<String>>>,
+) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicUsize::new(0));
+    let tasks = (0..clients)
+        .map(|_| {
+            let (stop, ok) = (stop.clone(), ok.clone());
+            tokio::spawn(async move {
+                let mut failures = Vec::new();
+                for _ in 0..20_000 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    match get(addr, path).await {
+                        Ok(reply) if reply.status == 200 => {
+                            ok.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Ok(reply) => {
+                            failures.push(format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body)))
+                        }
+                        Err(e) => failures.push(e),
+                    }
+                }
+                failures
+            })
+        })
+        .collect();
+    (stop, ok, tasks)
+}
+
+async fn wait_until(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if condition().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
+         [pools.web]\nbackends = {}\nretries = 2\n\
+         [pools.web.health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let victim = backends[2].addr.to_string();
+    let (stop, ok, tasks) = get_load(fulcrum.addr, 4, "/slow/10");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    backends[2].kill();
+    let marked_down = wait_until(Duration::from_secs(5), async || {
+        fulcrum.backend_status("web", &victim).await["up"] == false
+    })
+    .await;
+    assert!(marked_down, "down after `fall` failed checks: {}", fulcrum.log());
+    let sent_when_down = fulcrum.backend_status("web", &victim).await["requests"].as_u64();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let sent_later = fulcrum.backend_status("web", &victim).await["requests"].as_u64();
+    assert_eq!(sent_when_down, sent_later, "a down backend gets no traffic");
+
+    let revived = backends[2].restart().await.expect("restart the backend");
+    let served_before = revived.stats.requests.load(Ordering::Relaxed);
+    let rejoined = wait_until(Duration::from_secs(5), async || {
+        revived.stats.requests.load(Ordering::Relaxed) > served_before + 10
+    })
+    .await;
+    assert!(rejoined, "back in rotation after `rise` good checks: {}", fulcrum.log());
+
+    stop.store(true, Ordering::Relaxed);
+    let mut failures = Vec::new();
+    for task in tasks {
+        failures.extend(task.await.expect("load task"));
+    }
+    assert!(
+        failures.is_empty(),
+        "{} failed requests: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(ok.load(Ordering::Relaxed) > 100);
+}
+
+/// A backend that accepts connections and reads, but never answers.
+async fn hanging_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_backend_gives_504_in_time_and_is_ejected() {
+    let good = start_backends(&[0], &[]).await.expect("backend");
+    let (hang, _task) = hanging_backend().await;
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
+         [pools.web]\nbackends = [\"{hang}\", \"{}\"]\nresponse_timeout = \"300ms\"\n\
+         [pools.web.outlier]\nconsecutive_failures = 2\nbase_ejection_time = \"30s\"\n",
+        good[0].addr
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let mut timeouts = 0;
+    for _ in 0..6 {
+        let started = Instant::now();
+        let reply = get(fulcrum.addr, "/").await.expect("reply");
+        if reply.status == 504 {
+            timeouts += 1;
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "504 came after {:?}",
+                started.elapsed()
+            );
+        } else {
+            assert_eq!(reply.status, 200);
+        }
+    }
+    assert_eq!(timeouts, 2, "two timeouts, then the backend is ejected");
+    assert_eq!(fulcrum.backend_status("web", &hang.to_string()).await["ejected"], true);
+    for _ in 0..10 {
+        let reply = get(fulcrum.addr, "/").await.expect("reply");
+        assert_eq!((reply.status, reply.backend.as_deref()), (200, Some("backend-1")));
+    }
+    assert!(fulcrum.log().contains("backend ejected"), "{}", fulcrum.log());
+}
+
+/// A backend that reads the first piece of a request (its head and perhaps
+/// some body), then resets the connection.
+async fn resetting_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = vec![0u8; 16 << 10];
+                let _ = stream.read(&mut buffer).await;
+                // SO_LINGER 0 turns the close into a reset; on a socket with
+                // nothing left to send, the close does not block.
+                #[allow(deprecated)]
+                let _ = stream.set_linger(Some(Duration::ZERO));
+                drop(stream);
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_cut_off_mid_body_gets_502_and_is_not_sent_twice() {
+    let witness = start_backends(&[0], &[]).await.expect("backend");
+    let (resetter, _task) = resetting_backend().await;
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[plugins]\ndir = \"plugins.d\"\n\
+         [pools.web]\npolicy = \"first\"\npolicy_config = {{ mode = \"first\" }}\n\
+         backends = [\"{resetter}\", \"{}\"]\nretries = 2\n[pools.web.outlier]\nconsecutive_failures = 0\n",
+        witness[0].addr
+    );
+    let fulcrum = Fulcrum::start(&text, &[("first.wasm", &wasm("misbehave.wasm"))]);
+    for body_size in [1 << 20, 1000] {
+        let request = http::Request::post("/orders")
+            .header("host", "shop.example")
+            .body(Full::new(Bytes::from(vec![b'p'; body_size])))
+            .expect("request");
+        let reply = send(fulcrum.addr, request).await.expect("reply");
+        assert_eq!(reply.status, 502, "{}", String::from_utf8_lossy(&reply.body));
+    }
+    assert_eq!(
+        witness[0].stats.requests.load(Ordering::Relaxed),
+        0,
+        "the POST never reached a second backend"
+    );
+
+    // A GET is idempotent and bodyless: the same failure is retried elsewhere.
+    let reply = get(fulcrum.addr, "/").await.expect("reply");
+    assert_eq!((reply.status, reply.backend.as_deref()), (200, Some("backend-1")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn misbehaving_plugins_never_cost_a_request() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let list = backends_toml(&backends, &[]);
+    let modes = ["loop", "trap", "grow", "bad-id"];
+    let mut text = String::from(
+        "[server]\nlisten = \"{listen}\"\nadmin = \"{admin}\"\n[plugins]\ndir = \"plugins.d\"\ncall_timeout = \"5ms\"\nmemory_limit = \"16MiB\"\n",
+    );
+    for mode in modes {
+        text += &format!(
+            "[pools.{mode}]\npolicy = \"misbehave\"\npolicy_config = {{ mode = \"{mode}\" }}\nbackends = {list}\n\
+             [[routes]]\nhost = \"{mode}.test\"\npool = \"{mode}\"\n"
+        );
+    }
+    let fulcrum = Fulcrum::start(&text, &[("misbehave.wasm", &wasm("misbehave.wasm"))]);
+    for mode in modes {
+        let mut replies = Vec::new();
+        for _ in 0..20 {
+            let request = http::Request::get("/")
+                .header("host", format!("{mode}.test"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            replies.push(send(fulcrum.addr, request).await.expect("answered"));
+        }
+        assert!(replies.iter().all(|r| r.status == 200), "{mode}: {:?}", tally(&replies));
+        let counts = tally(&replies);
+        assert_eq!(
+            counts.values().copied().collect::<Vec<_>>(),
+            vec![10, 10],
+            "{mode}: the fallback rotates: {counts:?}"
+        );
+    }
+    let status = fulcrum.status().await;
+    for pool in status["pools"].as_array().expect("pools") {
+        assert!(pool["plugin_faults"].as_u64() >= Some(20), "faults counted: {pool}");
+    }
+    assert_eq!(status["pools"].as_array().map(Vec::len), Some(4));
+    let log = fulcrum.log();
+    assert!(
+        log.contains("plugin=misbehave") || log.contains("plugin=\"misbehave\""),
+        "faults logged with the plugin's name: {log}"
+    );
+    assert!(log.contains("quarantined"), "{log}");
+    assert!(
+        log.contains("interrupt") || log.contains("epoch"),
+        "the loop was cut by its deadline: {log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_a_slow_request_finish_then_exits_zero() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nshutdown_grace = \"10s\"\n[pools.web]\nbackends = {}\n",
+        backends_toml(&backends, &[])
+    );
+    let mut fulcrum = Fulcrum::start(&text, &[]);
+    let addr = fulcrum.addr;
+    let slow = tokio::spawn(async move { get(addr, "/slow/2000").await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = tokio::task::spawn_blocking(move || {
+        let status = fulcrum.signal_and_wait(libc::SIGTERM, Duration::from_secs(10));
+        (status, fulcrum)
+    });
+    let reply = slow.await.expect("client task").expect("the slow request completes");
+    assert_eq!((reply.status, reply.body.as_ref()), (200, b"backend-1\n".as_ref()));
+    let (status, fulcrum) = status.await.expect("waiter");
+    let status = status.unwrap_or_else(|| panic!("fulcrum did not exit: {}", fulcrum.log()));
+    assert!(status.success(), "exit status {status}: {}", fulcrum.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_backend_down_requests_get_a_fast_503() {
+    let dead = [free_port(), free_port()]
+        .map(|p| format!("\"127.0.0.1:{p}\""))
+        .join(", ");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n[pools.web]\nbackends = [{dead}]\n\
+         [pools.web.health]\ntype = \"tcp\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n"
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let all_down = wait_until(Duration::from_secs(5), async || {
+        let status = fulcrum.status().await;
+        status["pools"][0]["backends"]
+            .as_array()
+            .is_some_and(|b| b.iter().all(|b| b["healthy"] == false))
+    })
+    .await;
+    assert!(all_down, "{}", fulcrum.log());
+    let started = Instant::now();
+    let reply = get(fulcrum.addr, "/").await.expect("reply");
+    assert_eq!(reply.status, 503);
+    assert!(String::from_utf8_lossy(&reply.body).contains("no backend of pool `web` is available"));
+    assert!(
+        started.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        started.elapsed()
+    );
+}
