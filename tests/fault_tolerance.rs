@@ -311,3 +311,53 @@ async fn with_every_backend_down_requests_get_a_fast_503() {
         started.elapsed()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_and_idle_clients_are_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nheader_read_timeout = \"1s\"\n[pools.web]\nbackends = {}\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+
+    // Slowloris: a request head dribbled one byte every 100 ms never completes.
+    let mut slow = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
+    let started = Instant::now();
+    let head = b"GET / HTTP/1.1\r\nHost: test.local\r\nX-Padding: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut cut_off = false;
+    for byte in head.iter() {
+        if slow.write_all(&[*byte]).await.is_err() {
+            cut_off = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut probe = [0u8; 512];
+        if let Ok(Ok(n)) = tokio::time::timeout(Duration::from_millis(1), slow.read(&mut probe)).await {
+            // The balancer answered (408) or closed (0 bytes): either way, it let go.
+            cut_off = true;
+            let _ = n;
+            break;
+        }
+    }
+    assert!(cut_off, "a slow head was still accepted after {:?}", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(4), "cut off after {:?}", started.elapsed());
+
+    // An idle keep-alive connection is closed too.
+    let mut idle = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: test.local\r\n\r\n").await.expect("request");
+    let mut buffer = vec![0u8; 4096];
+    let n = idle.read(&mut buffer).await.expect("response");
+    assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
+    let closed = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            match idle.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
+}
