@@ -8,6 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+/// mimalloc: measured faster than glibc's malloc on the request path (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Fulcrum, an HTTP load balancer whose backend choice is made by WebAssembly
 /// components (built-in: round-robin, least-conn; or your own NAME.wasm in the
 /// plugin directory, hot-reloaded).
@@ -76,6 +80,15 @@ fn init_logging(format: LogFormat) {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    let admin = config
+        .server
+        .admin
+        .map(|admin| {
+            std::net::TcpListener::bind(admin)
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                .with_context(|| format!("{}: server.admin: cannot listen on {admin}", path.display()))
+        })
+        .transpose()?;
     let app = App::new(config)?;
     let snapshot = app.snapshot();
     for pool in &snapshot.pools {
@@ -92,31 +105,52 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn run(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if config.server.workers > 0 {
-        runtime.worker_threads(config.server.workers);
-    }
-    let runtime = runtime.enable_all().build().context("cannot start the async runtime")?;
-    runtime.block_on(async move {
-        let listen = config.server.listen;
-        let app = tokio::task::spawn_blocking(move || App::new(config))
-            .await
-            .context("loading plugins panicked")??;
-        let listener = tokio::net::TcpListener::bind(listen)
-            .await
-            .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+    let listen = config.server.listen;
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Bound here, before anything starts, so a taken port is reported at once.
+    let listeners = (0..workers)
+        .map(|_| fulcrum::server::bind_reuseport(listen))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+    let admin = config
+        .server
+        .admin
+        .map(|admin| {
+            std::net::TcpListener::bind(admin)
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                .with_context(|| format!("{}: server.admin: cannot listen on {admin}", path.display()))
+        })
+        .transpose()?;
+    let app = App::new(config)?;
+
+    // The control runtime: signals, admin API, health checks. Requests are
+    // served by the workers' runtimes.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    control.block_on(async move {
         app.start_health_checks(tokio::runtime::Handle::current());
-        if let Some(admin) = app.snapshot().config.server.admin {
-            let listener = tokio::net::TcpListener::bind(admin)
-                .await
-                .with_context(|| format!("{}: server.admin: cannot listen on {admin}", path.display()))?;
+        if let Some(admin) = admin {
+            let listener = tokio::net::TcpListener::from_std(admin).context("cannot use the admin listener")?;
+            tracing::info!(admin = %listener.local_addr()?, "admin API listening");
             tokio::spawn(fulcrum::admin::serve(Arc::clone(&app), listener));
-            tracing::info!(%admin, "admin API listening");
         }
         app.watch_plugins().context("cannot watch the plugin directory")?;
         app.watch_config(path).context("cannot watch the config file")?;
-        tracing::info!(%listen, pools = app.snapshot().pools.len(), "fulcrum is serving");
-        let drained = fulcrum::server::serve(Arc::clone(&app), listener, stop_signal()).await;
+
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let threads =
+            fulcrum::server::spawn_workers(&app, listeners, stopped).context("cannot start worker threads")?;
+        tracing::info!(%listen, workers, pools = app.snapshot().pools.len(), "fulcrum is serving");
+        stop_signal().await;
+        stop.send_replace(true);
+        let drained = tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().unwrap_or(false)))
+            .await
+            .unwrap_or(false);
         if drained {
             tracing::info!("stopped");
         } else {

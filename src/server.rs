@@ -1,5 +1,11 @@
 //! Listening and connection handling: accepts clients, serves HTTP/1.1 and
 //! HTTP/2 on each connection, and stops gracefully.
+//!
+//! In production Fulcrum runs one single-threaded runtime per worker thread,
+//! each with its own `SO_REUSEPORT` listener (the kernel spreads connections
+//! among them), as nginx runs one event loop per worker process: a request is
+//! served start to end on one thread, with no work stealing, no cross-thread
+//! wake-ups and thread-local plugin instances and connection pools.
 
 use crate::app::App;
 use crate::proxy;
@@ -9,8 +15,64 @@ use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// A listening socket that shares its port with the other workers'.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+/// Starts one worker thread per listener, each running its own single-threaded
+/// runtime that serves its listener until `stop` turns true. Each thread
+/// returns whether its connections drained within the grace period.
+pub fn spawn_workers(
+    app: &Arc<App>,
+    listeners: Vec<std::net::TcpListener>,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<Vec<std::thread::JoinHandle<bool>>> {
+    listeners
+        .into_iter()
+        .enumerate()
+        .map(|(index, listener)| {
+            let (app, mut stop) = (app.clone(), stop.clone());
+            std::thread::Builder::new()
+                .name(format!("fulcrum-worker-{index}"))
+                .spawn(move || {
+                    crate::upstream::set_worker_index(index);
+                    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                        Ok(runtime) => runtime,
+                        Err(error) => {
+                            tracing::error!(worker = index, %error, "cannot start a worker runtime");
+                            return false;
+                        }
+                    };
+                    runtime.block_on(async move {
+                        let listener = match TcpListener::from_std(listener) {
+                            Ok(listener) => listener,
+                            Err(error) => {
+                                tracing::error!(worker = index, %error, "cannot use the listener");
+                                return false;
+                            }
+                        };
+                        let stopped = async move {
+                            let _ = stop.wait_for(|stop| *stop).await;
+                        };
+                        serve(app, listener, stopped).await
+                    })
+                })
+        })
+        .collect()
+}
 
 /// Serves clients on `listener` until `stop` completes, then lets in-flight
 /// requests finish for up to the config's `shutdown_grace`. Returns whether

@@ -73,10 +73,23 @@ struct IdleConn {
     since: Instant,
 }
 
+/// Shards of a pool: one per worker thread (modulo), so a worker reuses the
+/// connections its own runtime drives and never contends for another's lock.
+const SHARDS: usize = 16;
+
+thread_local! {
+    static WORKER_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// Tells the pools which shard this thread uses (worker threads call it once).
+pub fn set_worker_index(index: usize) {
+    WORKER_INDEX.with(|w| w.set(index % SHARDS));
+}
+
 /// Idle keep-alive connections to one backend.
 #[derive(Default)]
 pub struct ConnPool {
-    idle: Mutex<Vec<IdleConn>>,
+    idle: [Mutex<Vec<IdleConn>>; SHARDS],
 }
 
 impl std::fmt::Debug for ConnPool {
@@ -94,12 +107,16 @@ pub struct PoolLimits {
 
 impl ConnPool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleConn>> {
-        self.idle.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        let shard = &self.idle[WORKER_INDEX.with(std::cell::Cell::get)];
+        shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Idle connections held now.
+    /// Idle connections held now, over all workers.
     pub fn idle_count(&self) -> usize {
-        self.lock().len()
+        self.idle
+            .iter()
+            .map(|shard| shard.lock().map_or(0, |idle| idle.len()))
+            .sum()
     }
 
     /// A connection ready to send: a warm idle one, else a new one.

@@ -342,11 +342,17 @@ async fn slow_and_idle_clients_are_cut_off() {
         }
     }
     assert!(cut_off, "a slow head was still accepted after {:?}", started.elapsed());
-    assert!(started.elapsed() < Duration::from_secs(4), "cut off after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "cut off after {:?}",
+        started.elapsed()
+    );
 
     // An idle keep-alive connection is closed too.
     let mut idle = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
-    idle.write_all(b"GET / HTTP/1.1\r\nHost: test.local\r\n\r\n").await.expect("request");
+    idle.write_all(b"GET / HTTP/1.1\r\nHost: test.local\r\n\r\n")
+        .await
+        .expect("request");
     let mut buffer = vec![0u8; 4096];
     let n = idle.read(&mut buffer).await.expect("response");
     assert!(String::from_utf8_lossy(&buffer[..n]).starts_with("HTTP/1.1 200"));
