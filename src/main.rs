@@ -80,15 +80,6 @@ fn init_logging(format: LogFormat) {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let admin = config
-        .server
-        .admin
-        .map(|admin| {
-            std::net::TcpListener::bind(admin)
-                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
-                .with_context(|| format!("{}: server.admin: cannot listen on {admin}", path.display()))
-        })
-        .transpose()?;
     let app = App::new(config)?;
     let snapshot = app.snapshot();
     for pool in &snapshot.pools {
@@ -110,8 +101,9 @@ fn run(path: &Path) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
-    // Bound here, before anything starts, so a taken port is reported at once.
-    let listeners = (0..workers)
+    // Bound here, before anything starts, so a taken port is reported at once;
+    // listening starts once plugins, watchers and checks are ready.
+    let sockets = (0..workers)
         .map(|_| fulcrum::server::bind_reuseport(listen))
         .collect::<std::io::Result<Vec<_>>>()
         .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
@@ -142,6 +134,11 @@ fn run(path: &Path) -> anyhow::Result<()> {
         app.watch_plugins().context("cannot watch the plugin directory")?;
         app.watch_config(path).context("cannot watch the config file")?;
 
+        let listeners = sockets
+            .into_iter()
+            .map(fulcrum::server::listen)
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
         let (stop, stopped) = tokio::sync::watch::channel(false);
         let threads =
             fulcrum::server::spawn_workers(&app, listeners, stopped).context("cannot start worker threads")?;

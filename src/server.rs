@@ -20,14 +20,22 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-/// A listening socket that shares its port with the other workers'.
-pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+/// A socket bound to `addr` that shares its port with the other workers'.
+/// It accepts no connection until [`listen`] is called, so an address already
+/// taken is reported at once, while clients see the port open only when
+/// everything behind it is ready.
+pub fn bind_reuseport(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
     use socket2::{Domain, Protocol, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
+    Ok(socket)
+}
+
+/// Starts accepting connections on a socket from [`bind_reuseport`].
+pub fn listen(socket: socket2::Socket) -> std::io::Result<std::net::TcpListener> {
     socket.listen(4096)?;
     Ok(socket.into())
 }

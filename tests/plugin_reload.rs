@@ -89,7 +89,7 @@ async fn time_until(
     let start = Instant::now();
     let mut in_a_row = 0;
     while start.elapsed() < limit {
-        let reply = get(addr, "/").await.ok()?;
+        let reply = get(addr, "/").await.unwrap_or_else(|e| panic!("request failed: {e}"));
         if wanted(reply.backend.as_deref().unwrap_or_default()) {
             in_a_row += 1;
             if in_a_row == run {
