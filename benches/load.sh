@@ -5,6 +5,7 @@
 #   benches/load.sh                 # full run: pinned and unpinned, 16 and 256 connections
 #   SMOKE=1 benches/load.sh         # 1 s per row, to prove the script works
 #   DURATION=20 WORKERS=2 POLICY=round-robin benches/load.sh
+#   IDLE=10000 ...                  # idle keep-alive connections held for the memory row (0: skip)
 #
 # Installs nginx, haproxy and wrk with apt-get when missing. Every process it
 # starts is stopped on exit, however it exits. Prints one table per mode:
@@ -18,7 +19,8 @@ WORKERS=${WORKERS:-1}
 POLICY=${POLICY:-least-conn}      # least-conn or round-robin, applied to all three proxies
 CONNS=${CONNS:-"16 256"}
 MODES=${MODES:-"pinned unpinned"}
-if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; fi
+IDLE=${IDLE:-10000}
+if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; fi
 
 need=()
 for tool in nginx haproxy wrk taskset; do command -v "$tool" >/dev/null || need+=("$tool"); done
@@ -30,8 +32,8 @@ fi
 PATH=$PATH:/usr/sbin
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
-cargo build --release --bin fulcrum >&2
-FULCRUM=$PWD/target/release/fulcrum
+[[ -n "${FULCRUM_BIN:-}" ]] || cargo build --release --bin fulcrum >&2
+FULCRUM=${FULCRUM_BIN:-$PWD/target/release/fulcrum}
 
 WORK=$(mktemp -d /tmp/fulcrum-load.XXXXXX)
 PIDS=()
@@ -98,7 +100,7 @@ EOF
 cat > "$WORK/haproxy.cfg" <<EOF
 global
   nbthread $WORKERS
-  maxconn 8000
+  maxconn 9900   # this machine's hard limit of 20,000 descriptors allows no more
 defaults
   mode http
   timeout connect 1s
@@ -121,6 +123,7 @@ cat > "$WORK/fulcrum.toml" <<EOF
 [server]
 listen = "127.0.0.1:$P_FULCRUM"
 workers = $WORKERS
+header_read_timeout = "60s"     # the idle-connection row holds connections open for a while
 [pools.web]
 policy = "$POLICY"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
@@ -204,5 +207,25 @@ for mode in $MODES; do
         'BEGIN{printf "| %s | %s | %.0f | %s | %s | %s | %s | %.2f | %.2f |\n", p, c, r, a, b, u, m, (nr ? r/nr : 0), (nc ? u/nc : 0)}'
     done
   done
+  if [[ $mode == "${MODES##* }" && "$IDLE" -gt 0 ]]; then
+    echo
+    echo "### $IDLE idle keep-alive client connections (one request each, then held open)"
+    echo
+    echo "| proxy | held | RSS before MiB | RSS holding MiB | bytes per connection |"
+    echo "| --- | --- | --- | --- | --- |"
+    for proxy in nginx haproxy fulcrum; do
+      case $proxy in
+        nginx) port=$P_NGINX pid=$NGINX_PID ;;
+        haproxy) port=$P_HAPROXY pid=$HAPROXY_PID ;;
+        fulcrum) port=$P_FULCRUM pid=$FULCRUM_PID ;;
+      esac
+      count=$IDLE
+      [[ $proxy == haproxy && $count -gt 9000 ]] && count=9000   # HAProxy's maxconn, see above
+      read -r held before after _ < <(python3 benches/idle_conns.py "$port" "$count" $(tree_pids "$pid"))
+      awk -v p="$proxy" -v h="$held" -v b="$before" -v a="$after" \
+        'BEGIN{printf "| %s | %d | %.1f | %.1f | %.0f |\n", p, h, b/1024, a/1024, h ? (a-b)*1024/h : 0}'
+      sleep 1
+    done
+  fi
   stop_all
 done

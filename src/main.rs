@@ -8,10 +8,6 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-/// mimalloc: measured faster than glibc's malloc on the request path (docs/BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Fulcrum, an HTTP load balancer whose backend choice is made by WebAssembly
 /// components (built-in: round-robin, least-conn; or your own NAME.wasm in the
 /// plugin directory, hot-reloaded).

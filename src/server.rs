@@ -118,7 +118,11 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
         let app = app.clone();
         let service = service_fn(move |request| {
             let app = app.clone();
-            async move { Ok::<_, Infallible>(proxy::handle(&app, client, request).await) }
+            // Boxed: hyper keeps room for the service's future for the whole life
+            // of a connection, so an unboxed multi-kilobyte future would cost that
+            // much memory on every idle keep-alive connection.
+            Box::pin(async move { Ok::<_, Infallible>(proxy::handle(&app, client, request).await) })
+                as std::pin::Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
         });
         let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
