@@ -117,7 +117,7 @@ fn host_work(c: &mut Criterion) {
         b.iter_batched(
             || request(10).parts.expect("parts"),
             |mut parts| {
-                fulcrum::proxy::rewrite_request_head(&mut parts, client, Some("shop.example")).expect("rewrites");
+                fulcrum::proxy::rewrite_request_head(&mut parts, client).expect("rewrites");
                 parts
             },
             criterion::BatchSize::SmallInput,

@@ -11,6 +11,7 @@ use http::{Request, Response, StatusCode, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use smallvec::SmallVec;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -61,23 +62,23 @@ pub fn local_response(status: StatusCode, message: &str) -> Response<ProxyBody> 
 /// Serves one client request.
 pub async fn handle(app: &App, client: SocketAddr, request: Request<Incoming>) -> Response<ProxyBody> {
     let snapshot = app.snapshot();
-    let host = request_host(&request);
-    let Some(pool_index) = snapshot.router.pool_for(host.as_deref(), request.uri().path()) else {
+    let route = snapshot
+        .router
+        .pool_for(request_host(request.uri(), request.headers()), request.uri().path());
+    let Some(pool_index) = route else {
         return local_response(StatusCode::NOT_FOUND, "no route matches this request");
     };
     let pool = &snapshot.pools[pool_index];
     let (parts, body) = request.into_parts();
-    forward(pool, client, parts, body, host).await
+    forward(pool, client, parts, body).await
 }
 
-fn request_host<B>(request: &Request<B>) -> Option<String> {
-    request.uri().authority().map(|a| a.as_str().to_owned()).or_else(|| {
-        request
-            .headers()
-            .get(header::HOST)
-            .and_then(|h| h.to_str().ok())
-            .map(str::to_owned)
-    })
+/// The host the client asked for: the URI's authority (HTTP/2, absolute form)
+/// or the `Host` header.
+fn request_host<'a>(uri: &'a Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    uri.authority()
+        .map(|a| a.as_str())
+        .or_else(|| headers.get(header::HOST).and_then(|h| h.to_str().ok()))
 }
 
 /// How the request body can be sent, and sent again.
@@ -146,13 +147,7 @@ async fn prepare_body(
     }
 }
 
-async fn forward(
-    pool: &Pool,
-    client: SocketAddr,
-    parts: http::request::Parts,
-    body: Incoming,
-    host: Option<String>,
-) -> Response<ProxyBody> {
+async fn forward(pool: &Pool, client: SocketAddr, parts: http::request::Parts, body: Incoming) -> Response<ProxyBody> {
     let mut body = match prepare_body(&parts, body, pool.config.retry_buffer).await {
         Ok(body) => body,
         Err(response) => return response,
@@ -163,7 +158,7 @@ async fn forward(
         client: Some(client),
     };
     let mut rewritten = false;
-    let mut tried: Vec<usize> = Vec::new();
+    let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut stale_connections = 0;
     let report = |backend: &std::sync::Arc<crate::backend::Backend>, outcome| {
         health::record(&pool.name, &pool.backends, backend, outcome, &pool.config.outlier)
@@ -216,7 +211,7 @@ async fn forward(
             );
         };
         if !rewritten {
-            if let Err(message) = rewrite_request_head(&mut parts, client, host.as_deref()) {
+            if let Err(message) = rewrite_request_head(&mut parts, client) {
                 return local_response(StatusCode::BAD_REQUEST, message);
             }
             rewritten = true;
@@ -315,6 +310,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 ];
 
 fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    // Most messages carry none: one pass over the names (cheap comparisons of
+    // standard headers) beats seven hashed removals.
+    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+        return;
+    }
     // Headers the Connection header names are hop-by-hop too.
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -338,33 +338,32 @@ static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-prot
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Turns the client's request head into the one sent upstream: HTTP/1.1 in
-/// origin form, hop-by-hop headers removed, `X-Forwarded-*` added.
-pub fn rewrite_request_head(
-    parts: &mut http::request::Parts,
-    client: SocketAddr,
-    host: Option<&str>,
-) -> Result<(), &'static str> {
+/// origin form, hop-by-hop headers removed, `X-Forwarded-*` added, the
+/// client's host kept (an HTTP/2 `:authority` becomes `Host`).
+pub fn rewrite_request_head(parts: &mut http::request::Parts, client: SocketAddr) -> Result<(), &'static str> {
     remove_hop_by_hop(&mut parts.headers);
+    // The request target's authority wins over a Host header (RFC 9112 3.2.2).
+    let host = match parts.uri.authority() {
+        Some(authority) => {
+            let value = HeaderValue::from_str(authority.as_str()).map_err(|_| "the authority is not valid")?;
+            parts.headers.insert(header::HOST, value.clone());
+            Some(value)
+        }
+        None => parts.headers.get(header::HOST).cloned(),
+    };
     if parts.uri.authority().is_some() || parts.uri.scheme().is_some() {
         let origin_form = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
         parts.uri = Uri::try_from(origin_form).map_err(|_| "the request target is not valid")?;
     }
     parts.version = Version::HTTP_11;
     if let Some(host) = host {
-        if !parts.headers.contains_key(header::HOST) {
-            let value = HeaderValue::from_str(host).map_err(|_| "the Host header is not valid")?;
-            parts.headers.insert(header::HOST, value);
-        }
-        if let Ok(value) = HeaderValue::from_str(host) {
-            parts.headers.insert(X_FORWARDED_HOST.clone(), value);
-        }
+        parts.headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    let ip = client.ip().to_string();
     let forwarded_for = match parts.headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) => format!("{earlier}, {ip}"),
-        None => ip,
+        Some(earlier) => HeaderValue::from_str(&format!("{earlier}, {}", client.ip())),
+        None => HeaderValue::from_str(&client.ip().to_string()),
     };
-    if let Ok(value) = HeaderValue::from_str(&forwarded_for) {
+    if let Ok(value) = forwarded_for {
         parts.headers.insert(X_FORWARDED_FOR.clone(), value);
     }
     parts
@@ -397,7 +396,7 @@ mod tests {
             .expect("valid request");
         let (mut parts, ()) = request.into_parts();
         let client: SocketAddr = "127.0.0.9:5555".parse().expect("addr");
-        rewrite_request_head(&mut parts, client, Some("example.com")).expect("rewrites");
+        rewrite_request_head(&mut parts, client).expect("rewrites");
         assert_eq!(parts.uri, "/a?b=1");
         assert_eq!(parts.version, Version::HTTP_11);
         for gone in ["connection", "x-secret", "te", "keep-alive"] {

@@ -160,3 +160,41 @@ async fn routes_pick_pools_by_host_and_path() {
         "backend-1"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_clients_are_served() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[])), &[]);
+    let stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
+    let (mut sender, connection) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .expect("h2 handshake (prior knowledge)");
+    tokio::spawn(connection);
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let request = http::Request::get("http://h2.example/headers")
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.version(), http::Version::HTTP_2);
+        let backend = response.headers()["x-backend"].to_str().expect("ascii").to_owned();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .expect("body")
+            .to_bytes();
+        let head = String::from_utf8_lossy(&body).into_owned();
+        assert!(
+            head.starts_with("GET /headers HTTP/1.1"),
+            "sent upstream as HTTP/1.1 in origin form: {head}"
+        );
+        assert!(
+            head.contains("host: h2.example\n"),
+            "the :authority becomes Host: {head}"
+        );
+        seen.push(backend);
+    }
+    assert_eq!(seen, ["backend-1", "backend-2", "backend-1", "backend-2"]);
+}

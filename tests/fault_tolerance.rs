@@ -367,3 +367,40 @@ async fn slow_and_idle_clients_are_cut_off() {
     .await;
     assert!(closed.is_ok(), "an idle keep-alive connection stayed open");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unhealthy_backend_is_never_used_even_when_the_plugin_picks_it() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n[plugins]\ndir = \"plugins.d\"\n\
+         [pools.web]\npolicy = \"stubborn\"\npolicy_config = {{ mode = \"zero\" }}\nbackends = {}\n\
+         [pools.web.health]\npath = \"/healthz\"\ninterval = \"100ms\"\ntimeout = \"100ms\"\nfall = 1\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&text, &[("stubborn.wasm", &wasm("misbehave.wasm"))]);
+    assert_eq!(
+        get(fulcrum.addr, "/").await.expect("reply").backend.as_deref(),
+        Some("backend-1")
+    );
+    backends[0].kill();
+    let down = backends[0].addr.to_string();
+    let marked = wait_until(Duration::from_secs(5), async || {
+        fulcrum.backend_status("web", &down).await["healthy"] == false
+    })
+    .await;
+    assert!(marked, "{}", fulcrum.log());
+    let faults_before = fulcrum.status().await["pools"][0]["plugin_faults"]
+        .as_u64()
+        .unwrap_or(0);
+    for _ in 0..5 {
+        let reply = get(fulcrum.addr, "/").await.expect("reply");
+        assert_eq!((reply.status, reply.backend.as_deref()), (200, Some("backend-2")));
+    }
+    let faults_after = fulcrum.status().await["pools"][0]["plugin_faults"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        faults_after >= faults_before + 5,
+        "each overruled choice is counted ({faults_before} -> {faults_after})"
+    );
+}

@@ -1,7 +1,8 @@
 //! A test-only policy. Its `policy_config` picks what it does on `select`:
 //! `{"mode": "first"}` always the first healthy backend, `"last"` the last one,
 //! `"loop"` spins forever, `"trap"` traps, `"grow"` allocates without bound,
-//! `"bad-id"` names a backend that does not exist, `"none"` declines.
+//! `"bad-id"` names a backend that does not exist, `"zero"` always names
+//! backend 0 whatever its health, `"none"` declines.
 //! `"refuse"` fails `init`.
 // Only a Wasm component: there is nothing to build or test on the host.
 #![cfg(target_arch = "wasm32")]
@@ -55,6 +56,7 @@ impl Guest for Misbehave {
                 }
             }
             "bad-id" => Some(9_999),
+            "zero" => Some(0),
             "none" => None,
             "last" => HEALTHY.with(|h| h.borrow().last().copied()),
             _ => HEALTHY.with(|h| h.borrow().first().copied()),
