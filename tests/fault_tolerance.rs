@@ -6,48 +6,9 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::io::AsyncReadExt;
-
-/// Clients sending GETs until stopped (bounded to 20,000 each).
-fn get_load(
-    addr: std::net::SocketAddr,
-    clients: usize,
-    path: &'static str,
-) -> (
-    Arc<AtomicBool>,
-    Arc<AtomicUsize>,
-    Vec<tokio::task::JoinHandle<Vec<String>>>,
-) {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicUsize::new(0));
-    let tasks = (0..clients)
-        .map(|_| {
-            let (stop, ok) = (stop.clone(), ok.clone());
-            tokio::spawn(async move {
-                let mut failures = Vec::new();
-                for _ in 0..20_000 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    match get(addr, path).await {
-                        Ok(reply) if reply.status == 200 => {
-                            ok.fetch_add(1, Ordering::Relaxed);
-                        }
-                        Ok(reply) => {
-                            failures.push(format!("{}: {}", reply.status, String::from_utf8_lossy(&reply.body)))
-                        }
-                        Err(e) => failures.push(e),
-                    }
-                }
-                failures
-            })
-        })
-        .collect();
-    (stop, ok, tasks)
-}
 
 async fn wait_until(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -71,7 +32,7 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
     );
     let fulcrum = Fulcrum::start(&text, &[]);
     let victim = backends[2].addr.to_string();
-    let (stop, ok, tasks) = get_load(fulcrum.addr, 4, "/slow/10");
+    let load = Load::start(fulcrum.addr, 4, "/slow/10");
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     backends[2].kill();
@@ -93,18 +54,9 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
     .await;
     assert!(rejoined, "back in rotation after `rise` good checks: {}", fulcrum.log());
 
-    stop.store(true, Ordering::Relaxed);
-    let mut failures = Vec::new();
-    for task in tasks {
-        failures.extend(task.await.expect("load task"));
-    }
-    assert!(
-        failures.is_empty(),
-        "{} failed requests: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
-    assert!(ok.load(Ordering::Relaxed) > 100);
+    let (ok, failed, failures) = load.finish().await;
+    assert_eq!(failed, 0, "failed requests: {:?}", &failures[..failures.len().min(5)]);
+    assert!(ok > 100);
 }
 
 /// A backend that accepts connections and reads, but never answers.

@@ -3,8 +3,6 @@
 mod common;
 
 use common::*;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// A pool served by the plugin `swap` (from `plugins.d/swap.wasm`), which
@@ -15,67 +13,6 @@ fn swap_config(backends: &[DemoBackend]) -> String {
          [pools.web]\npolicy = \"swap\"\npolicy_config = {{ mode = \"first\" }}\nbackends = {}\n",
         backends_toml(backends, &[])
     )
-}
-
-/// Clients that send requests until stopped, counting answers and failures.
-struct Load {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicUsize>,
-    failed: Arc<AtomicUsize>,
-    tasks: Vec<tokio::task::JoinHandle<Vec<String>>>,
-}
-
-impl Load {
-    fn start(addr: std::net::SocketAddr, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let ok = Arc::new(AtomicUsize::new(0));
-        let failed = Arc::new(AtomicUsize::new(0));
-        let tasks = (0..clients)
-            .map(|_| {
-                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-                tokio::spawn(async move {
-                    let mut errors = Vec::new();
-                    // Bounded: stops when told, or after 20,000 requests.
-                    for _ in 0..20_000 {
-                        if stop.load(Ordering::Relaxed) {
-                            break;
-                        }
-                        match get(addr, "/slow/5").await {
-                            Ok(reply) if reply.status == 200 => ok.fetch_add(1, Ordering::Relaxed),
-                            Ok(reply) => {
-                                errors.push(format!("status {}: {:?}", reply.status, reply.body));
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                            Err(e) => {
-                                errors.push(e);
-                                failed.fetch_add(1, Ordering::Relaxed)
-                            }
-                        };
-                    }
-                    errors
-                })
-            })
-            .collect();
-        Load {
-            stop,
-            ok,
-            failed,
-            tasks,
-        }
-    }
-
-    async fn finish(self) -> (usize, usize, Vec<String>) {
-        self.stop.store(true, Ordering::Relaxed);
-        let mut errors = Vec::new();
-        for task in self.tasks {
-            errors.extend(task.await.expect("load task"));
-        }
-        (
-            self.ok.load(Ordering::Relaxed),
-            self.failed.load(Ordering::Relaxed),
-            errors,
-        )
-    }
 }
 
 /// Sends requests until `wanted` holds for `run` answers in a row; returns how
@@ -109,7 +46,7 @@ async fn swapping_the_policy_20_times_under_load_loses_no_request() {
     let first = std::fs::read(wasm("misbehave.wasm")).expect("misbehave.wasm");
     let rotate = std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm");
     let target = fulcrum.plugin_dir().join("swap.wasm");
-    let load = Load::start(fulcrum.addr, 6);
+    let load = Load::start(fulcrum.addr, 6, "/slow/5");
 
     let mut slowest = Duration::ZERO;
     for swap in 0..20 {

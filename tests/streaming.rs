@@ -21,14 +21,7 @@ fn sample_peak_rss(fulcrum: &Fulcrum, stop: Arc<AtomicBool>) -> std::thread::Joi
     std::thread::spawn(move || {
         let mut peak = 0;
         while !stop.load(Ordering::Relaxed) {
-            let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-            let rss = status
-                .lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-                .unwrap_or(0)
-                * 1024;
-            peak = peak.max(rss);
+            peak = peak.max(rss_of(pid));
             std::thread::sleep(Duration::from_millis(10));
         }
         peak
