@@ -12,7 +12,13 @@ use std::sync::Arc;
 /// components (built-in: round-robin, least-conn; or your own NAME.wasm in the
 /// plugin directory, hot-reloaded).
 #[derive(Parser)]
-#[command(name = "fulcrum", version, about, long_about = None)]
+#[command(
+    name = "fulcrum",
+    version,
+    about,
+    long_about = None,
+    after_help = "Examples:\n  fulcrum check --config fulcrum.toml\n  RUST_LOG=fulcrum=debug fulcrum run --config fulcrum.toml\n  fulcrum --log-format json run -c fulcrum.toml\n\nThe config keys, the plugin interface (wit/) and a guide to writing a policy are in README.md."
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

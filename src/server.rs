@@ -124,7 +124,8 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             Box::pin(async move { Ok::<_, Infallible>(proxy::handle(&app, client, request).await) })
                 as std::pin::Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
         });
-        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+        // No upgrades: the proxy strips `Upgrade` (WebSocket passthrough belongs to the HTTP-edge work).
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let connection = graceful.watch(connection.into_owned());
         tokio::spawn(async move {
             if let Err(error) = connection.await {

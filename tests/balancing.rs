@@ -198,3 +198,37 @@ async fn http2_clients_are_served() {
     }
     assert_eq!(seen, ["backend-1", "backend-2", "backend-1", "backend-2"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_requests_get_a_4xx_and_the_balancer_stays_up() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("round-robin", &backends_toml(&backends, &[])), &[]);
+    let garbage: [&[u8]; 4] = [
+        b"GARBAGE\r\n\r\n",
+        b"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 7\r\n\r\nhello",
+        b"GET / HTTP/1.1\r\nHost: a\r\nBad Header Name: x\r\n\r\n",
+        b"GET /\x01\x02 HTTP/1.1\r\nHost: a\r\n\r\n",
+    ];
+    for request in garbage {
+        let mut stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
+        stream.write_all(request).await.expect("write");
+        let mut answer = vec![0u8; 1024];
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        let status = String::from_utf8_lossy(&answer[..n]);
+        assert!(
+            status.starts_with("HTTP/1.1 4"),
+            "{:?} → {status:?}",
+            String::from_utf8_lossy(request)
+        );
+    }
+    assert_eq!(
+        backends[0].stats.requests.load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing malformed was forwarded"
+    );
+    assert_eq!(get(fulcrum.addr, "/").await.expect("still serving").status, 200);
+}
