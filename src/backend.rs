@@ -111,6 +111,13 @@ impl BackendState {
 #[derive(Debug)]
 pub struct InFlight(Arc<BackendState>);
 
+impl InFlight {
+    /// The state of the backend serving the request.
+    pub fn backend(&self) -> &BackendState {
+        &self.0
+    }
+}
+
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);

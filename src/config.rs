@@ -67,6 +67,8 @@ pub struct PoolConfig {
     pub retries: u32,
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
+    /// Longest silence from a backend in the middle of a response body.
+    pub read_timeout: Duration,
     /// How long an idle upstream connection is kept for reuse.
     pub upstream_idle_timeout: Duration,
     /// Idle upstream connections kept per backend.
@@ -185,6 +187,7 @@ struct RawPool {
     retries: Option<u32>,
     connect_timeout: Option<String>,
     response_timeout: Option<String>,
+    read_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     max_idle_per_backend: Option<usize>,
     retry_buffer: Option<String>,
@@ -455,6 +458,11 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 &key("response_timeout"),
                 pool.response_timeout.as_deref(),
                 Duration::from_secs(30),
+            )?,
+            read_timeout: duration(
+                &key("read_timeout"),
+                pool.read_timeout.as_deref(),
+                Duration::from_secs(60),
             )?,
             upstream_idle_timeout: duration(
                 &key("upstream_idle_timeout"),

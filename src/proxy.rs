@@ -4,7 +4,7 @@
 use crate::app::{App, Pool};
 use crate::health::{self, Outcome};
 use crate::plugin::RequestSlot;
-use crate::upstream::{Conn, RequestBody, SendError, UpstreamBody};
+use crate::upstream::{BoxError, Conn, RequestBody, SendError, UpstreamBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -24,9 +24,9 @@ pub enum ProxyBody {
 
 impl Body for ProxyBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
             ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
@@ -226,7 +226,8 @@ async fn forward(pool: &Pool, client: SocketAddr, parts: http::request::Parts, b
         let replay_head = (may_replay && body.is_replayable()).then(|| parts.clone());
         let request = Request::from_parts(parts, request_body);
 
-        match tokio::time::timeout(pool.config.response_timeout, send(conn, request, in_flight)).await {
+        let sent = send(conn, request, in_flight, pool.config.read_timeout);
+        match tokio::time::timeout(pool.config.response_timeout, sent).await {
             Err(_) => {
                 report(backend, Outcome::Failure);
                 tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
@@ -293,8 +294,9 @@ async fn send(
     conn: Conn,
     request: Request<RequestBody>,
     in_flight: crate::backend::InFlight,
+    read_timeout: std::time::Duration,
 ) -> Result<Response<UpstreamBody>, SendError> {
-    conn.send(request, in_flight).await
+    conn.send(request, in_flight, read_timeout).await
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are

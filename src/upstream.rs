@@ -13,6 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -208,6 +209,7 @@ impl Conn {
         mut self,
         request: http::Request<RequestBody>,
         in_flight: InFlight,
+        read_timeout: Duration,
     ) -> Result<http::Response<UpstreamBody>, SendError> {
         match self.sender.try_send_request(request).await {
             Ok(response) => {
@@ -217,6 +219,8 @@ impl Conn {
                     body,
                     release: Some((self.sender, self.pool, self.limits)),
                     _in_flight: in_flight,
+                    read_timeout,
+                    quiet_since: None,
                 };
                 if done {
                     upstream.release();
@@ -231,12 +235,22 @@ impl Conn {
     }
 }
 
-/// A backend's response body on its way to the client.
+/// A backend's response body on its way to the client. A backend that goes
+/// quiet mid-body for longer than the pool's `read_timeout` is cut off.
 pub struct UpstreamBody {
     body: Incoming,
     release: Option<(Sender, Arc<ConnPool>, PoolLimits)>,
     _in_flight: InFlight,
+    read_timeout: Duration,
+    /// Armed only while the backend keeps the client waiting, so a body that
+    /// is already at hand costs no timer.
+    quiet_since: Option<Pin<Box<tokio::time::Sleep>>>,
 }
+
+/// The backend sent nothing for longer than `read_timeout` mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("the backend sent nothing for {0:?} in the middle of a response body")]
+pub struct ReadTimeout(pub Duration);
 
 impl UpstreamBody {
     fn release(&mut self) {
@@ -248,17 +262,35 @@ impl UpstreamBody {
 
 impl Body for UpstreamBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.body).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
             Poll::Ready(Some(Err(_))) => self.release = None,
-            _ => {}
+            Poll::Ready(Some(Ok(_))) => {}
+            Poll::Pending => {
+                let timeout = self.read_timeout;
+                let quiet = self
+                    .quiet_since
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                if quiet.as_mut().poll(cx).is_ready() {
+                    // The connection is mid-response: it cannot be reused.
+                    self.release = None;
+                    self._in_flight
+                        .backend()
+                        .failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    tracing::warn!(timeout = ?timeout, "backend went quiet mid-body; response cut off");
+                    return Poll::Ready(Some(Err(Box::new(ReadTimeout(timeout)))));
+                }
+                return Poll::Pending;
+            }
         }
-        polled
+        self.quiet_since = None;
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {

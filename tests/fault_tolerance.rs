@@ -356,3 +356,39 @@ async fn an_unhealthy_backend_is_never_used_even_when_the_plugin_picks_it() {
         "each overruled choice is counted ({faults_before} -> {faults_after})"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stalls_mid_body_is_cut_off() {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let stalling = listener.local_addr().expect("addr");
+    let _backend = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
+                    .await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[pools.web]\nbackends = [\"{stalling}\"]\nread_timeout = \"300ms\"\n"
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let started = Instant::now();
+    let result = get(fulcrum.addr, "/").await;
+    assert!(result.is_err(), "a truncated body must not look complete: {result:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        fulcrum.wait_for_log("went quiet mid-body", Duration::from_secs(2)),
+        "{}",
+        fulcrum.log()
+    );
+}
