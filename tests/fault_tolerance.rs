@@ -392,3 +392,32 @@ async fn a_backend_that_stalls_mid_body_is_cut_off() {
         fulcrum.log()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_output_reaches_the_log_and_printing_on_the_request_path_costs_no_request() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[plugins]\ndir = \"plugins.d\"\n\
+         [pools.web]\npolicy = \"chatty\"\npolicy_config = {{ mode = \"chatty\" }}\nbackends = {}\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&text, &[("chatty.wasm", &wasm("misbehave.wasm"))]);
+    for _ in 0..12 {
+        assert_eq!(get(fulcrum.addr, "/").await.expect("answered").status, 200);
+    }
+    let log = fulcrum.log();
+    let init_line = log
+        .lines()
+        .find(|l| l.contains("hello from init"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        init_line.contains("chatty") && init_line.contains("stdout"),
+        "{init_line}"
+    );
+    assert!(
+        log.lines()
+            .any(|l| l.contains("complaint from init") && l.contains("stderr")),
+        "{log}"
+    );
+    assert!(log.contains("did it write to stdout or stderr"), "{log}");
+}

@@ -65,11 +65,19 @@ impl StoreState {
     pub fn new(plugin_name: Arc<str>, memory_limit: usize, tickets: Tickets) -> StoreState {
         StoreState {
             // No preopened directories, no environment, no arguments, no network
-            // (sockets deny every address by default), stdin closed, output discarded.
+            // (sockets deny every address by default), stdin closed, output to the log.
             wasi: WasiCtx::builder()
                 .allow_ip_name_lookup(false)
                 .allow_tcp(false)
                 .allow_udp(false)
+                .stdout(PluginOutput {
+                    plugin: plugin_name.clone(),
+                    stream: "stdout",
+                })
+                .stderr(PluginOutput {
+                    plugin: plugin_name.clone(),
+                    stream: "stderr",
+                })
                 .build(),
             table: ResourceTable::new(),
             limits: StoreLimitsBuilder::new()
@@ -84,6 +92,84 @@ impl StoreState {
             tickets,
             plugin_name,
         }
+    }
+}
+
+/// A plugin's stdout or stderr, written to the log a line at a time.
+///
+/// wasmtime-wasi runs a guest's blocking writes through `Handle::block_on`,
+/// which cannot run inside the request path's runtime: there a write faults
+/// (the host catches it and serves by the fallback). During `init` and checks,
+/// which run off the runtime, output reaches the log.
+#[derive(Clone)]
+struct PluginOutput {
+    plugin: Arc<str>,
+    stream: &'static str,
+}
+
+impl wasmtime_wasi::cli::IsTerminal for PluginOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl wasmtime_wasi::cli::StdoutStream for PluginOutput {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(LineLogger {
+            output: self.clone(),
+            line: Vec::new(),
+        })
+    }
+}
+
+struct LineLogger {
+    output: PluginOutput,
+    line: Vec<u8>,
+}
+
+impl LineLogger {
+    /// Longest line kept before it is logged anyway.
+    const MAX_LINE: usize = 4096;
+
+    fn emit(&mut self) {
+        if !self.line.is_empty() {
+            let text = String::from_utf8_lossy(&self.line);
+            tracing::info!(plugin = %self.output.plugin, stream = self.output.stream, "{}", text.trim_end());
+            self.line.clear();
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for LineLogger {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        bytes: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        for &byte in bytes {
+            if byte == b'\n' || self.line.len() >= Self::MAX_LINE {
+                self.emit();
+            }
+            if byte != b'\n' {
+                self.line.push(byte);
+            }
+        }
+        std::task::Poll::Ready(Ok(bytes.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        self.emit();
+        std::task::Poll::Ready(Ok(()))
     }
 }
 

@@ -27,6 +27,10 @@ use wasmtime::Store;
 
 pub use host::CurrentRequest as RequestSlot;
 
+/// Why a call ended in a caught panic of the host. The known cause: WASI's
+/// blocking output cannot run on the request path (see `host::PluginOutput`).
+const HOST_PANIC: &str = "the host panicked while serving the plugin (did it write to stdout or stderr? use host.log)";
+
 /// Consecutive faults after which a plugin version serves only by fallback.
 pub const QUARANTINE_AFTER: u32 = 10;
 
@@ -327,9 +331,13 @@ impl Policy {
                         live.swap_remove(i);
                     }
                     live.retain(|(_, l)| l.policy_alive.strong_count() > 0);
-                    let (store, instance) = plugin
-                        .start(&self.config, &self.limits, self.tickets.clone())
-                        .map_err(|e| e.to_string())?;
+                    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        plugin.start(&self.config, &self.limits, self.tickets.clone())
+                    }));
+                    let (store, instance) = match started {
+                        Ok(started) => started.map_err(|e| e.to_string())?,
+                        Err(_) => return Err(HOST_PANIC.into()),
+                    };
                     let entry = LiveInstance {
                         plugin: plugin.clone(),
                         store,
@@ -354,7 +362,7 @@ impl Policy {
                 }
                 Err(_) => {
                     live.swap_remove(index);
-                    Err("the host panicked while serving the plugin (did it write to stdout or stderr?)".into())
+                    Err(HOST_PANIC.into())
                 }
             }
         })

@@ -3,7 +3,8 @@
 //! `"loop"` spins forever, `"trap"` traps, `"grow"` allocates without bound,
 //! `"bad-id"` names a backend that does not exist, `"zero"` always names
 //! backend 0 whatever its health, `"none"` declines.
-//! `"refuse"` fails `init`.
+//! `"refuse"` fails `init`. `"chatty"` prints from `init` and from `select`
+//! (then picks the first healthy backend).
 // Only a Wasm component: there is nothing to build or test on the host.
 #![cfg(target_arch = "wasm32")]
 
@@ -29,6 +30,10 @@ impl Guest for Misbehave {
             .to_string();
         if mode == "refuse" {
             return Err("this plugin was told to refuse its config".into());
+        }
+        if mode == "chatty" {
+            println!("hello from init");
+            eprintln!("complaint from init");
         }
         MODE.with(|m| *m.borrow_mut() = mode);
         Ok(())
@@ -57,6 +62,10 @@ impl Guest for Misbehave {
             }
             "bad-id" => Some(9_999),
             "zero" => Some(0),
+            "chatty" => {
+                println!("hello from select");
+                HEALTHY.with(|h| h.borrow().first().copied())
+            }
             "none" => None,
             "last" => HEALTHY.with(|h| h.borrow().last().copied()),
             _ => HEALTHY.with(|h| h.borrow().first().copied()),
