@@ -136,3 +136,12 @@ fn run_exits_non_zero_on_a_bad_config() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("pools.web.policy"), "{stderr}");
 }
+
+#[test]
+fn missing_plugin_directory() {
+    assert_refused(
+        &GOOD.replace("[pools.web]", "[plugins]\ndir = \"no-such-dir\"\n[pools.web]"),
+        "plugins.dir",
+        "cannot read the plugin directory",
+    );
+}

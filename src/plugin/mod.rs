@@ -45,6 +45,8 @@ pub enum PluginError {
     Instantiate { name: String, reason: String },
     #[error("plugin `{name}` refused its config: {reason}")]
     Init { name: String, reason: String },
+    #[error("cannot read the plugin directory {dir}: {reason}")]
+    Directory { dir: String, reason: String },
 }
 
 /// Where a plugin version came from.

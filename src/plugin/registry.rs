@@ -71,9 +71,9 @@ impl Registry {
         let entries = match std::fs::read_dir(dir) {
             Ok(entries) => entries,
             Err(e) => {
-                let error = PluginError::Compile {
-                    name: dir.display().to_string(),
-                    reason: format!("cannot read the plugin directory: {e}"),
+                let error = PluginError::Directory {
+                    dir: dir.display().to_string(),
+                    reason: e.to_string(),
                 };
                 return vec![(dir.to_path_buf(), error)];
             }
