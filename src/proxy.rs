@@ -4,7 +4,7 @@
 use crate::app::{App, Pool};
 use crate::health::{self, Outcome};
 use crate::plugin::RequestSlot;
-use crate::upstream::{BoxError, Conn, RequestBody, SendError, UpstreamBody};
+use crate::upstream::{BoxError, RequestBody, SendError, UpstreamBody};
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
@@ -226,7 +226,7 @@ async fn forward(pool: &Pool, client: SocketAddr, parts: http::request::Parts, b
         let replay_head = (may_replay && body.is_replayable()).then(|| parts.clone());
         let request = Request::from_parts(parts, request_body);
 
-        let sent = send(conn, request, in_flight, pool.config.read_timeout);
+        let sent = conn.send(request, in_flight, pool.config.read_timeout);
         match tokio::time::timeout(pool.config.response_timeout, sent).await {
             Err(_) => {
                 report(backend, Outcome::Failure);
@@ -289,15 +289,6 @@ async fn forward(pool: &Pool, client: SocketAddr, parts: http::request::Parts, b
 
 /// Stale pooled connections tolerated per request before a backend counts as failing.
 const MAX_STALE_RETRIES: u32 = 3;
-
-async fn send(
-    conn: Conn,
-    request: Request<RequestBody>,
-    in_flight: crate::backend::InFlight,
-    read_timeout: std::time::Duration,
-) -> Result<Response<UpstreamBody>, SendError> {
-    conn.send(request, in_flight, read_timeout).await
-}
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are
 /// never forwarded.
