@@ -222,8 +222,8 @@ async fn forward(pool: &Pool, client: SocketAddr, parts: http::request::Parts, b
                 "the request body was already sent and cannot be sent again",
             );
         };
-        // Only a request that can be sent again keeps a copy of its head.
-        let replay_head = (may_replay && body.is_replayable()).then(|| parts.clone());
+        // Only a request that can and may be sent again keeps a copy of its head.
+        let replay_head = (may_replay && !out_of_tries && body.is_replayable()).then(|| parts.clone());
         let request = Request::from_parts(parts, request_body);
 
         let sent = conn.send(request, in_flight, pool.config.read_timeout);
