@@ -32,14 +32,9 @@ pub struct DemoStats {
 type DemoBody = BoxBody<Bytes, Infallible>;
 
 /// Serves requests on `listener` as backend `name`, each answer held back by
-/// `delay`, until the task is dropped.
-pub async fn serve(listener: TcpListener, name: String, stats: Arc<DemoStats>, delay: Duration) {
-    serve_until(listener, name, stats, delay, tokio::sync::watch::channel(false).1).await
-}
-
-/// Like [`serve`], until `killed` turns true: then the listener closes and
-/// every open connection is dropped mid-flight, as when a process dies.
-pub async fn serve_until(
+/// `delay`, until `killed` turns true: then the listener closes and every open
+/// connection is dropped mid-flight, as when a process dies.
+pub async fn serve(
     listener: TcpListener,
     name: String,
     stats: Arc<DemoStats>,
@@ -168,7 +163,7 @@ impl DemoBackend {
     pub async fn restart(&self) -> std::io::Result<DemoBackend> {
         let listener = TcpListener::bind(self.addr).await?;
         let (kill, killed) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve_until(
+        tokio::spawn(serve(
             listener,
             self.name.clone(),
             self.stats.clone(),
@@ -193,7 +188,7 @@ pub async fn start(ports: &[u16], delays: &[Duration]) -> std::io::Result<Vec<De
         let name = format!("backend-{}", i + 1);
         let delay = delays.get(i).copied().unwrap_or_default();
         let (kill, killed) = tokio::sync::watch::channel(false);
-        tokio::spawn(serve_until(listener, name.clone(), stats.clone(), delay, killed));
+        tokio::spawn(serve(listener, name.clone(), stats.clone(), delay, killed));
         started.push(DemoBackend {
             addr,
             name,

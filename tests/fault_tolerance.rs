@@ -60,28 +60,23 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
 }
 
 /// A backend that accepts connections and reads, but never answers.
-async fn hanging_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 4096];
-                while let Ok(n) = stream.read(&mut buffer).await {
-                    if n == 0 {
-                        break;
-                    }
-                }
-            });
+async fn hanging_backend() -> RawBackend {
+    RawBackend::start(|mut stream| async move {
+        let mut buffer = [0u8; 4096];
+        while let Ok(n) = stream.read(&mut buffer).await {
+            if n == 0 {
+                break;
+            }
         }
-    });
-    (addr, task)
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hanging_backend_gives_504_in_time_and_is_ejected() {
     let good = start_backends(&[0], &[]).await.expect("backend");
-    let (hang, _task) = hanging_backend().await;
+    let hanging = hanging_backend().await;
+    let hang = hanging.addr;
     let text = format!(
         "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
          [pools.web]\nbackends = [\"{hang}\", \"{}\"]\nresponse_timeout = \"300ms\"\n\
@@ -115,29 +110,24 @@ async fn a_hanging_backend_gives_504_in_time_and_is_ejected() {
 
 /// A backend that reads the first piece of a request (its head and perhaps
 /// some body), then resets the connection.
-async fn resetting_backend() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let addr = listener.local_addr().expect("addr");
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = vec![0u8; 16 << 10];
-                let _ = stream.read(&mut buffer).await;
-                // SO_LINGER 0 turns the close into a reset; on a socket with
-                // nothing left to send, the close does not block.
-                #[allow(deprecated)]
-                let _ = stream.set_linger(Some(Duration::ZERO));
-                drop(stream);
-            });
-        }
-    });
-    (addr, task)
+async fn resetting_backend() -> RawBackend {
+    RawBackend::start(|mut stream| async move {
+        let mut buffer = vec![0u8; 16 << 10];
+        let _ = stream.read(&mut buffer).await;
+        // SO_LINGER 0 turns the close into a reset; on a socket with
+        // nothing left to send, the close does not block.
+        #[allow(deprecated)]
+        let _ = stream.set_linger(Some(Duration::ZERO));
+        drop(stream);
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_post_cut_off_mid_body_gets_502_and_is_not_sent_twice() {
     let witness = start_backends(&[0], &[]).await.expect("backend");
-    let (resetter, _task) = resetting_backend().await;
+    let resetting = resetting_backend().await;
+    let resetter = resetting.addr;
     let text = format!(
         "[server]\nlisten = \"{{listen}}\"\n[plugins]\ndir = \"plugins.d\"\n\
          [pools.web]\npolicy = \"first\"\npolicy_config = {{ mode = \"first\" }}\n\
@@ -360,20 +350,16 @@ async fn an_unhealthy_backend_is_never_used_even_when_the_plugin_picks_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_that_stalls_mid_body_is_cut_off() {
     use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let stalling = listener.local_addr().expect("addr");
-    let _backend = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut buffer = [0u8; 4096];
-                let _ = stream.read(&mut buffer).await;
-                let _ = stream
-                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
-                    .await;
-                tokio::time::sleep(Duration::from_secs(30)).await;
-            });
-        }
-    });
+    let backend = RawBackend::start(|mut stream| async move {
+        let mut buffer = [0u8; 4096];
+        let _ = stream.read(&mut buffer).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nonly ten..")
+            .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let stalling = backend.addr;
     let text = format!(
         "[server]\nlisten = \"{{listen}}\"\n[pools.web]\nbackends = [\"{stalling}\"]\nread_timeout = \"300ms\"\n"
     );

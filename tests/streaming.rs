@@ -7,7 +7,6 @@ use bytes::Bytes;
 use common::*;
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -46,11 +45,7 @@ async fn hundred_mib_up_and_down_with_flat_memory() {
 
     // Download: the backend streams 100 MiB.
     let downloaded = tokio::time::timeout(Duration::from_secs(60), async {
-        let stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
+        let mut sender = http1_sender(fulcrum.addr).await.expect("connect");
         let request = http::Request::get(format!("/bytes/{SIZE}"))
             .header("host", "test.local")
             .body(http_body_util::Empty::<Bytes>::new())
@@ -70,11 +65,7 @@ async fn hundred_mib_up_and_down_with_flat_memory() {
 
     // Upload: the client streams 100 MiB; the backend answers the count.
     let uploaded = tokio::time::timeout(Duration::from_secs(60), async {
-        let stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .expect("handshake");
-        tokio::spawn(connection);
+        let mut sender = http1_sender(fulcrum.addr).await.expect("connect");
         let chunk = Bytes::from(vec![b'u'; CHUNK]);
         let frames =
             (0..SIZE / CHUNK as u64).map(move |_| Ok::<_, std::convert::Infallible>(Frame::data(chunk.clone())));

@@ -89,8 +89,7 @@ impl Plugin {
             name: name.into(),
             reason: one_line(&e),
         })?;
-        use sha2::Digest;
-        let digest = sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect();
+        let digest = digest(bytes);
         Ok(Arc::new(Plugin {
             name: name.into(),
             source,
@@ -158,6 +157,12 @@ impl Plugin {
             self.consecutive_faults.store(0, Ordering::Relaxed);
         }
     }
+}
+
+/// Hex SHA-256 of a component's bytes: a plugin version's identity.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn one_line(e: &impl std::fmt::Debug) -> String {

@@ -59,13 +59,6 @@ impl Registry {
         slots.get(name).cloned()
     }
 
-    pub fn names(&self) -> Vec<String> {
-        let slots = self.slots.read().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut names: Vec<String> = slots.keys().cloned().collect();
-        names.sort();
-        names
-    }
-
     /// Loads every `NAME.wasm` in `dir`. Returns the files refused, with why.
     pub fn load_dir(&self, dir: &Path, validate: &Validator) -> Vec<(PathBuf, PluginError)> {
         let entries = match std::fs::read_dir(dir) {
@@ -112,15 +105,11 @@ impl Registry {
             reason: format!("cannot read {}: {e}", path.display()),
         })?;
         let existing = self.slot(name);
-        if let Some(slot) = &existing {
-            use sha2::Digest;
-            let digest: String = sha2::Sha256::digest(&bytes)
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect();
-            if slot.current().digest == digest {
-                return Ok(false);
-            }
+        if existing
+            .as_ref()
+            .is_some_and(|slot| slot.current().digest == super::digest(&bytes))
+        {
+            return Ok(false);
         }
         let plugin = Plugin::load(name, &bytes, PluginSource::File(path.to_path_buf()))?;
         validate(name, &plugin)?;

@@ -240,6 +240,54 @@ pub async fn send(addr: SocketAddr, request: http::Request<Full<Bytes>>) -> Resu
     .map_err(|_| "timed out after 10 s".to_string())?
 }
 
+/// A fresh HTTP/1.1 client connection to `addr`, its driver spawned.
+pub async fn http1_sender<B>(addr: SocketAddr) -> Result<hyper::client::conn::http1::SendRequest<B>, String>
+where
+    B: http_body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stream = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    tokio::spawn(connection);
+    Ok(sender)
+}
+
+/// A bare TCP "backend" on 127.0.0.1 that runs `handle` on every connection it
+/// accepts, for behaviour no HTTP server would show (hanging, resetting,
+/// stalling). It stops when dropped.
+pub struct RawBackend {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawBackend {
+    pub async fn start<F, Fut>(handle: F) -> RawBackend
+    where
+        F: Fn(tokio::net::TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(handle(stream));
+            }
+        });
+        RawBackend { addr, task }
+    }
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// GET `path` on a fresh connection.
 pub async fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
     let request = http::Request::get(path)
