@@ -1,12 +1,14 @@
 //! The hot path without the network: one plugin decision per sample plugin at
 //! 3, 100 and 1,000 backends; a decision that reads a header, with few and many
-//! headers; and the host's own per-request work (route match, head rewrite).
+//! headers; and the host's own per-request work (route match, request-head parse and
+//! upstream encoding, response-head parse and rewrite).
 //!
 //! `cargo bench --bench plugin`; figures go to docs/BENCHMARKS.md.
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::backend::{Backend, BackendList, BackendState, InFlight};
 use fulcrum::config::RouteConfig;
+use fulcrum::http1::Framing;
 use fulcrum::plugin::registry::Registry;
 use fulcrum::plugin::{Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters, RequestSlot};
 use fulcrum::router::Router;
@@ -113,15 +115,42 @@ fn host_work(c: &mut Criterion) {
         b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42")))
     });
     let client = "192.0.2.7:51000".parse().expect("client");
-    group.bench_function("rewrite-head/10-headers", |b| {
-        b.iter_batched(
-            || request(10).parts.expect("parts"),
-            |mut parts| {
-                fulcrum::proxy::rewrite_request_head(&mut parts, client).expect("rewrites");
-                parts
-            },
-            criterion::BatchSize::SmallInput,
-        )
+    let parts = request(10).parts.expect("parts");
+    let mut head = Vec::with_capacity(1024);
+    group.bench_function("encode-upstream-head/10-headers", |b| {
+        b.iter(|| {
+            head.clear();
+            fulcrum::proxy::encode_request_head(&parts, client, Framing::Empty, "10.0.0.1:80", &mut head)
+                .expect("encodes");
+            black_box(head.len())
+        })
+    });
+    let raw = "GET /api/users/42?page=2 HTTP/1.1\r\nHost: shop.example\r\nUser-Agent: bench/1.0\r\n\
+               Accept: */*\r\nAccept-Encoding: gzip\r\nAccept-Language: en\r\nCookie: session=abc123\r\n\
+               X-Request-Id: 42\r\nX-Tenant: blue\r\nReferer: http://shop.example/\r\nCache-Control: no-cache\r\n\r\n";
+    group.bench_function("parse-request-head/10-headers", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(raw);
+            black_box(
+                fulcrum::http1::parse_request(&mut buf)
+                    .expect("valid")
+                    .expect("complete"),
+            )
+        })
+    });
+    let response = "HTTP/1.1 200 OK\r\nServer: nginx\r\nDate: Wed, 25 Nov 2026 04:00:00 GMT\r\n\
+                    Content-Type: text/plain\r\nContent-Length: 6\r\nConnection: keep-alive\r\n\r\n";
+    let mut out = Vec::with_capacity(1024);
+    group.bench_function("response-head/parse-and-write", |b| {
+        b.iter(|| {
+            let mut buf = bytes::BytesMut::from(response);
+            let head = fulcrum::http1::parse_response(&mut buf, false)
+                .expect("valid")
+                .expect("complete");
+            out.clear();
+            head.write_for_client(&mut out, false, false, false);
+            black_box(out.len())
+        })
     });
     group.finish();
 }

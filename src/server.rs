@@ -1,5 +1,6 @@
-//! Listening and connection handling: accepts clients, serves HTTP/1.1 and
-//! HTTP/2 on each connection, and stops gracefully.
+//! Listening: accepts clients, serves each connection as HTTP/1.1
+//! ([`crate::connection`]) or, when it opens with the HTTP/2 preface, as
+//! HTTP/2 through hyper; stops gracefully.
 //!
 //! In production Fulcrum runs one single-threaded runtime per worker thread,
 //! each with its own `SO_REUSEPORT` listener (the kernel spreads connections
@@ -8,16 +9,19 @@
 //! wake-ups and thread-local plugin instances and connection pools.
 
 use crate::app::App;
+use crate::connection::{self, Handoff, Shutdown};
 use crate::proxy;
+use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A socket bound to `addr` that shares its port with the other workers'.
@@ -86,19 +90,8 @@ pub fn spawn_workers(
 /// requests finish for up to the config's `shutdown_grace`. Returns whether
 /// every connection finished within the grace period.
 pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) -> bool {
-    let server = app.snapshot().config.server.clone();
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        .header_read_timeout(server.header_read_timeout)
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(server.client_idle_timeout / 2))
-        .keep_alive_timeout(server.client_idle_timeout / 2);
-    let graceful = GracefulShutdown::new();
+    let grace = app.snapshot().config.server.shutdown_grace;
+    let shutdown = Arc::new(Shutdown::default());
     tokio::pin!(stop);
 
     loop {
@@ -115,28 +108,96 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            // Boxed: hyper keeps room for the service's future for the whole life
-            // of a connection, so an unboxed multi-kilobyte future would cost that
-            // much memory on every idle keep-alive connection.
-            Box::pin(async move { Ok::<_, Infallible>(proxy::handle(&app, client, request).await) })
-                as std::pin::Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
-        });
-        // No upgrades: the proxy strips `Upgrade` (WebSocket passthrough belongs to the HTTP-edge work).
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection.into_owned());
+        let (app, shutdown) = (app.clone(), shutdown.clone());
+        let open = shutdown.open();
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%client, %error, "client connection ended with an error");
+            let _open = open;
+            if let Some(Handoff::Http2(stream, read)) = connection::serve(&app, stream, client, &shutdown).await {
+                // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
+                Box::pin(serve_http2(app, Rewind::new(read.freeze(), stream), client, shutdown)).await;
             }
         });
     }
 
     drop(listener);
-    tracing::info!(grace = ?server.shutdown_grace, "stopped accepting; finishing in-flight requests");
-    tokio::time::timeout(server.shutdown_grace, graceful.shutdown())
-        .await
-        .is_ok()
+    tracing::info!(grace = ?grace, "stopped accepting; finishing in-flight requests");
+    shutdown.begin();
+    tokio::time::timeout(grace, shutdown.drained()).await.is_ok()
+}
+
+/// Serves an HTTP/2 (prior knowledge) client through hyper.
+async fn serve_http2(app: Arc<App>, io: Rewind, client: SocketAddr, shutdown: Arc<Shutdown>) {
+    let idle = app.snapshot().config.server.client_idle_timeout;
+    let service = service_fn(move |request| {
+        let app = app.clone();
+        Box::pin(async move {
+            let snapshot = app.snapshot();
+            Ok::<_, Infallible>(proxy::handle(&snapshot, client, request).await)
+        }) as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
+    });
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle / 2))
+        .keep_alive_timeout(idle / 2)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.stopped() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%client, %error, "HTTP/2 client connection ended with an error");
+    }
+}
+
+/// A stream whose first bytes were already read: they are read again first.
+struct Rewind {
+    read: Bytes,
+    stream: TcpStream,
+}
+
+impl Rewind {
+    fn new(read: Bytes, stream: TcpStream) -> Self {
+        Rewind { read, stream }
+    }
+}
+
+impl AsyncRead for Rewind {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        if !self.read.is_empty() {
+            let n = self.read.len().min(buf.remaining());
+            buf.put_slice(&self.read.split_to(n));
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Rewind {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
 }

@@ -1,82 +1,34 @@
 //! Connections to backends: a pool of keep-alive HTTP/1.1 connections per
-//! backend, and the bodies that carry data through them.
+//! backend, one request/response exchange on a connection, and the response
+//! body read back from it.
 //!
-//! Connecting is a separate step from sending, so a request whose connection
-//! could not be made still has its body and can go to another backend. A
-//! connection returns to its pool only once its response body has been read to
-//! the end; one abandoned mid-body is closed instead.
+//! The exchange runs in the task of the client's request itself (no
+//! per-connection task, no channel between the two): the request head is one
+//! write, the response head one read, as nginx does it. Connecting is a step
+//! of its own, so a request whose connection could not be made still has its
+//! body and can go to another backend. A connection returns to its pool only
+//! once its response body has been read to the end; one abandoned mid-body is
+//! closed instead.
 
 use crate::backend::InFlight;
-use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::Full;
-use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::rt::TokioIo;
+use crate::http1::{self, BodyDecoder, BodyError, Decoded, Framing, HeadError, ResponseHead};
+use bytes::{Bytes, BytesMut};
 use std::future::Future;
+use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
-
-/// The body of a request sent to a backend: the client's, streamed, or bytes
-/// held by the balancer.
-pub enum RequestBody {
-    Stream(Incoming),
-    Bytes(Full<Bytes>),
-}
-
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.get_mut() {
-            RequestBody::Stream(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
-            RequestBody::Bytes(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            RequestBody::Stream(b) => b.is_end_stream(),
-            RequestBody::Bytes(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            RequestBody::Stream(b) => b.size_hint(),
-            RequestBody::Bytes(b) => b.size_hint(),
-        }
-    }
-}
-
-type Sender = http1::SendRequest<RequestBody>;
-
-/// Why no connection could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect to {0} timed out")]
-    Timeout(SocketAddr),
-    #[error("connect to {0} failed: {1}")]
-    Io(SocketAddr, std::io::Error),
-    #[error("HTTP handshake with {0} failed: {1}")]
-    Handshake(SocketAddr, hyper::Error),
-}
-
-struct IdleConn {
-    sender: Sender,
-    since: Instant,
-}
 
 /// Shards of a pool: one per worker thread (modulo), so a worker reuses the
 /// connections its own runtime drives and never contends for another's lock.
 const SHARDS: usize = 16;
+
+/// Bytes read from a backend at a time.
+const READ_CHUNK: usize = 16 * 1024;
 
 thread_local! {
     static WORKER_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
@@ -85,6 +37,20 @@ thread_local! {
 /// Tells the pools which shard this thread uses (worker threads call it once).
 pub fn set_worker_index(index: usize) {
     WORKER_INDEX.with(|w| w.set(index % SHARDS));
+}
+
+/// Why no connection could be had.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("connect to {0} timed out")]
+    Timeout(SocketAddr),
+    #[error("connect to {0} failed: {1}")]
+    Io(SocketAddr, std::io::Error),
+}
+
+struct IdleConn {
+    stream: TcpStream,
+    since: Instant,
 }
 
 /// Idle keep-alive connections to one backend.
@@ -129,175 +95,363 @@ impl ConnPool {
     ) -> Result<Conn, ConnectError> {
         loop {
             let idle = self.lock().pop();
-            let Some(mut idle) = idle else { break };
-            if idle.since.elapsed() > limits.idle_timeout || idle.sender.is_closed() {
+            let Some(idle) = idle else { break };
+            if idle.since.elapsed() > limits.idle_timeout || !is_quiet(&idle.stream) {
                 continue;
             }
-            // Ready at once unless the previous response's end is still being processed.
-            if idle.sender.ready().await.is_ok() {
-                return Ok(Conn {
-                    sender: idle.sender,
-                    pool: self.clone(),
-                    limits,
-                    reused: true,
-                });
-            }
+            return Ok(Conn {
+                stream: idle.stream,
+                pool: self.clone(),
+                limits,
+                reused: true,
+            });
         }
-        let sender = connect(addr, connect_timeout).await?;
+        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
+            Err(_) => return Err(ConnectError::Timeout(addr)),
+            Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
+            Ok(Ok(stream)) => stream,
+        };
+        let _ = stream.set_nodelay(true);
         Ok(Conn {
-            sender,
+            stream,
             pool: self.clone(),
             limits,
             reused: false,
         })
     }
 
-    fn put(&self, sender: Sender, limits: PoolLimits) {
-        if sender.is_closed() {
-            return;
-        }
+    fn put(&self, stream: TcpStream, limits: PoolLimits) {
         let mut idle = self.lock();
         if idle.len() < limits.max_idle {
             idle.push(IdleConn {
-                sender,
+                stream,
                 since: Instant::now(),
             });
         }
     }
 }
 
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<Sender, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ConnectError::Timeout(addr)),
-        Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
-        Ok(Ok(stream)) => stream,
-    };
-    let _ = stream.set_nodelay(true);
-    let (sender, connection) = http1::Builder::new()
-        .handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| ConnectError::Handshake(addr, e))?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(backend = %addr, error = %e, "upstream connection ended with an error");
+/// Whether an idle connection has nothing to say: a backend that closed it
+/// (or sent bytes nobody asked for) makes it readable. Uses the readiness the
+/// reactor already holds, so a quiet connection costs no system call.
+fn is_quiet(stream: &TcpStream) -> bool {
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    match stream.poll_read_ready(&mut cx) {
+        Poll::Pending => true,
+        Poll::Ready(Err(_)) => false,
+        // Readiness can be stale: only a read tells.
+        Poll::Ready(Ok(())) => {
+            matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
         }
-    });
-    Ok(sender)
+    }
+}
+
+/// Where a request's body comes from: the client's connection (HTTP/1 or
+/// HTTP/2), read a piece at a time.
+pub trait BodySource: Send {
+    /// The body's framing as the client declared it.
+    fn framing(&self) -> Framing;
+    /// The next piece of the body; `None` at its end.
+    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, ClientBodyError>> + Send;
+}
+
+/// The client's body could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientBodyError {
+    #[error("the client's body was malformed: {0}")]
+    Malformed(#[from] BodyError),
+    #[error("the client sent nothing for {0:?} in the middle of its body")]
+    Timeout(Duration),
+    #[error("reading the client's body failed: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("reading the client's body failed: {0}")]
+    Other(String),
+}
+
+/// What goes upstream as the request body.
+pub enum Outgoing<'a, B> {
+    /// Held in memory: can be sent again.
+    Held(&'a Bytes),
+    /// Streamed from the client: once.
+    Stream(&'a mut B),
+}
+
+/// How an exchange failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExchangeError {
+    /// The head could not be written: nothing reached the backend and the
+    /// body was not touched, so the request can go elsewhere.
+    #[error("request not sent: {0}")]
+    NotSent(std::io::Error),
+    /// A reused connection ended before any byte of a response: the backend
+    /// had closed it while it sat idle.
+    #[error("the pooled connection had been closed by the backend")]
+    Stale,
+    /// The request may have reached the backend.
+    #[error("{0}")]
+    Failed(String),
+    /// The client's body failed: not the backend's fault.
+    #[error(transparent)]
+    Client(ClientBodyError),
 }
 
 /// A connection checked out of a pool, ready for one request.
 pub struct Conn {
-    sender: Sender,
+    stream: TcpStream,
     pool: Arc<ConnPool>,
     limits: PoolLimits,
     /// Whether it served earlier requests (a stale keep-alive is retried at no cost).
     pub reused: bool,
 }
 
-/// Why a request did not get a response head.
-pub enum SendError {
-    /// Nothing was written: the request is handed back, safe to send elsewhere.
-    NotSent(http::Request<RequestBody>, hyper::Error),
-    /// The request may have reached the backend.
-    Failed(hyper::Error),
+impl Conn {
+    /// Sends the request (`head` already encoded for the backend, with its
+    /// framing) and reads the response head.
+    pub async fn exchange<B: BodySource>(
+        mut self,
+        head: &[u8],
+        body: Outgoing<'_, B>,
+        head_request: bool,
+    ) -> Result<(ResponseHead, ExchangedConn), ExchangeError> {
+        match body {
+            Outgoing::Held(bytes) => {
+                let mut slices = [IoSlice::new(head), IoSlice::new(bytes)];
+                write_all_vectored(&mut self.stream, &mut slices)
+                    .await
+                    .map_err(ExchangeError::NotSent)?;
+            }
+            Outgoing::Stream(source) => {
+                self.stream.write_all(head).await.map_err(ExchangeError::NotSent)?;
+                self.send_stream(source).await?;
+            }
+        }
+        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        loop {
+            let read = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut buf).await;
+            match read {
+                Ok(0) | Err(_) if buf.is_empty() && self.reused => return Err(ExchangeError::Stale),
+                Ok(0) => {
+                    return Err(ExchangeError::Failed(
+                        "the backend closed the connection before answering".into(),
+                    ));
+                }
+                Err(e) => return Err(ExchangeError::Failed(format!("reading the response failed: {e}"))),
+                Ok(_) => {}
+            }
+            loop {
+                match http1::parse_response(&mut buf, head_request) {
+                    Ok(None) => break,
+                    Ok(Some(head)) if head.status == http::StatusCode::SWITCHING_PROTOCOLS => {
+                        return Err(ExchangeError::Failed("the backend switched protocols unasked".into()));
+                    }
+                    // 1xx interim responses (100 Continue, 103 Early Hints) are not passed on.
+                    Ok(Some(head)) if head.status.is_informational() => continue,
+                    Ok(Some(head)) => return Ok((head, ExchangedConn { conn: self, buf })),
+                    Err(e) => return Err(ExchangeError::Failed(malformed(e))),
+                }
+            }
+            if buf.capacity() - buf.len() < 1024 {
+                buf.reserve(READ_CHUNK);
+            }
+        }
+    }
+
+    async fn send_stream<B: BodySource>(&mut self, source: &mut B) -> Result<(), ExchangeError> {
+        let chunked = source.framing() == Framing::Chunked;
+        let mut marker = Vec::with_capacity(24);
+        loop {
+            let chunk = source.next_chunk().await.map_err(ExchangeError::Client)?;
+            let written = match &chunk {
+                None if chunked => self.stream.write_all(http1::LAST_CHUNK).await,
+                None => Ok(()),
+                Some(data) if chunked => {
+                    marker.clear();
+                    http1::chunk_header(data.len(), &mut marker);
+                    let mut slices = [IoSlice::new(&marker), IoSlice::new(data), IoSlice::new(b"\r\n")];
+                    write_all_vectored(&mut self.stream, &mut slices).await
+                }
+                Some(data) => self.stream.write_all(data).await,
+            };
+            written.map_err(|e| ExchangeError::Failed(format!("sending the request body failed: {e}")))?;
+            if chunk.is_none() {
+                return Ok(());
+            }
+        }
+    }
 }
 
-impl Conn {
-    /// Sends `request`; on success the response body gives the connection back
-    /// to its pool when read to the end, and ends `in_flight` when dropped.
-    pub async fn send(
-        mut self,
-        request: http::Request<RequestBody>,
-        in_flight: InFlight,
-        read_timeout: Duration,
-    ) -> Result<http::Response<UpstreamBody>, SendError> {
-        match self.sender.try_send_request(request).await {
-            Ok(response) => {
-                let (parts, body) = response.into_parts();
-                let done = body.is_end_stream();
-                let mut upstream = UpstreamBody {
-                    body,
-                    release: Some((self.sender, self.pool, self.limits)),
-                    _in_flight: in_flight,
-                    read_timeout,
-                    quiet_since: None,
-                };
-                if done {
-                    upstream.release();
-                }
-                Ok(http::Response::from_parts(parts, upstream))
-            }
-            Err(mut e) => match e.take_message() {
-                Some(request) => Err(SendError::NotSent(request, e.into_error())),
-                None => Err(SendError::Failed(e.into_error())),
-            },
+fn malformed(error: HeadError) -> String {
+    format!("the backend's response was malformed: {error}")
+}
+
+/// Writes every byte of `slices`, in as few system calls as the socket allows.
+async fn write_all_vectored(stream: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+    while !slices.is_empty() {
+        let n = stream.write_vectored(slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
         }
+        IoSlice::advance_slices(&mut slices, n);
+    }
+    Ok(())
+}
+
+/// A connection whose response head has been read; the body is next.
+pub struct ExchangedConn {
+    conn: Conn,
+    buf: BytesMut,
+}
+
+impl ExchangedConn {
+    /// The response body, which gives the connection back to its pool when read
+    /// to the end and ends `in_flight` then (or when dropped).
+    pub fn into_body(self, head: &ResponseHead, in_flight: InFlight, read_timeout: Duration) -> ResponseBody {
+        let mut body = ResponseBody {
+            decoder: BodyDecoder::new(head.body),
+            reusable: head.reusable,
+            conn: Some(self),
+            in_flight: Some(in_flight),
+            read_timeout,
+            quiet: None,
+        };
+        if body.decoder.is_done() {
+            body.finish();
+        }
+        body
     }
 }
 
 /// A backend's response body on its way to the client. A backend that goes
 /// quiet mid-body for longer than the pool's `read_timeout` is cut off.
-pub struct UpstreamBody {
-    body: Incoming,
-    release: Option<(Sender, Arc<ConnPool>, PoolLimits)>,
-    _in_flight: InFlight,
+pub struct ResponseBody {
+    decoder: BodyDecoder,
+    reusable: bool,
+    conn: Option<ExchangedConn>,
+    in_flight: Option<InFlight>,
     read_timeout: Duration,
     /// Armed only while the backend keeps the client waiting, so a body that
     /// is already at hand costs no timer.
-    quiet_since: Option<Pin<Box<tokio::time::Sleep>>>,
+    quiet: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
-/// The backend sent nothing for longer than `read_timeout` mid-body.
+/// Why a response body could not be read to its end.
 #[derive(Debug, thiserror::Error)]
-#[error("the backend sent nothing for {0:?} in the middle of a response body")]
-pub struct ReadTimeout(pub Duration);
+pub enum ResponseBodyError {
+    #[error("the backend sent nothing for {0:?} in the middle of a response body")]
+    Timeout(Duration),
+    #[error("the backend's response body was malformed: {0}")]
+    Malformed(#[from] BodyError),
+    #[error("reading the response body failed: {0}")]
+    Io(#[from] std::io::Error),
+}
 
-impl UpstreamBody {
-    fn release(&mut self) {
-        if let Some((sender, pool, limits)) = self.release.take() {
-            pool.put(sender, limits);
+impl ResponseBody {
+    /// Whether the whole body has been read.
+    pub fn is_end(&self) -> bool {
+        self.decoder.is_done()
+    }
+
+    /// The next piece of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ResponseBodyError> {
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Result<Option<Bytes>, ResponseBodyError>> {
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(Ok(None));
+            };
+            match self.decoder.decode(&mut conn.buf) {
+                Err(e) => return Poll::Ready(Err(self.fail(e.into()))),
+                Ok(Decoded::Data(data)) => {
+                    if self.decoder.is_done() {
+                        self.finish();
+                    }
+                    return Poll::Ready(Ok(Some(data)));
+                }
+                Ok(Decoded::End) => {
+                    self.finish();
+                    return Poll::Ready(Ok(None));
+                }
+                Ok(Decoded::NeedMore) => {}
+            }
+            if conn.buf.capacity() - conn.buf.len() < 1024 {
+                conn.buf.reserve(READ_CHUNK);
+            }
+            let read = tokio_util::io::poll_read_buf(Pin::new(&mut conn.conn.stream), cx, &mut conn.buf);
+            match read {
+                Poll::Ready(Ok(0)) => {
+                    self.reusable = false;
+                    if let Err(e) = self.decoder.at_eof() {
+                        return Poll::Ready(Err(self.fail(e.into())));
+                    }
+                }
+                Poll::Ready(Ok(_)) => self.quiet = None,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(self.fail(e.into()))),
+                Poll::Pending => {
+                    let timeout = self.read_timeout;
+                    let quiet = self.quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+                    ready!(quiet.as_mut().poll(cx));
+                    if let Some(in_flight) = &self.in_flight {
+                        in_flight
+                            .backend()
+                            .failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    tracing::warn!(timeout = ?timeout, "backend went quiet mid-body; response cut off");
+                    return Poll::Ready(Err(self.fail(ResponseBodyError::Timeout(timeout))));
+                }
+            }
         }
+    }
+
+    /// The body has ended: the connection goes back to its pool if it can carry
+    /// another request, and the request stops counting as in flight.
+    fn finish(&mut self) {
+        self.quiet = None;
+        self.in_flight = None;
+        if let Some(conn) = self.conn.take()
+            && self.reusable
+            && conn.buf.is_empty()
+        {
+            let Conn {
+                stream, pool, limits, ..
+            } = conn.conn;
+            pool.put(stream, limits);
+        }
+    }
+
+    fn fail(&mut self, error: ResponseBodyError) -> ResponseBodyError {
+        // Closed, never reused: it is in the middle of a message.
+        self.conn = None;
+        self.in_flight = None;
+        self.quiet = None;
+        error
     }
 }
 
-impl Body for UpstreamBody {
+impl http_body::Body for ResponseBody {
     type Data = Bytes;
-    type Error = BoxError;
+    type Error = ResponseBodyError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        match &polled {
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Ok(_))) if self.body.is_end_stream() => self.release(),
-            Poll::Ready(Some(Err(_))) => self.release = None,
-            Poll::Ready(Some(Ok(_))) => {}
-            Poll::Pending => {
-                let timeout = self.read_timeout;
-                let quiet = self
-                    .quiet_since
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                if quiet.as_mut().poll(cx).is_ready() {
-                    // The connection is mid-response: it cannot be reused.
-                    self.release = None;
-                    self._in_flight
-                        .backend()
-                        .failures
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    tracing::warn!(timeout = ?timeout, "backend went quiet mid-body; response cut off");
-                    return Poll::Ready(Some(Err(Box::new(ReadTimeout(timeout)))));
-                }
-                return Poll::Pending;
-            }
-        }
-        self.quiet_since = None;
-        polled.map_err(Into::into)
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Bytes>, ResponseBodyError>>> {
+        self.get_mut()
+            .poll_chunk(cx)
+            .map(|chunk| chunk.transpose().map(|data| data.map(http_body::Frame::data)))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.decoder.is_done()
     }
 
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self.decoder {
+            BodyDecoder::Length(n) => http_body::SizeHint::with_exact(n),
+            BodyDecoder::Done => http_body::SizeHint::with_exact(0),
+            _ => http_body::SizeHint::default(),
+        }
     }
 }

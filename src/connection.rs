@@ -1,0 +1,351 @@
+//! One HTTP/1.1 client connection: reads each request head, hands the request
+//! to the proxy, writes the answer back, and keeps the connection for the
+//! next request when both sides allow it.
+//!
+//! Everything for one request happens in the connection's own task. An idle
+//! connection holds no buffer (it waits for readability, then reads), so ten
+//! thousand idle keep-alive clients cost little more than their sockets.
+
+use crate::app::App;
+use crate::http1::{self, BodyDecoder, Decoded, Framing, RequestHead};
+use crate::proxy::{self, Forwarded, LocalReply};
+use crate::upstream::{BodySource, ClientBodyError};
+use bytes::{Bytes, BytesMut};
+use http::{StatusCode, Version};
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::Notify;
+use tokio::time::{Instant, Sleep};
+
+/// The HTTP/2 connection preface (RFC 9113 3.4): a client that opens with it
+/// speaks HTTP/2 with prior knowledge.
+pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Bytes read from a client at a time.
+const READ_CHUNK: usize = 4 * 1024;
+/// Response bytes gathered before a write.
+const WRITE_BATCH: usize = 64 * 1024;
+
+/// A worker's stop signal and its count of open connections.
+#[derive(Default)]
+pub struct Shutdown {
+    stopping: AtomicBool,
+    stop: Notify,
+    open: AtomicUsize,
+    drained: Notify,
+}
+
+/// Counts one open connection while it lives.
+pub struct OpenConnection(Arc<Shutdown>);
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.is_stopping() {
+            self.0.drained.notify_waiters();
+        }
+    }
+}
+
+impl Shutdown {
+    pub fn open(self: &Arc<Self>) -> OpenConnection {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        OpenConnection(self.clone())
+    }
+
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(Ordering::Acquire)
+    }
+
+    /// Tells idle connections to close and busy ones to close after their request.
+    pub fn begin(&self) {
+        self.stopping.store(true, Ordering::Release);
+        self.stop.notify_waiters();
+    }
+
+    /// Resolves once the stop has begun.
+    pub async fn stopped(&self) {
+        let notified = self.stop.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        if self.is_stopping() {
+            return;
+        }
+        notified.await;
+    }
+
+    /// Resolves once every connection has closed.
+    pub async fn drained(&self) {
+        loop {
+            let notified = self.drained.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.open.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// How a connection ended, when it did not simply close.
+pub enum Handoff {
+    /// The client opened with the HTTP/2 preface: these bytes were read already.
+    Http2(TcpStream, BytesMut),
+}
+
+enum NextHead {
+    Head(Box<RequestHead>),
+    Http2,
+    /// Closed by the client, idle too long, or the worker is stopping.
+    Close,
+    /// Refused with this status.
+    Refuse(StatusCode, String),
+}
+
+/// Serves HTTP/1.1 requests on `stream` until either side closes it.
+pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, shutdown: &Shutdown) -> Option<Handoff> {
+    let mut buf = BytesMut::new();
+    let mut first = true;
+    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
+    loop {
+        let header_read_timeout = app.snapshot().config.server.header_read_timeout;
+        timer.as_mut().reset(Instant::now() + header_read_timeout);
+        match next_head(&mut stream, &mut buf, timer.as_mut(), shutdown, first).await {
+            NextHead::Head(head) => {
+                first = false;
+                let keep = Box::pin(serve_request(app, &mut stream, &mut buf, *head, client)).await;
+                if !keep || shutdown.is_stopping() {
+                    return None;
+                }
+                if buf.is_empty() {
+                    // Give the memory back while the connection waits.
+                    buf = BytesMut::new();
+                }
+            }
+            NextHead::Http2 => return Some(Handoff::Http2(stream, buf)),
+            NextHead::Close => return None,
+            NextHead::Refuse(status, message) => {
+                let mut out = Vec::with_capacity(256);
+                http1::local_response(status, &message, Some("close"), &mut out);
+                let _ = stream.write_all(&out).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Reads until a whole request head is in `buf`, within the timer's deadline.
+async fn next_head(
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    mut timer: Pin<&mut Sleep>,
+    shutdown: &Shutdown,
+    first: bool,
+) -> NextHead {
+    loop {
+        if !buf.is_empty() {
+            if first && buf[..buf.len().min(H2_PREFACE.len())] == H2_PREFACE[..buf.len().min(H2_PREFACE.len())] {
+                if buf.len() >= H2_PREFACE.len() {
+                    return NextHead::Http2;
+                }
+            } else {
+                match http1::parse_request(buf) {
+                    Ok(Some(head)) => return NextHead::Head(Box::new(head)),
+                    Ok(None) => {}
+                    Err(error) => return NextHead::Refuse(error.status(), error.to_string()),
+                }
+            }
+        } else {
+            // Idle: wait without a buffer.
+            tokio::select! {
+                biased;
+                ready = stream.readable() => {
+                    if ready.is_err() {
+                        return NextHead::Close;
+                    }
+                }
+                () = timer.as_mut() => return NextHead::Close,
+                () = shutdown.stopped() => return NextHead::Close,
+            }
+        }
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_CHUNK);
+        }
+        let read = tokio::select! {
+            biased;
+            read = stream.read_buf(buf) => read,
+            () = timer.as_mut() => {
+                return if buf.is_empty() {
+                    NextHead::Close
+                } else {
+                    NextHead::Refuse(StatusCode::REQUEST_TIMEOUT, "the request head took too long".into())
+                };
+            }
+        };
+        match read {
+            Ok(0) | Err(_) => return NextHead::Close,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Serves one request; returns whether the connection can carry another.
+async fn serve_request(
+    app: &Arc<App>,
+    stream: &mut TcpStream,
+    buf: &mut BytesMut,
+    head: RequestHead,
+    client: SocketAddr,
+) -> bool {
+    let snapshot = app.snapshot();
+    let RequestHead {
+        parts,
+        body: framing,
+        keep_alive,
+        expect_continue,
+    } = head;
+    let http10 = parts.version == Version::HTTP_10;
+    let Some(pool) = proxy::route(&snapshot, &parts) else {
+        let reply = LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request");
+        return write_local(stream, reply, keep_alive && framing == Framing::Empty, http10).await;
+    };
+    let mut source = ClientBody {
+        stream: &mut *stream,
+        buf: &mut *buf,
+        decoder: BodyDecoder::new(framing),
+        framing,
+        continue_due: expect_continue,
+        read_timeout: snapshot.config.server.client_idle_timeout,
+    };
+    let forwarded = proxy::forward(pool, client, parts, &mut source).await;
+    let body_read = source.decoder.is_done();
+    let keep = keep_alive && body_read;
+    match forwarded {
+        Err(reply) => write_local(stream, reply, keep, http10).await,
+        Ok(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
+    }
+}
+
+async fn write_local(stream: &mut TcpStream, reply: LocalReply, keep: bool, http10: bool) -> bool {
+    let mut out = Vec::with_capacity(256);
+    // An HTTP/1.0 client keeps the connection only when told so.
+    let connection = match (keep, http10) {
+        (false, _) => Some("close"),
+        (true, true) => Some("keep-alive"),
+        (true, false) => None,
+    };
+    http1::local_response(reply.status, &reply.message, connection, &mut out);
+    stream.write_all(&out).await.is_ok() && keep
+}
+
+/// Writes the backend's response: its head, then its body as it comes, in as
+/// few writes as it arrives in.
+async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: bool, http10: bool) -> bool {
+    let Forwarded { head, mut body } = forwarded;
+    let unframed = matches!(head.body, Framing::Chunked | Framing::UntilClose);
+    // A body without a length goes to an HTTP/1.1 client chunked; an HTTP/1.0
+    // client learns its end from the connection closing.
+    let chunked = unframed && !http10;
+    let close = !keep || (unframed && http10);
+    let mut out = Vec::with_capacity(512);
+    head.write_for_client(&mut out, chunked, close, http10 && !close);
+    loop {
+        // Take what is already at hand without waiting; write before waiting.
+        let polled = std::future::poll_fn(|cx| Poll::Ready(body.poll_chunk(cx))).await;
+        let next = match polled {
+            Poll::Ready(next) => next,
+            Poll::Pending => {
+                if !out.is_empty() && stream.write_all(&out).await.is_err() {
+                    return false;
+                }
+                out.clear();
+                body.chunk().await
+            }
+        };
+        match next {
+            Ok(Some(data)) => {
+                if chunked {
+                    http1::chunk_header(data.len(), &mut out);
+                }
+                if data.len() >= WRITE_BATCH / 4 {
+                    if stream.write_all(&out).await.is_err() || stream.write_all(&data).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                } else {
+                    out.extend_from_slice(&data);
+                }
+                if chunked {
+                    out.extend_from_slice(b"\r\n");
+                }
+                if out.len() >= WRITE_BATCH {
+                    if stream.write_all(&out).await.is_err() {
+                        return false;
+                    }
+                    out.clear();
+                }
+            }
+            Ok(None) => {
+                if chunked {
+                    out.extend_from_slice(http1::LAST_CHUNK);
+                }
+                return stream.write_all(&out).await.is_ok() && !close;
+            }
+            Err(error) => {
+                // Mid-body: the client can only learn of it by the connection closing
+                // (a chunked body then lacks its last chunk).
+                tracing::warn!(%error, "response body cut off");
+                let _ = stream.write_all(&out).await;
+                return false;
+            }
+        }
+    }
+}
+
+/// An HTTP/1.1 client's request body, read from its connection.
+struct ClientBody<'a> {
+    stream: &'a mut TcpStream,
+    buf: &'a mut BytesMut,
+    decoder: BodyDecoder,
+    framing: Framing,
+    /// `Expect: 100-continue` not answered yet.
+    continue_due: bool,
+    read_timeout: Duration,
+}
+
+impl BodySource for ClientBody<'_> {
+    fn framing(&self) -> Framing {
+        self.framing
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
+        if self.continue_due {
+            self.continue_due = false;
+            if self.buf.is_empty() {
+                self.stream.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await?;
+            }
+        }
+        loop {
+            match self.decoder.decode(self.buf)? {
+                Decoded::Data(data) => return Ok(Some(data)),
+                Decoded::End => return Ok(None),
+                Decoded::NeedMore => {}
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(16 * 1024);
+            }
+            match tokio::time::timeout(self.read_timeout, self.stream.read_buf(self.buf)).await {
+                Err(_) => return Err(ClientBodyError::Timeout(self.read_timeout)),
+                Ok(Ok(0)) => self.decoder.at_eof()?,
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => return Err(e.into()),
+            }
+        }
+    }
+}

@@ -1,0 +1,797 @@
+//! HTTP/1.1 framing (RFC 9112) for both sides of the proxy, without I/O:
+//! request and response heads parsed with httparse, bodies delimited by
+//! `Content-Length`, the chunked transfer coding or the connection's end, and
+//! the heads and chunk markers Fulcrum writes.
+//!
+//! Framing is where request smuggling lives, so the rules are strict: a
+//! request with both `Transfer-Encoding` and `Content-Length`, conflicting
+//! lengths, a transfer coding other than a lone `chunked`, or `chunked` in an
+//! HTTP/1.0 request is refused, never guessed at.
+
+use bytes::{Buf, Bytes, BytesMut};
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode, Uri, Version};
+use smallvec::SmallVec;
+use std::ops::Range;
+
+/// The largest head accepted from a client or a backend.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// The most header fields in one head.
+pub const MAX_HEADERS: usize = 100;
+/// The longest chunk-size or trailer line.
+const MAX_CHUNK_LINE: usize = 4 * 1024;
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    #[error("malformed message head: {0}")]
+    Malformed(&'static str),
+    #[error("message head larger than {MAX_HEAD} bytes")]
+    TooLarge,
+    #[error("more than {MAX_HEADERS} header fields")]
+    TooManyHeaders,
+    #[error("unsupported transfer coding (only `chunked` is accepted)")]
+    UnsupportedCoding,
+}
+
+impl HeadError {
+    /// The status a client gets for a request head refused this way.
+    pub fn status(self) -> StatusCode {
+        match self {
+            HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
+            HeadError::TooLarge | HeadError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+}
+
+/// Why a body could not be read to its end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum BodyError {
+    #[error("malformed chunked body: {0}")]
+    Chunked(&'static str),
+    #[error("the connection closed before the body ended")]
+    Truncated,
+}
+
+/// How a message's body is delimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body at all.
+    Empty,
+    /// Exactly this many bytes.
+    Length(u64),
+    /// The chunked transfer coding.
+    Chunked,
+    /// Everything until the connection closes (responses only).
+    UntilClose,
+}
+
+/// A client's request head, parsed and checked.
+#[derive(Debug)]
+pub struct RequestHead {
+    pub parts: http::request::Parts,
+    pub body: Framing,
+    /// Whether the client lets the connection carry another request.
+    pub keep_alive: bool,
+    /// `Expect: 100-continue` with a body to come.
+    pub expect_continue: bool,
+}
+
+/// Parses a request head at the start of `buf`. On success the head is taken
+/// out of `buf`, leaving whatever follows it (body or pipelined requests).
+/// `Ok(None)`: the head is not complete yet.
+pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut fields);
+    let head_len = match request.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(httparse::Error::Version) => return Err(HeadError::Malformed("unsupported HTTP version")),
+        Err(_) => return Err(HeadError::Malformed("not an HTTP/1 request")),
+    };
+    if head_len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let version = if request.version == Some(0) {
+        Version::HTTP_10
+    } else {
+        Version::HTTP_11
+    };
+    let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
+        .map_err(|_| HeadError::Malformed("invalid method"))?;
+    let whole: &[u8] = buf;
+    let target = range_in(whole, request.path.unwrap_or_default().as_bytes());
+    let mut values: SmallVec<[(HeaderName, Range<usize>); 16]> = SmallVec::new();
+    let mut lengths = LengthCheck::default();
+    let mut chunked = None;
+    let mut connection = ConnectionTokens::default();
+    let mut hosts = 0;
+    let mut expect_continue = false;
+    for field in request.headers.iter() {
+        let name =
+            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
+        if name == http::header::CONTENT_LENGTH {
+            lengths.add(field.value)?;
+        } else if name == http::header::TRANSFER_ENCODING {
+            chunked = Some(transfer_coding(chunked, field.value)?);
+        } else if name == http::header::CONNECTION {
+            connection.add(field.value);
+        } else if name == http::header::HOST {
+            hosts += 1;
+        } else if name == http::header::EXPECT {
+            expect_continue = field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        }
+        values.push((name, range_in(whole, field.value)));
+    }
+    let head = buf.split_to(head_len).freeze();
+    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let mut headers = HeaderMap::with_capacity(values.len());
+    for (name, value) in values {
+        let value = HeaderValue::from_maybe_shared(head.slice(value))
+            .map_err(|_| HeadError::Malformed("invalid header value"))?;
+        headers.append(name, value);
+    }
+    if version == Version::HTTP_11 && hosts != 1 {
+        return Err(HeadError::Malformed(
+            "an HTTP/1.1 request needs exactly one Host header",
+        ));
+    }
+    let body = match (chunked, lengths.value) {
+        (Some(_), Some(_)) => return Err(HeadError::Malformed("both Transfer-Encoding and Content-Length")),
+        (Some(_), None) if version == Version::HTTP_10 => {
+            return Err(HeadError::Malformed("Transfer-Encoding in an HTTP/1.0 request"));
+        }
+        (Some(true), None) => Framing::Chunked,
+        (Some(false), None) => return Err(HeadError::UnsupportedCoding),
+        (None, Some(0)) | (None, None) => Framing::Empty,
+        (None, Some(length)) => Framing::Length(length),
+    };
+    let keep_alive = if version == Version::HTTP_11 {
+        !connection.close
+    } else {
+        connection.keep_alive && !connection.close
+    };
+
+    let mut parts = http::Request::new(()).into_parts().0;
+    parts.method = method;
+    parts.uri = uri;
+    parts.version = version;
+    parts.headers = headers;
+    Ok(Some(RequestHead {
+        parts,
+        body,
+        keep_alive,
+        expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
+    }))
+}
+
+/// `Content-Length` values seen so far: they must all agree (RFC 9112 6.3).
+#[derive(Default)]
+struct LengthCheck {
+    value: Option<u64>,
+}
+
+impl LengthCheck {
+    fn add(&mut self, field: &[u8]) -> Result<(), HeadError> {
+        for item in field.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.is_empty() || item.len() > 19 || !item.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::Malformed("invalid Content-Length"));
+            }
+            let length = item.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+            match self.value {
+                Some(seen) if seen != length => return Err(HeadError::Malformed("conflicting Content-Length values")),
+                _ => self.value = Some(length),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Folds one `Transfer-Encoding` field into what was seen before: `true` when
+/// the codings so far are exactly `chunked`.
+fn transfer_coding(before: Option<bool>, field: &[u8]) -> Result<bool, HeadError> {
+    let mut chunked = before.unwrap_or(false);
+    let mut codings = before.is_some() as usize;
+    for item in field.split(|&b| b == b',') {
+        let item = item.trim_ascii();
+        if item.is_empty() {
+            continue;
+        }
+        if chunked {
+            // Anything after `chunked`, even a second `chunked`, cannot be framed.
+            return Err(HeadError::Malformed("a transfer coding after chunked"));
+        }
+        codings += 1;
+        chunked = item.eq_ignore_ascii_case(b"chunked");
+    }
+    Ok(chunked && codings == 1)
+}
+
+/// What a `Connection` header says, and which other headers it names.
+#[derive(Default)]
+struct ConnectionTokens {
+    close: bool,
+    keep_alive: bool,
+    /// Headers named by `Connection`: hop-by-hop for this message only.
+    named: SmallVec<[Range<usize>; 2]>,
+}
+
+impl ConnectionTokens {
+    fn add(&mut self, field: &[u8]) {
+        for item in field.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if item.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if item.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            }
+        }
+    }
+
+    /// Like `add`, and remembers the named headers as ranges of `head`.
+    fn add_in(&mut self, head: &[u8], field: &[u8]) {
+        self.add(field);
+        for item in field.split(|&b| b == b',') {
+            let item = item.trim_ascii();
+            if !item.is_empty() {
+                self.named.push(range_in(head, item));
+            }
+        }
+    }
+
+    fn names(&self, head: &[u8], name: &[u8]) -> bool {
+        self.named.iter().any(|r| head[r.clone()].eq_ignore_ascii_case(name))
+    }
+}
+
+/// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are
+/// never forwarded.
+pub const HOP_BY_HOP: [&str; 7] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+];
+
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    HOP_BY_HOP.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
+}
+
+/// Where `part` (a subslice of `whole`) sits in `whole`.
+fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
+    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// A backend's response head, kept as the bytes it arrived in.
+#[derive(Debug)]
+pub struct ResponseHead {
+    raw: Bytes,
+    pub status: StatusCode,
+    reason: Range<usize>,
+    /// (name, value) of each header field, as ranges of `raw`.
+    fields: SmallVec<[(Range<usize>, Range<usize>); 16]>,
+    connection_named: SmallVec<[Range<usize>; 2]>,
+    pub body: Framing,
+    /// Whether the backend connection may carry another request afterwards.
+    pub reusable: bool,
+}
+
+/// Parses a response head at the start of `buf`, taking it out of `buf` when
+/// complete. `head_request`: the request was HEAD, so no body follows.
+pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
+    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut fields);
+    let head_len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
+        Err(_) => return Err(HeadError::Malformed("not an HTTP/1 response")),
+    };
+    if head_len > MAX_HEAD {
+        return Err(HeadError::TooLarge);
+    }
+    let status = StatusCode::from_u16(response.code.unwrap_or_default())
+        .map_err(|_| HeadError::Malformed("invalid status code"))?;
+    let http10 = response.version == Some(0);
+    let whole: &[u8] = buf;
+    let reason = range_in(whole, response.reason.unwrap_or_default().as_bytes());
+    let mut lengths = LengthCheck::default();
+    let mut chunked = None;
+    let mut connection = ConnectionTokens::default();
+    let mut ranges = SmallVec::new();
+    for field in response.headers.iter() {
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths.add(field.value)?;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            // A backend's other codings are passed on by reading to the end.
+            chunked = Some(transfer_coding(chunked, field.value).unwrap_or(false));
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection.add_in(whole, field.value);
+        }
+        ranges.push((range_in(whole, name), range_in(whole, field.value)));
+    }
+    let no_body = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    let (body, framed) = match (chunked, lengths.value) {
+        _ if no_body => (Framing::Empty, true),
+        // Both present: chunked wins, and the connection cannot be trusted after (RFC 9112 6.3).
+        (Some(true), Some(_)) => (Framing::Chunked, false),
+        (Some(true), None) => (Framing::Chunked, true),
+        (Some(false), _) => (Framing::UntilClose, false),
+        (None, Some(0)) => (Framing::Empty, true),
+        (None, Some(length)) => (Framing::Length(length), true),
+        (None, None) => (Framing::UntilClose, false),
+    };
+    let reusable = framed && !connection.close && (!http10 || connection.keep_alive);
+    let raw = buf.split_to(head_len).freeze();
+    Ok(Some(ResponseHead {
+        raw,
+        status,
+        reason,
+        fields: ranges,
+        connection_named: connection.named,
+        body,
+        reusable,
+    }))
+}
+
+impl ResponseHead {
+    fn forwarded_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        let connection = ConnectionTokens {
+            named: self.connection_named.clone(),
+            ..ConnectionTokens::default()
+        };
+        self.fields.iter().filter_map(move |(name, value)| {
+            let name_bytes = &self.raw[name.clone()];
+            let skip = is_hop_by_hop(name_bytes) || connection.names(&self.raw, name_bytes);
+            (!skip).then(|| (name_bytes, &self.raw[value.clone()]))
+        })
+    }
+
+    /// Writes the head a HTTP/1.1 client gets: the backend's status and
+    /// end-to-end headers, then `framing` (a `Content-Length` from the backend
+    /// is kept as it is) and, if `close`, `Connection: close`.
+    pub fn write_for_client(&self, out: &mut Vec<u8>, chunked: bool, close: bool, keep_alive_10: bool) {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(itoa::Buffer::new().format(self.status.as_u16()).as_bytes());
+        out.push(b' ');
+        let reason = &self.raw[self.reason.clone()];
+        if reason.is_empty() {
+            out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
+        } else {
+            out.extend_from_slice(reason);
+        }
+        out.extend_from_slice(b"\r\n");
+        for (name, value) in self.forwarded_fields() {
+            if chunked && name.eq_ignore_ascii_case(b"content-length") {
+                continue;
+            }
+            out.extend_from_slice(name);
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        }
+        if chunked {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+        }
+        if close {
+            out.extend_from_slice(b"connection: close\r\n");
+        } else if keep_alive_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// The backend's end-to-end headers (for an HTTP/2 client).
+    pub fn header_map(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.fields.len());
+        for (name, value) in self.forwarded_fields() {
+            if name.eq_ignore_ascii_case(b"content-length") && self.body != Framing::Empty {
+                // HTTP/2 frames the body itself; a stale length would only confuse.
+                if !matches!(self.body, Framing::Length(_)) {
+                    continue;
+                }
+            }
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name),
+                HeaderValue::from_maybe_shared(self.raw.slice_ref(value)),
+            ) {
+                map.append(name, value);
+            }
+        }
+        map
+    }
+}
+
+/// Reads a body out of a buffer, a piece at a time, whatever its framing.
+#[derive(Debug)]
+pub enum BodyDecoder {
+    Length(u64),
+    Chunked(ChunkedDecoder),
+    UntilClose,
+    Done,
+}
+
+/// One step of [`BodyDecoder::decode`].
+#[derive(Debug, PartialEq, Eq)]
+pub enum Decoded {
+    Data(Bytes),
+    /// More input is needed.
+    NeedMore,
+    /// The body has ended; what is left in the buffer belongs to the next message.
+    End,
+}
+
+impl BodyDecoder {
+    pub fn new(framing: Framing) -> Self {
+        match framing {
+            Framing::Empty | Framing::Length(0) => BodyDecoder::Done,
+            Framing::Length(n) => BodyDecoder::Length(n),
+            Framing::Chunked => BodyDecoder::Chunked(ChunkedDecoder::default()),
+            Framing::UntilClose => BodyDecoder::UntilClose,
+        }
+    }
+
+    pub fn is_done(&self) -> bool {
+        matches!(self, BodyDecoder::Done)
+    }
+
+    /// Takes the next piece of body out of `buf`.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
+        match self {
+            BodyDecoder::Done => Ok(Decoded::End),
+            BodyDecoder::Length(remaining) => {
+                if buf.is_empty() {
+                    return Ok(Decoded::NeedMore);
+                }
+                let n = (*remaining).min(buf.len() as u64) as usize;
+                *remaining -= n as u64;
+                if *remaining == 0 {
+                    *self = BodyDecoder::Done;
+                }
+                Ok(Decoded::Data(buf.split_to(n).freeze()))
+            }
+            BodyDecoder::UntilClose => {
+                if buf.is_empty() {
+                    Ok(Decoded::NeedMore)
+                } else {
+                    Ok(Decoded::Data(buf.split().freeze()))
+                }
+            }
+            BodyDecoder::Chunked(chunked) => {
+                let decoded = chunked.decode(buf)?;
+                if decoded == Decoded::End {
+                    *self = BodyDecoder::Done;
+                }
+                Ok(decoded)
+            }
+        }
+    }
+
+    /// The connection ended: fine only for a body that runs until it does.
+    pub fn at_eof(&mut self) -> Result<(), BodyError> {
+        match self {
+            BodyDecoder::UntilClose | BodyDecoder::Done => {
+                *self = BodyDecoder::Done;
+                Ok(())
+            }
+            _ => Err(BodyError::Truncated),
+        }
+    }
+}
+
+/// The chunked transfer coding (RFC 9112 7.1), decoded incrementally.
+#[derive(Debug, Default)]
+pub struct ChunkedDecoder {
+    state: ChunkState,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+enum ChunkState {
+    #[default]
+    Size,
+    Data(u64),
+    DataEnd,
+    Trailers,
+}
+
+impl ChunkedDecoder {
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, BodyError> {
+        loop {
+            match self.state {
+                ChunkState::Size => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    let size = line.split(|&b| b == b';').next().unwrap_or_default().trim_ascii();
+                    if size.is_empty() || size.len() > 15 || !size.iter().all(u8::is_ascii_hexdigit) {
+                        return Err(BodyError::Chunked("invalid chunk size"));
+                    }
+                    let size = size.iter().fold(0u64, |n, &d| n * 16 + u64::from(hex_value(d)));
+                    self.state = if size == 0 {
+                        ChunkState::Trailers
+                    } else {
+                        ChunkState::Data(size)
+                    };
+                }
+                ChunkState::Data(remaining) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    let n = remaining.min(buf.len() as u64) as usize;
+                    self.state = if remaining == n as u64 {
+                        ChunkState::DataEnd
+                    } else {
+                        ChunkState::Data(remaining - n as u64)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(n).freeze()));
+                }
+                ChunkState::DataEnd => {
+                    if buf.len() < 2 {
+                        return Ok(Decoded::NeedMore);
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return Err(BodyError::Chunked("chunk data not followed by CRLF"));
+                    }
+                    buf.advance(2);
+                    self.state = ChunkState::Size;
+                }
+                ChunkState::Trailers => {
+                    let Some(line) = take_line(buf)? else {
+                        return Ok(Decoded::NeedMore);
+                    };
+                    // Trailer fields are dropped: they are rare and mostly hop-by-hop in practice.
+                    if line.is_empty() {
+                        return Ok(Decoded::End);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn hex_value(digit: u8) -> u8 {
+    match digit {
+        b'0'..=b'9' => digit - b'0',
+        b'a'..=b'f' => digit - b'a' + 10,
+        _ => digit - b'A' + 10,
+    }
+}
+
+/// Takes one CRLF-terminated line out of `buf` (without its CRLF).
+fn take_line(buf: &mut BytesMut) -> Result<Option<Bytes>, BodyError> {
+    match memchr::memchr(b'\n', buf) {
+        Some(end) => {
+            if end == 0 || buf[end - 1] != b'\r' {
+                return Err(BodyError::Chunked("line not ended by CRLF"));
+            }
+            let line = buf.split_to(end + 1).freeze();
+            Ok(Some(line.slice(..end - 1)))
+        }
+        None if buf.len() > MAX_CHUNK_LINE => Err(BodyError::Chunked("line too long")),
+        None => Ok(None),
+    }
+}
+
+/// Appends the line that opens a chunk of `len` bytes.
+pub fn chunk_header(len: usize, out: &mut Vec<u8>) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut digits = [0u8; 16];
+    let mut i = digits.len();
+    let mut n = len;
+    loop {
+        i -= 1;
+        digits[i] = HEX[n & 15];
+        n >>= 4;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// What ends a chunked body (no trailers).
+pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
+
+/// A complete response the balancer writes itself, with a plain-text body.
+/// `connection`: the `Connection` header to send, if any (`close`, `keep-alive`).
+pub fn local_response(status: StatusCode, message: &str, connection: Option<&str>, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status.as_u16()).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(message.len() + 1).as_bytes());
+    if let Some(connection) = connection {
+        out.extend_from_slice(b"\r\nconnection: ");
+        out.extend_from_slice(connection.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(message.as_bytes());
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
+        parse_request(&mut BytesMut::from(text))
+    }
+
+    #[test]
+    fn a_plain_request_is_parsed_and_leaves_what_follows() {
+        let mut buf = BytesMut::from("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nGET /next");
+        let head = parse_request(&mut buf).expect("valid").expect("complete");
+        assert_eq!(head.parts.method, Method::GET);
+        assert_eq!(head.parts.uri, "/a?b=1");
+        assert_eq!(head.parts.headers["x-a"], "1");
+        assert_eq!(head.body, Framing::Empty);
+        assert!(head.keep_alive);
+        assert_eq!(&buf[..], b"GET /next");
+    }
+
+    #[test]
+    fn partial_heads_wait_and_huge_ones_are_refused() {
+        assert!(request("GET / HTTP/1.1\r\nHost: x\r\n").expect("fine so far").is_none());
+        let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n", "a".repeat(MAX_HEAD));
+        assert_eq!(request(&huge).err(), Some(HeadError::TooLarge));
+    }
+
+    #[test]
+    fn framing_that_could_smuggle_is_refused() {
+        let refused = [
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5, 6\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        ];
+        for text in refused {
+            assert!(
+                matches!(request(text), Err(HeadError::Malformed(_))),
+                "{text:?} must be refused"
+            );
+        }
+        assert_eq!(
+            request("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n").err(),
+            Some(HeadError::UnsupportedCoding)
+        );
+        let same_twice = request("POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        assert_eq!(same_twice.expect("valid").expect("complete").body, Framing::Length(5));
+        let chunked = request("POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: Chunked\r\n\r\n");
+        assert_eq!(chunked.expect("valid").expect("complete").body, Framing::Chunked);
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection() {
+        let close = request("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(!close.expect("valid").expect("complete").keep_alive);
+        let old = request("GET / HTTP/1.0\r\n\r\n");
+        assert!(!old.expect("valid").expect("complete").keep_alive);
+        let old_kept = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
+        assert!(old_kept.expect("valid").expect("complete").keep_alive);
+    }
+
+    fn response(text: &str, head_request: bool) -> ResponseHead {
+        parse_response(&mut BytesMut::from(text), head_request)
+            .expect("valid")
+            .expect("complete")
+    }
+
+    #[test]
+    fn response_framing_follows_rfc_9112() {
+        assert_eq!(
+            response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", false).body,
+            Framing::Length(3)
+        );
+        assert_eq!(
+            response("HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n", true).body,
+            Framing::Empty
+        );
+        assert_eq!(response("HTTP/1.1 204 No Content\r\n\r\n", false).body, Framing::Empty);
+        let chunked = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false);
+        assert_eq!((chunked.body, chunked.reusable), (Framing::Chunked, true));
+        let unframed = response("HTTP/1.1 200 OK\r\n\r\n", false);
+        assert_eq!((unframed.body, unframed.reusable), (Framing::UntilClose, false));
+        let closing = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\n",
+            false,
+        );
+        assert!(!closing.reusable);
+        let old = response("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false);
+        assert!(!old.reusable);
+    }
+
+    #[test]
+    fn the_client_head_drops_hop_by_hop_headers() {
+        let head = response(
+            "HTTP/1.1 200 Fine\r\nConnection: x-private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\n\
+             Transfer-Encoding: chunked\r\nX-Kept: yes\r\n\r\n",
+            false,
+        );
+        let mut out = Vec::new();
+        head.write_for_client(&mut out, true, false, false);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "HTTP/1.1 200 Fine\r\nX-Kept: yes\r\ntransfer-encoding: chunked\r\n\r\n"
+        );
+        let map = head.header_map();
+        assert_eq!(map.len(), 1);
+        assert_eq!(map["x-kept"], "yes");
+    }
+
+    fn decode_all(decoder: &mut BodyDecoder, input: &[u8], step: usize) -> Result<Vec<u8>, BodyError> {
+        let mut buf = BytesMut::new();
+        let mut body = Vec::new();
+        for piece in input.chunks(step) {
+            buf.extend_from_slice(piece);
+            loop {
+                match decoder.decode(&mut buf)? {
+                    Decoded::Data(data) => body.extend_from_slice(&data),
+                    Decoded::NeedMore => break,
+                    Decoded::End => return Ok(body),
+                }
+            }
+        }
+        Err(BodyError::Truncated)
+    }
+
+    #[test]
+    fn chunked_bodies_decode_in_any_split() {
+        let input = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nX-Trailer: 1\r\n\r\n";
+        for step in 1..input.len() {
+            let mut decoder = BodyDecoder::new(Framing::Chunked);
+            assert_eq!(decode_all(&mut decoder, input, step).expect("valid"), b"hello world");
+            assert!(decoder.is_done());
+        }
+        for bad in [
+            &b"zz\r\n"[..],
+            b"5\r\nhelloXX",
+            b"5\nhello\r\n",
+            b"10000000000000000\r\n",
+        ] {
+            let mut decoder = BodyDecoder::new(Framing::Chunked);
+            assert!(decode_all(&mut decoder, bad, bad.len()).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn length_bodies_stop_at_their_length() {
+        let mut decoder = BodyDecoder::new(Framing::Length(5));
+        let mut buf = BytesMut::from("helloGET /");
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Ok(Decoded::Data(Bytes::from_static(b"hello")))
+        );
+        assert_eq!(decoder.decode(&mut buf), Ok(Decoded::End));
+        assert_eq!(&buf[..], b"GET /");
+        let mut short = BodyDecoder::new(Framing::Length(5));
+        assert_eq!(short.at_eof(), Err(BodyError::Truncated));
+    }
+
+    #[test]
+    fn chunk_headers_are_hex() {
+        let mut out = Vec::new();
+        chunk_header(0x1f40, &mut out);
+        chunk_header(0, &mut out);
+        assert_eq!(out, b"1f40\r\n0\r\n");
+    }
+}
