@@ -6,7 +6,8 @@
 //! connection holds no buffer (it waits for readability, then reads), so ten
 //! thousand idle keep-alive clients cost little more than their sockets.
 
-use crate::app::App;
+use crate::app::{App, Snapshot};
+use crate::buffers;
 use crate::http1::{self, BodyDecoder, Decoded, Framing, RequestHead};
 use crate::proxy::{self, Forwarded, LocalReply};
 use crate::upstream::{BodySource, ClientBodyError};
@@ -32,37 +33,41 @@ const READ_CHUNK: usize = 4 * 1024;
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// A worker's stop signal and its count of open connections.
+/// A worker's stop signal and its count of busy connections (those with a
+/// request in flight, and HTTP/2 connections). Idle HTTP/1.1 connections are
+/// not counted: they are simply dropped with the worker's runtime, so waiting
+/// for a request costs them no registration with the stop signal.
 #[derive(Default)]
 pub struct Shutdown {
     stopping: AtomicBool,
     stop: Notify,
-    open: AtomicUsize,
+    busy: AtomicUsize,
     drained: Notify,
 }
 
-/// Counts one open connection while it lives.
-pub struct OpenConnection(Arc<Shutdown>);
+/// Counts one busy connection while it lives.
+pub struct Busy<'a>(&'a Shutdown);
 
-impl Drop for OpenConnection {
+impl Drop for Busy<'_> {
     fn drop(&mut self) {
-        if self.0.open.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.is_stopping() {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 && self.0.is_stopping() {
             self.0.drained.notify_waiters();
         }
     }
 }
 
 impl Shutdown {
-    pub fn open(self: &Arc<Self>) -> OpenConnection {
-        self.open.fetch_add(1, Ordering::AcqRel);
-        OpenConnection(self.clone())
+    pub fn busy(&self) -> Busy<'_> {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self)
     }
 
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(Ordering::Acquire)
     }
 
-    /// Tells idle connections to close and busy ones to close after their request.
+    /// Tells HTTP/2 connections to wind down and busy HTTP/1.1 ones to close
+    /// after their request.
     pub fn begin(&self) {
         self.stopping.store(true, Ordering::Release);
         self.stop.notify_waiters();
@@ -79,13 +84,13 @@ impl Shutdown {
         notified.await;
     }
 
-    /// Resolves once every connection has closed.
+    /// Resolves once no connection is busy.
     pub async fn drained(&self) {
         loop {
             let notified = self.drained.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if self.open.load(Ordering::Acquire) == 0 {
+            if self.busy.load(Ordering::Acquire) == 0 {
                 return;
             }
             notified.await;
@@ -100,7 +105,7 @@ pub enum Handoff {
 }
 
 enum NextHead {
-    Head(Box<RequestHead>),
+    Head(RequestHead),
     Http2,
     /// Closed by the client, idle too long, or the worker is stopping.
     Close,
@@ -112,24 +117,42 @@ enum NextHead {
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, shutdown: &Shutdown) -> Option<Handoff> {
     let mut buf = BytesMut::new();
     let mut first = true;
+    // One timer per connection, moved on rather than re-created: first the
+    // deadline for a request head, then the backend's response deadline.
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
+    let mut header_read_timeout = app.snapshot().config.server.header_read_timeout;
     loop {
-        let header_read_timeout = app.snapshot().config.server.header_read_timeout;
         timer.as_mut().reset(Instant::now() + header_read_timeout);
-        match next_head(&mut stream, &mut buf, timer.as_mut(), shutdown, first).await {
+        match next_head(&mut stream, &mut buf, timer.as_mut(), first).await {
             NextHead::Head(head) => {
                 first = false;
-                let keep = Box::pin(serve_request(app, &mut stream, &mut buf, *head, client)).await;
+                let busy = shutdown.busy();
+                let snapshot = app.snapshot();
+                header_read_timeout = snapshot.config.server.header_read_timeout;
+                let keep = Box::pin(serve_request(
+                    &snapshot,
+                    &mut stream,
+                    &mut buf,
+                    head,
+                    client,
+                    timer.as_mut(),
+                ))
+                .await;
+                drop(busy);
                 if !keep || shutdown.is_stopping() {
+                    buffers::give(buf);
                     return None;
                 }
                 if buf.is_empty() {
-                    // Give the memory back while the connection waits.
-                    buf = BytesMut::new();
+                    // The connection holds no buffer while it waits.
+                    buffers::give(std::mem::take(&mut buf));
                 }
             }
             NextHead::Http2 => return Some(Handoff::Http2(stream, buf)),
-            NextHead::Close => return None,
+            NextHead::Close => {
+                buffers::give(buf);
+                return None;
+            }
             NextHead::Refuse(status, message) => {
                 let mut out = Vec::with_capacity(256);
                 http1::local_response(status, &message, Some("close"), &mut out);
@@ -141,13 +164,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, sh
 }
 
 /// Reads until a whole request head is in `buf`, within the timer's deadline.
-async fn next_head(
-    stream: &mut TcpStream,
-    buf: &mut BytesMut,
-    mut timer: Pin<&mut Sleep>,
-    shutdown: &Shutdown,
-    first: bool,
-) -> NextHead {
+async fn next_head(stream: &mut TcpStream, buf: &mut BytesMut, mut timer: Pin<&mut Sleep>, first: bool) -> NextHead {
     loop {
         if !buf.is_empty() {
             if first && buf[..buf.len().min(H2_PREFACE.len())] == H2_PREFACE[..buf.len().min(H2_PREFACE.len())] {
@@ -156,7 +173,7 @@ async fn next_head(
                 }
             } else {
                 match http1::parse_request(buf) {
-                    Ok(Some(head)) => return NextHead::Head(Box::new(head)),
+                    Ok(Some(head)) => return NextHead::Head(head),
                     Ok(None) => {}
                     Err(error) => return NextHead::Refuse(error.status(), error.to_string()),
                 }
@@ -171,10 +188,11 @@ async fn next_head(
                     }
                 }
                 () = timer.as_mut() => return NextHead::Close,
-                () = shutdown.stopped() => return NextHead::Close,
             }
         }
-        if buf.capacity() - buf.len() < 512 {
+        if buf.capacity() == 0 {
+            *buf = buffers::take();
+        } else if buf.capacity() - buf.len() < 512 {
             buf.reserve(READ_CHUNK);
         }
         let read = tokio::select! {
@@ -197,13 +215,13 @@ async fn next_head(
 
 /// Serves one request; returns whether the connection can carry another.
 async fn serve_request(
-    app: &Arc<App>,
+    snapshot: &Snapshot,
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     head: RequestHead,
     client: SocketAddr,
+    timer: Pin<&mut Sleep>,
 ) -> bool {
-    let snapshot = app.snapshot();
     let RequestHead {
         parts,
         body: framing,
@@ -211,7 +229,7 @@ async fn serve_request(
         expect_continue,
     } = head;
     let http10 = parts.version == Version::HTTP_10;
-    let Some(pool) = proxy::route(&snapshot, &parts) else {
+    let Some(pool) = proxy::route(snapshot, &parts) else {
         let reply = LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request");
         return write_local(stream, reply, keep_alive && framing == Framing::Empty, http10).await;
     };
@@ -223,7 +241,7 @@ async fn serve_request(
         continue_due: expect_continue,
         read_timeout: snapshot.config.server.client_idle_timeout,
     };
-    let forwarded = proxy::forward(pool, client, parts, &mut source).await;
+    let forwarded = proxy::forward(pool, client, parts, &mut source, timer).await;
     let body_read = source.decoder.is_done();
     let keep = keep_alive && body_read;
     match forwarded {
@@ -247,13 +265,17 @@ async fn write_local(stream: &mut TcpStream, reply: LocalReply, keep: bool, http
 /// Writes the backend's response: its head, then its body as it comes, in as
 /// few writes as it arrives in.
 async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: bool, http10: bool) -> bool {
-    let Forwarded { head, mut body } = forwarded;
+    let Forwarded {
+        head,
+        mut body,
+        scratch: mut out,
+    } = forwarded;
     let unframed = matches!(head.body, Framing::Chunked | Framing::UntilClose);
     // A body without a length goes to an HTTP/1.1 client chunked; an HTTP/1.0
     // client learns its end from the connection closing.
     let chunked = unframed && !http10;
     let close = !keep || (unframed && http10);
-    let mut out = Vec::with_capacity(512);
+    out.clear();
     head.write_for_client(&mut out, chunked, close, http10 && !close);
     loop {
         // Take what is already at hand without waiting; write before waiting.

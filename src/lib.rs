@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod app;
 pub mod backend;
+pub mod buffers;
 pub mod config;
 pub mod connection;
 pub mod demo;

@@ -41,6 +41,8 @@ impl LocalReply {
 pub struct Forwarded {
     pub head: ResponseHead,
     pub body: ResponseBody,
+    /// A buffer done with (the request head sent upstream), to write the response head into.
+    pub scratch: Vec<u8>,
 }
 
 /// The pool a request goes to, by its host and path.
@@ -102,6 +104,7 @@ pub async fn forward<B: BodySource>(
     client: SocketAddr,
     parts: http::request::Parts,
     source: &mut B,
+    mut timer: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Forwarded, LocalReply> {
     let mut body = prepare_body(&parts.method, source, pool.config.retry_buffer).await?;
     let may_replay = is_idempotent(&parts.method);
@@ -170,6 +173,7 @@ pub async fn forward<B: BodySource>(
                 BodyState::Held(bytes) if !bytes.is_empty() => Framing::Length(bytes.len() as u64),
                 _ => framing,
             };
+            head.reserve(1024);
             encode_request_head(parts, client, out_framing, &backend.address, &mut head)
                 .map_err(|message| LocalReply::new(StatusCode::BAD_REQUEST, message))?;
         }
@@ -186,8 +190,16 @@ pub async fn forward<B: BodySource>(
         };
 
         let exchanged = conn.exchange(&head, outgoing, head_request);
-        let error = match tokio::time::timeout(pool.config.response_timeout, exchanged).await {
-            Err(_) => {
+        timer
+            .as_mut()
+            .reset(tokio::time::Instant::now() + pool.config.response_timeout);
+        let exchanged = tokio::select! {
+            biased;
+            exchanged = exchanged => Ok(exchanged),
+            () = timer.as_mut() => Err(()),
+        };
+        let error = match exchanged {
+            Err(()) => {
                 report(backend, Outcome::Failure);
                 tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
                 return Err(LocalReply::new(
@@ -203,7 +215,11 @@ pub async fn forward<B: BodySource>(
                 };
                 report(backend, outcome);
                 let body = conn.into_body(&response, in_flight, pool.config.read_timeout);
-                return Ok(Forwarded { head: response, body });
+                return Ok(Forwarded {
+                    head: response,
+                    body,
+                    scratch: head,
+                });
             }
             Ok(Err(error)) => error,
         };
@@ -430,8 +446,10 @@ pub async fn handle(snapshot: &Snapshot, client: SocketAddr, request: Request<In
         return local_response(LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request"));
     };
     let mut source = IncomingSource(body);
-    match forward(pool, client, parts, &mut source).await {
-        Ok(Forwarded { head, body }) => {
+    let timer = tokio::time::sleep(pool.config.response_timeout);
+    tokio::pin!(timer);
+    match forward(pool, client, parts, &mut source, timer).await {
+        Ok(Forwarded { head, body, .. }) => {
             let mut response = Response::new(ProxyBody::Upstream(body));
             *response.status_mut() = head.status;
             *response.headers_mut() = head.header_map();

@@ -109,9 +109,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
         };
         let _ = stream.set_nodelay(true);
         let (app, shutdown) = (app.clone(), shutdown.clone());
-        let open = shutdown.open();
         tokio::spawn(async move {
-            let _open = open;
             if let Some(Handoff::Http2(stream, read)) = connection::serve(&app, stream, client, &shutdown).await {
                 // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
                 Box::pin(serve_http2(app, Rewind::new(read.freeze(), stream), client, shutdown)).await;
@@ -127,6 +125,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
 
 /// Serves an HTTP/2 (prior knowledge) client through hyper.
 async fn serve_http2(app: Arc<App>, io: Rewind, client: SocketAddr, shutdown: Arc<Shutdown>) {
+    let _busy = shutdown.busy();
     let idle = app.snapshot().config.server.client_idle_timeout;
     let service = service_fn(move |request| {
         let app = app.clone();

@@ -11,6 +11,7 @@
 //! closed instead.
 
 use crate::backend::InFlight;
+use crate::buffers;
 use crate::http1::{self, BodyDecoder, BodyError, Decoded, Framing, HeadError, ResponseHead};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -225,7 +226,7 @@ impl Conn {
                 self.send_stream(source).await?;
             }
         }
-        let mut buf = BytesMut::with_capacity(READ_CHUNK);
+        let mut buf = buffers::take();
         loop {
             let read = tokio::io::AsyncReadExt::read_buf(&mut self.stream, &mut buf).await;
             match read {
@@ -423,10 +424,20 @@ impl ResponseBody {
 
     fn fail(&mut self, error: ResponseBodyError) -> ResponseBodyError {
         // Closed, never reused: it is in the middle of a message.
-        self.conn = None;
+        if let Some(conn) = self.conn.take() {
+            buffers::give(conn.buf);
+        }
         self.in_flight = None;
         self.quiet = None;
         error
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            buffers::give(conn.buf);
+        }
     }
 }
 
