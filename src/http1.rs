@@ -104,7 +104,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         .map_err(|_| HeadError::Malformed("invalid method"))?;
     let whole: &[u8] = buf;
     let target = range_in(whole, request.path.unwrap_or_default().as_bytes());
-    let mut values: SmallVec<[(HeaderName, Range<usize>); 16]> = SmallVec::new();
+    let mut values: SmallVec<[(HeaderName, Span); 16]> = SmallVec::new();
     let mut lengths = LengthCheck::default();
     let mut chunked = None;
     let mut connection = ConnectionTokens::default();
@@ -127,10 +127,11 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         values.push((name, range_in(whole, field.value)));
     }
     let head = buf.split_to(head_len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target)).map_err(|_| HeadError::Malformed("invalid request target"))?;
+    let uri = Uri::from_maybe_shared(head.slice(target.range()))
+        .map_err(|_| HeadError::Malformed("invalid request target"))?;
     let mut headers = HeaderMap::with_capacity(values.len());
     for (name, value) in values {
-        let value = HeaderValue::from_maybe_shared(head.slice(value))
+        let value = HeaderValue::from_maybe_shared(head.slice(value.range()))
             .map_err(|_| HeadError::Malformed("invalid header value"))?;
         headers.append(name, value);
     }
@@ -217,7 +218,7 @@ struct ConnectionTokens {
     close: bool,
     keep_alive: bool,
     /// Headers named by `Connection`: hop-by-hop for this message only.
-    named: SmallVec<[Range<usize>; 2]>,
+    named: SmallVec<[Span; 2]>,
 }
 
 impl ConnectionTokens {
@@ -244,7 +245,7 @@ impl ConnectionTokens {
     }
 
     fn names(&self, head: &[u8], name: &[u8]) -> bool {
-        self.named.iter().any(|r| head[r.clone()].eq_ignore_ascii_case(name))
+        self.named.iter().any(|r| r.of(head).eq_ignore_ascii_case(name))
     }
 }
 
@@ -264,10 +265,31 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
-/// Where `part` (a subslice of `whole`) sits in `whole`.
-fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
+/// A stretch of a message head, by offsets (heads are small, so 32 bits do,
+/// and a response head's field table stays a few hundred bytes).
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    start: u32,
+    end: u32,
+}
+
+impl Span {
+    fn of(self, head: &[u8]) -> &[u8] {
+        &head[self.range()]
+    }
+
+    fn range(self) -> Range<usize> {
+        self.start as usize..self.end as usize
+    }
+}
+
+/// Where `part` (a subslice of `whole`, at most [`MAX_HEAD`] long) sits in `whole`.
+fn range_in(whole: &[u8], part: &[u8]) -> Span {
     let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    start..start + part.len()
+    Span {
+        start: start as u32,
+        end: (start + part.len()) as u32,
+    }
 }
 
 /// A backend's response head, kept as the bytes it arrived in.
@@ -275,10 +297,10 @@ fn range_in(whole: &[u8], part: &[u8]) -> Range<usize> {
 pub struct ResponseHead {
     raw: Bytes,
     pub status: StatusCode,
-    reason: Range<usize>,
+    reason: Span,
     /// (name, value) of each header field, as ranges of `raw`.
-    fields: SmallVec<[(Range<usize>, Range<usize>); 16]>,
-    connection_named: SmallVec<[Range<usize>; 2]>,
+    fields: SmallVec<[(Span, Span); 16]>,
+    connection_named: SmallVec<[Span; 2]>,
     pub body: Framing,
     /// Whether the backend connection may carry another request afterwards.
     pub reusable: bool,
@@ -354,9 +376,9 @@ impl ResponseHead {
             ..ConnectionTokens::default()
         };
         self.fields.iter().filter_map(move |(name, value)| {
-            let name_bytes = &self.raw[name.clone()];
+            let name_bytes = name.of(&self.raw);
             let skip = is_hop_by_hop(name_bytes) || connection.names(&self.raw, name_bytes);
-            (!skip).then(|| (name_bytes, &self.raw[value.clone()]))
+            (!skip).then(|| (name_bytes, value.of(&self.raw)))
         })
     }
 
@@ -367,7 +389,7 @@ impl ResponseHead {
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(itoa::Buffer::new().format(self.status.as_u16()).as_bytes());
         out.push(b' ');
-        let reason = &self.raw[self.reason.clone()];
+        let reason = self.reason.of(&self.raw);
         if reason.is_empty() {
             out.extend_from_slice(self.status.canonical_reason().unwrap_or("").as_bytes());
         } else {

@@ -107,12 +107,8 @@ impl ConnPool {
                 reused: true,
             });
         }
-        let stream = match tokio::time::timeout(connect_timeout, TcpStream::connect(addr)).await {
-            Err(_) => return Err(ConnectError::Timeout(addr)),
-            Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
-            Ok(Ok(stream)) => stream,
-        };
-        let _ = stream.set_nodelay(true);
+        // Boxed: the connect future is large, and most requests find a warm connection.
+        let stream = Box::pin(connect(addr, connect_timeout)).await?;
         Ok(Conn {
             stream,
             pool: self.clone(),
@@ -130,6 +126,16 @@ impl ConnPool {
             });
         }
     }
+}
+
+async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(ConnectError::Timeout(addr)),
+        Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
+        Ok(Ok(stream)) => stream,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }
 
 /// Whether an idle connection has nothing to say: a backend that closed it
@@ -215,6 +221,10 @@ impl Conn {
         head_request: bool,
     ) -> Result<(ResponseHead, ExchangedConn), ExchangeError> {
         match body {
+            // A plain send when there is no body: cheaper in the kernel than writev.
+            Outgoing::Held(bytes) if bytes.is_empty() => {
+                self.stream.write_all(head).await.map_err(ExchangeError::NotSent)?;
+            }
             Outgoing::Held(bytes) => {
                 let mut slices = [IoSlice::new(head), IoSlice::new(bytes)];
                 write_all_vectored(&mut self.stream, &mut slices)
