@@ -49,6 +49,11 @@ trap cleanup EXIT INT TERM
 
 B1=19101 B2=19102 B3=19103
 P_FULCRUM=18180 P_NGINX=18181 P_HAPROXY=18182
+for port in $B1 $B2 $B3 $P_FULCRUM $P_NGINX $P_HAPROXY; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use: stop whatever listens there first" >&2; exit 1
+  fi
+done
 
 # ---- backends: one nginx, one worker, three ports, a 6-byte body ----
 mkdir -p "$WORK/backends" "$WORK/nginx"
