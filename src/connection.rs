@@ -107,7 +107,7 @@ pub enum Handoff {
 enum NextHead {
     Head(RequestHead),
     Http2,
-    /// Closed by the client, idle too long, or the worker is stopping.
+    /// Closed by the client, or idle too long.
     Close,
     /// Refused with this status.
     Refuse(StatusCode, String),
