@@ -6,6 +6,7 @@
 #   SMOKE=1 benches/load.sh         # 1 s per row, to prove the script works
 #   DURATION=20 WORKERS=2 POLICY=round-robin benches/load.sh
 #   IDLE=10000 ...                  # idle keep-alive connections held for the memory row (0: skip)
+#   REPEAT=3 benches/load.sh        # each row 3 times, proxies interleaved; the table shows medians
 #
 # Installs nginx, haproxy and wrk with apt-get when missing. Every process it
 # starts is stopped on exit, however it exits. Prints one table per mode:
@@ -20,7 +21,8 @@ POLICY=${POLICY:-least-conn}      # least-conn or round-robin, applied to all th
 CONNS=${CONNS:-"16 256"}
 MODES=${MODES:-"pinned unpinned"}
 IDLE=${IDLE:-10000}
-if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; fi
+REPEAT=${REPEAT:-1}
+if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; REPEAT=1; fi
 
 need=()
 for tool in nginx haproxy wrk taskset; do command -v "$tool" >/dev/null || need+=("$tool"); done
@@ -182,11 +184,18 @@ measure() {  # $1 port, $2 pid, $3 conns, $4 client taskset prefix
   echo "$rps $(to_ms "$p50") $(to_ms "$p99") $cpu_us $(awk -v k="$(rss_kib "$2")" 'BEGIN{printf "%.1f", k/1024}')"
 }
 
+# The median of each column over the rows given on stdin.
+median_columns() {
+  python3 -c 'import sys, statistics
+rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
+print(" ".join("%g" % statistics.median(c) for c in zip(*rows)))'
+}
+
 to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
   awk -v v="$1" 'BEGIN{ if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; else print v }'
 }
 
-echo "# Fulcrum load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per row"
+echo "# Fulcrum load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per row$( ((REPEAT > 1)) && echo ", median of $REPEAT interleaved runs")"
 echo "# $("$FULCRUM" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
 for mode in $MODES; do
   if [[ $mode == pinned ]]; then PROXY_SET="taskset -c 1"; REST_SET="taskset -c 0"; else PROXY_SET=""; REST_SET=""; fi
@@ -197,14 +206,17 @@ for mode in $MODES; do
   echo "| proxy | conns | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB | req/s ÷ nginx | CPU ÷ nginx |"
   echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
   for conns in $CONNS; do
-    declare -A row=()
-    for proxy in nginx haproxy fulcrum; do
-      case $proxy in
-        nginx) row[$proxy]=$(measure $P_NGINX "$NGINX_PID" "$conns" "$REST_SET") ;;
-        haproxy) row[$proxy]=$(measure $P_HAPROXY "$HAPROXY_PID" "$conns" "$REST_SET") ;;
-        fulcrum) row[$proxy]=$(measure $P_FULCRUM "$FULCRUM_PID" "$conns" "$REST_SET") ;;
-      esac
+    declare -A row=() runs=()
+    for _ in $(seq "$REPEAT"); do
+      for proxy in nginx haproxy fulcrum; do
+        case $proxy in
+          nginx) runs[$proxy]+="$(measure $P_NGINX "$NGINX_PID" "$conns" "$REST_SET")"$'\n' ;;
+          haproxy) runs[$proxy]+="$(measure $P_HAPROXY "$HAPROXY_PID" "$conns" "$REST_SET")"$'\n' ;;
+          fulcrum) runs[$proxy]+="$(measure $P_FULCRUM "$FULCRUM_PID" "$conns" "$REST_SET")"$'\n' ;;
+        esac
+      done
     done
+    for proxy in nginx haproxy fulcrum; do row[$proxy]=$(median_columns <<<"${runs[$proxy]}"); done
     read -r n_rps _ _ n_cpu _ <<<"${row[nginx]}"
     for proxy in nginx haproxy fulcrum; do
       read -r rps p50 p99 cpu rss <<<"${row[$proxy]}"
