@@ -380,7 +380,7 @@ async fn a_backend_that_stalls_mid_body_is_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn plugin_output_reaches_the_log_and_printing_on_the_request_path_costs_no_request() {
+async fn plugin_output_reaches_the_log_from_init_and_from_the_request_path() {
     let backends = start_backends(&[0, 0], &[]).await.expect("backends");
     let text = format!(
         "[server]\nlisten = \"{{listen}}\"\n[plugins]\ndir = \"plugins.d\"\n\
@@ -405,5 +405,14 @@ async fn plugin_output_reaches_the_log_and_printing_on_the_request_path_costs_no
             .any(|l| l.contains("complaint from init") && l.contains("stderr")),
         "{log}"
     );
-    assert!(log.contains("did it write to stdout or stderr"), "{log}");
+    // Printing while choosing a backend is no fault: every line reaches the log.
+    assert_eq!(
+        log.lines()
+            .filter(|l| l.contains("hello from select") && l.contains("chatty"))
+            .count(),
+        12,
+        "{log}"
+    );
+    assert!(!log.contains("did it write to stdout or stderr"), "{log}");
+    assert!(!log.contains("using the fallback"), "{log}");
 }

@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::p2::{DynOutputStream, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 wasmtime::component::bindgen!({
@@ -95,12 +96,11 @@ impl StoreState {
     }
 }
 
-/// A plugin's stdout or stderr, written to the log a line at a time.
-///
-/// wasmtime-wasi runs a guest's blocking writes through `Handle::block_on`,
-/// which cannot run inside the request path's runtime: there a write faults
-/// (the host catches it and serves by the fallback). During `init` and checks,
-/// which run off the runtime, output reaches the log.
+/// A plugin's stdout or stderr, written to the log a line at a time, on the
+/// request path too: the blocking stream calls a guest's `print` makes are
+/// answered by Fulcrum's own synchronous host functions (see
+/// [`shadow_blocking_output`]), since wasmtime-wasi's run through
+/// `Handle::block_on`, which cannot run inside a worker's runtime.
 #[derive(Clone)]
 struct PluginOutput {
     plugin: Arc<str>,
@@ -120,7 +120,93 @@ impl wasmtime_wasi::cli::StdoutStream for PluginOutput {
             line: Vec::new(),
         })
     }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(LineLogger {
+            output: self.clone(),
+            line: Vec::new(),
+        })
+    }
 }
+
+#[wasmtime_wasi::async_trait]
+impl Pollable for LineLogger {
+    /// Always ready: lines go to the log at once.
+    async fn ready(&mut self) {}
+}
+
+#[wasmtime_wasi::async_trait]
+impl OutputStream for LineLogger {
+    fn write(&mut self, bytes: bytes::Bytes) -> StreamResult<()> {
+        self.take(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        Ok(64 * 1024)
+    }
+}
+
+impl Drop for LineLogger {
+    fn drop(&mut self) {
+        self.emit();
+    }
+}
+
+/// Replaces wasmtime-wasi's blocking output functions (and the output-stream
+/// destructor, which may flush) with synchronous ones. Theirs run through
+/// `Handle::block_on`, which panics inside the worker's runtime, so a plugin
+/// that printed on the request path faulted. Fulcrum's plugin output streams
+/// never block, so writing and flushing at once is all blocking needs.
+fn shadow_blocking_output(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    use wasmtime::component::{Resource, ResourceType};
+    use wasmtime_wasi::p2::bindings::sync::io::streams::StreamError as WitStreamError;
+    type Stream = Resource<DynOutputStream>;
+
+    fn write_and_flush(
+        table: &mut ResourceTable,
+        stream: &Stream,
+        bytes: Vec<u8>,
+    ) -> wasmtime::Result<Result<(), WitStreamError>> {
+        let stream = table.get_mut(stream)?;
+        let written = stream.write(bytes::Bytes::from(bytes)).and_then(|()| stream.flush());
+        Ok(written.map_err(|_| WitStreamError::Closed))
+    }
+
+    linker.allow_shadowing(true);
+    let mut streams = linker.instance(WASI_IO_STREAMS)?;
+    streams.resource(
+        "output-stream",
+        ResourceType::host::<DynOutputStream>(),
+        |mut store, rep| {
+            store
+                .data_mut()
+                .table
+                .delete(Resource::<DynOutputStream>::new_own(rep))?;
+            Ok(())
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-write-and-flush",
+        |mut store, (stream, bytes): (Stream, Vec<u8>)| {
+            Ok((write_and_flush(&mut store.data_mut().table, &stream, bytes)?,))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-flush",
+        |mut store, (stream,): (Stream,)| Ok((write_and_flush(&mut store.data_mut().table, &stream, Vec::new())?,)),
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// The `wasi:io/streams` version wasmtime-wasi 48 defines (guests importing
+/// any 0.2.x resolve to it).
+const WASI_IO_STREAMS: &str = "wasi:io/streams@0.2.12";
 
 struct LineLogger {
     output: PluginOutput,
@@ -130,6 +216,17 @@ struct LineLogger {
 impl LineLogger {
     /// Longest line kept before it is logged anyway.
     const MAX_LINE: usize = 4096;
+
+    fn take(&mut self, bytes: &[u8]) {
+        for &byte in bytes {
+            if byte == b'\n' || self.line.len() >= Self::MAX_LINE {
+                self.emit();
+            }
+            if byte != b'\n' {
+                self.line.push(byte);
+            }
+        }
+    }
 
     fn emit(&mut self) {
         if !self.line.is_empty() {
@@ -146,14 +243,7 @@ impl tokio::io::AsyncWrite for LineLogger {
         _: &mut std::task::Context<'_>,
         bytes: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        for &byte in bytes {
-            if byte == b'\n' || self.line.len() >= Self::MAX_LINE {
-                self.emit();
-            }
-            if byte != b'\n' {
-                self.line.push(byte);
-            }
-        }
+        self.take(bytes);
         std::task::Poll::Ready(Ok(bytes.len()))
     }
 
@@ -333,6 +423,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        shadow_blocking_output(&mut linker)?;
 
         let ticker = engine.weak();
         std::thread::Builder::new()

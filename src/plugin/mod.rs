@@ -29,7 +29,7 @@ pub use host::CurrentRequest as RequestSlot;
 
 /// Why a call ended in a caught panic of the host. The known cause: WASI's
 /// blocking output cannot run on the request path (see `host::PluginOutput`).
-const HOST_PANIC: &str = "the host panicked while serving the plugin (did it write to stdout or stderr? use host.log)";
+const HOST_PANIC: &str = "the host panicked while serving the plugin (a blocking WASI call such as wasi:io/poll cannot run on the request path)";
 
 /// Consecutive faults after which a plugin version serves only by fallback.
 pub const QUARANTINE_AFTER: u32 = 10;
