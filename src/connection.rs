@@ -117,9 +117,11 @@ enum NextHead {
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, shutdown: &Shutdown) -> Option<Handoff> {
     let mut buf = BytesMut::new();
     let mut first = true;
-    // One timer per connection, moved on rather than re-created: first the
-    // deadline for a request head, then the backend's response deadline.
+    // Timers per connection, moved on rather than re-created: one for the
+    // request head's deadline, one for the backend's response. Each deadline
+    // only ever moves later, which tokio handles without touching its wheel.
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
+    let mut response_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
     let mut header_read_timeout = app.snapshot().config.server.header_read_timeout;
     loop {
         timer.as_mut().reset(Instant::now() + header_read_timeout);
@@ -135,7 +137,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, sh
                     &mut buf,
                     head,
                     client,
-                    timer.as_mut(),
+                    response_timer.as_mut(),
                 ))
                 .await;
                 drop(busy);
