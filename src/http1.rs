@@ -84,17 +84,9 @@ pub struct RequestHead {
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut fields);
-    let head_len = match request.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(httparse::Error::Version) => return Err(HeadError::Malformed("unsupported HTTP version")),
-        Err(_) => return Err(HeadError::Malformed("not an HTTP/1 request")),
+    let Some(head_len) = head_length(request.parse(buf), buf.len(), "not an HTTP/1 request")? else {
+        return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
     let version = if request.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -167,6 +159,24 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         keep_alive,
         expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
     }))
+}
+
+/// The length of a complete head from httparse's verdict on `buffered` bytes;
+/// `None` while it is incomplete and still within [`MAX_HEAD`].
+fn head_length(
+    parsed: httparse::Result<usize>,
+    buffered: usize,
+    not_http: &'static str,
+) -> Result<Option<usize>, HeadError> {
+    match parsed {
+        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
+        Ok(httparse::Status::Partial) if buffered > MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(httparse::Error::Version) => Err(HeadError::Malformed("unsupported HTTP version")),
+        Err(_) => Err(HeadError::Malformed(not_http)),
+    }
 }
 
 /// `Content-Length` values seen so far: they must all agree (RFC 9112 6.3).
@@ -311,16 +321,9 @@ pub struct ResponseHead {
 pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
     let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut fields);
-    let head_len = match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => len,
-        Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD => return Err(HeadError::TooLarge),
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(httparse::Error::TooManyHeaders) => return Err(HeadError::TooManyHeaders),
-        Err(_) => return Err(HeadError::Malformed("not an HTTP/1 response")),
+    let Some(head_len) = head_length(response.parse(buf), buf.len(), "not an HTTP/1 response")? else {
+        return Ok(None);
     };
-    if head_len > MAX_HEAD {
-        return Err(HeadError::TooLarge);
-    }
     let status = StatusCode::from_u16(response.code.unwrap_or_default())
         .map_err(|_| HeadError::Malformed("invalid status code"))?;
     let http10 = response.version == Some(0);

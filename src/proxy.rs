@@ -348,10 +348,8 @@ pub fn encode_request_head(
         out.extend_from_slice(earlier.as_bytes());
         out.extend_from_slice(b", ");
     }
-    let mut ip = std::io::Cursor::new([0u8; 64]);
-    let _ = std::io::Write::write_fmt(&mut ip, format_args!("{}", client.ip()));
-    let written = ip.position() as usize;
-    out.extend_from_slice(&ip.get_ref()[..written]);
+    // Writing to a Vec cannot fail.
+    let _ = std::io::Write::write_fmt(out, format_args!("{}", client.ip()));
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
