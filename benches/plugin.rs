@@ -120,7 +120,7 @@ fn host_work(c: &mut Criterion) {
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {
             head.clear();
-            fulcrum::proxy::encode_request_head(&parts, client, Framing::Empty, "10.0.0.1:80", &mut head)
+            fulcrum::proxy::encode_request_head(&parts, client, Framing::Empty, "10.0.0.1:80", false, &mut head)
                 .expect("encodes");
             black_box(head.len())
         })

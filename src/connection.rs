@@ -229,6 +229,7 @@ async fn serve_request(
         body: framing,
         keep_alive,
         expect_continue,
+        upgrade,
     } = head;
     let http10 = parts.version == Version::HTTP_10;
     let Some(pool) = proxy::route(snapshot, &parts) else {
@@ -243,11 +244,15 @@ async fn serve_request(
         continue_due: expect_continue,
         read_timeout: snapshot.config.server.client_idle_timeout,
     };
-    let forwarded = proxy::forward(pool, client, parts, &mut source, timer).await;
+    let forwarded = proxy::forward(pool, client, parts, &mut source, upgrade, timer).await;
     let body_read = source.decoder.is_done();
     let keep = keep_alive && body_read;
     match forwarded {
         Err(reply) => write_local(stream, reply, keep, http10).await,
+        Ok(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
+            tunnel(stream, buf, forwarded).await;
+            false
+        }
         Ok(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
     }
 }
@@ -329,6 +334,34 @@ async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: boo
                 return false;
             }
         }
+    }
+}
+
+/// After a `101 Switching Protocols`: passes the 101 on, then bytes both ways
+/// until either side closes (WebSocket and other upgrades).
+async fn tunnel(stream: &mut TcpStream, buf: &mut BytesMut, forwarded: Forwarded) {
+    let Forwarded {
+        head,
+        body,
+        scratch: mut out,
+    } = forwarded;
+    let Some(mut upgraded) = body.into_upgraded() else {
+        return;
+    };
+    out.clear();
+    head.write_for_client(&mut out, false, false, false);
+    out.extend_from_slice(&upgraded.early);
+    if stream.write_all(&out).await.is_err() {
+        return;
+    }
+    // What the client sent after its request head belongs to the new protocol.
+    if !buf.is_empty() && upgraded.stream.write_all(buf).await.is_err() {
+        return;
+    }
+    buf.clear();
+    buffers::give(std::mem::take(&mut upgraded.early));
+    if let Err(error) = tokio::io::copy_bidirectional(stream, &mut upgraded.stream).await {
+        tracing::debug!(%error, "upgraded connection ended with an error");
     }
 }
 

@@ -76,6 +76,9 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// `Expect: 100-continue` with a body to come.
     pub expect_continue: bool,
+    /// Asks to switch protocols (`Connection: upgrade` and `Upgrade`, e.g.
+    /// WebSocket): HTTP/1.1 and no body.
+    pub upgrade: bool,
 }
 
 /// Parses a request head at the start of `buf`. On success the head is taken
@@ -102,6 +105,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let mut connection = ConnectionTokens::default();
     let mut hosts = 0;
     let mut expect_continue = false;
+    let mut upgrade_offered = false;
     for field in request.headers.iter() {
         let name =
             HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
@@ -115,6 +119,8 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
             hosts += 1;
         } else if name == http::header::EXPECT {
             expect_continue = field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
+        } else if name == http::header::UPGRADE {
+            upgrade_offered = true;
         }
         values.push((name, range_in(whole, field.value)));
     }
@@ -158,6 +164,7 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
         body,
         keep_alive,
         expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
+        upgrade: upgrade_offered && connection.upgrade && body == Framing::Empty && version == Version::HTTP_11,
     }))
 }
 
@@ -227,6 +234,7 @@ fn transfer_coding(before: Option<bool>, field: &[u8]) -> Result<bool, HeadError
 struct ConnectionTokens {
     close: bool,
     keep_alive: bool,
+    upgrade: bool,
     /// Headers named by `Connection`: hop-by-hop for this message only.
     named: SmallVec<[Span; 2]>,
 }
@@ -239,6 +247,8 @@ impl ConnectionTokens {
                 self.close = true;
             } else if item.eq_ignore_ascii_case(b"keep-alive") {
                 self.keep_alive = true;
+            } else if item.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
             }
         }
     }
@@ -359,7 +369,9 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<R
         (None, Some(length)) => (Framing::Length(length), true),
         (None, None) => (Framing::UntilClose, false),
     };
-    let reusable = framed && !connection.close && (!http10 || connection.keep_alive);
+    // After 101 the connection carries another protocol.
+    let switched = status == StatusCode::SWITCHING_PROTOCOLS;
+    let reusable = framed && !switched && !connection.close && (!http10 || connection.keep_alive);
     let raw = buf.split_to(head_len).freeze();
     Ok(Some(ResponseHead {
         raw,
@@ -378,9 +390,12 @@ impl ResponseHead {
             named: self.connection_named.clone(),
             ..ConnectionTokens::default()
         };
+        let switched = self.status == StatusCode::SWITCHING_PROTOCOLS;
         self.fields.iter().filter_map(move |(name, value)| {
             let name_bytes = name.of(&self.raw);
-            let skip = is_hop_by_hop(name_bytes) || connection.names(&self.raw, name_bytes);
+            // A 101 names the protocol switched to: that `Upgrade` goes to the client.
+            let kept_upgrade = switched && name_bytes.eq_ignore_ascii_case(b"upgrade");
+            let skip = !kept_upgrade && (is_hop_by_hop(name_bytes) || connection.names(&self.raw, name_bytes));
             (!skip).then(|| (name_bytes, value.of(&self.raw)))
         })
     }
@@ -411,7 +426,9 @@ impl ResponseHead {
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
         }
-        if close {
+        if self.status == StatusCode::SWITCHING_PROTOCOLS {
+            out.extend_from_slice(b"connection: upgrade\r\n");
+        } else if close {
             out.extend_from_slice(b"connection: close\r\n");
         } else if keep_alive_10 {
             out.extend_from_slice(b"connection: keep-alive\r\n");
@@ -713,6 +730,22 @@ mod tests {
         assert!(!old.expect("valid").expect("complete").keep_alive);
         let old_kept = request("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n");
         assert!(old_kept.expect("valid").expect("complete").keep_alive);
+    }
+
+    #[test]
+    fn only_an_explicit_bodiless_http11_upgrade_is_one() {
+        let asks = |text: &str| request(text).expect("valid").expect("complete").upgrade;
+        assert!(asks(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n"
+        ));
+        assert!(!asks("GET / HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"));
+        assert!(!asks("GET / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n\r\n"));
+        assert!(!asks(
+            "GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"
+        ));
+        assert!(!asks(
+            "POST / HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\nUpgrade: h2c\r\nContent-Length: 1\r\n\r\n"
+        ));
     }
 
     fn response(text: &str, head_request: bool) -> ResponseHead {

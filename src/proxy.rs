@@ -104,6 +104,7 @@ pub async fn forward<B: BodySource>(
     client: SocketAddr,
     parts: http::request::Parts,
     source: &mut B,
+    upgrade: bool,
     mut timer: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Forwarded, LocalReply> {
     let mut body = prepare_body(&parts.method, source, pool.config.retry_buffer).await?;
@@ -174,7 +175,7 @@ pub async fn forward<B: BodySource>(
                 _ => framing,
             };
             head.reserve(1024);
-            encode_request_head(parts, client, out_framing, &backend.address, &mut head)
+            encode_request_head(parts, client, out_framing, &backend.address, upgrade, &mut head)
                 .map_err(|message| LocalReply::new(StatusCode::BAD_REQUEST, message))?;
         }
         let streamed = matches!(body, BodyState::Stream);
@@ -189,7 +190,7 @@ pub async fn forward<B: BodySource>(
             }
         };
 
-        let exchanged = conn.exchange(&head, outgoing, head_request);
+        let exchanged = conn.exchange(&head, outgoing, head_request, upgrade);
         timer
             .as_mut()
             .reset(tokio::time::Instant::now() + pool.config.response_timeout);
@@ -295,12 +296,14 @@ fn rewritten_upstream(name: &HeaderName) -> bool {
 /// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
 /// headers (and those `Connection` names) removed, `X-Forwarded-*` added, the
 /// client's host kept (an HTTP/2 `:authority` or absolute-form target becomes
-/// `Host`; with none, `fallback_host`), framed by `framing`.
+/// `Host`; with none, `fallback_host`), framed by `framing`. `upgrade`: the
+/// client asks to switch protocols, and its `Upgrade` is passed on.
 pub fn encode_request_head(
     parts: &http::request::Parts,
     client: SocketAddr,
     framing: Framing,
     fallback_host: &str,
+    upgrade: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), &'static str> {
     out.extend_from_slice(parts.method.as_str().as_bytes());
@@ -353,6 +356,11 @@ pub fn encode_request_head(
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if upgrade && let Some(protocol) = parts.headers.get(header::UPGRADE) {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+        out.extend_from_slice(protocol.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     match framing {
         Framing::Length(n) => {
             out.extend_from_slice(b"content-length: ");
@@ -446,7 +454,7 @@ pub async fn handle(snapshot: &Snapshot, client: SocketAddr, request: Request<In
     let mut source = IncomingSource(body);
     let timer = tokio::time::sleep(pool.config.response_timeout);
     tokio::pin!(timer);
-    match forward(pool, client, parts, &mut source, timer).await {
+    match forward(pool, client, parts, &mut source, false, timer).await {
         Ok(Forwarded { head, body, .. }) => {
             let mut response = Response::new(ProxyBody::Upstream(body));
             *response.status_mut() = head.status;
@@ -478,7 +486,7 @@ mod tests {
         let (parts, ()) = request.into_parts();
         let client: SocketAddr = "127.0.0.9:5555".parse().expect("addr");
         let mut out = Vec::new();
-        encode_request_head(&parts, client, Framing::Length(3), "backend:1", &mut out).expect("encodes");
+        encode_request_head(&parts, client, Framing::Length(3), "backend:1", false, &mut out).expect("encodes");
         assert_eq!(
             String::from_utf8_lossy(&out),
             "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\n\
@@ -492,7 +500,7 @@ mod tests {
         let (parts, ()) = Request::get("/x").body(()).expect("valid").into_parts();
         let client: SocketAddr = "[::1]:5555".parse().expect("addr");
         let mut out = Vec::new();
-        encode_request_head(&parts, client, Framing::Chunked, "10.0.0.2:80", &mut out).expect("encodes");
+        encode_request_head(&parts, client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
         assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");

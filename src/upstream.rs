@@ -213,12 +213,14 @@ pub struct Conn {
 
 impl Conn {
     /// Sends the request (`head` already encoded for the backend, with its
-    /// framing) and reads the response head.
+    /// framing) and reads the response head. `upgrade`: the request asked to
+    /// switch protocols, so a `101` answer is accepted.
     pub async fn exchange<B: BodySource>(
         mut self,
         head: &[u8],
         body: Outgoing<'_, B>,
         head_request: bool,
+        upgrade: bool,
     ) -> Result<(ResponseHead, ExchangedConn), ExchangeError> {
         match body {
             // A plain send when there is no body: cheaper in the kernel than writev.
@@ -252,11 +254,15 @@ impl Conn {
             loop {
                 match http1::parse_response(&mut buf, head_request) {
                     Ok(None) => break,
-                    Ok(Some(head)) if head.status == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    Ok(Some(head)) if head.status == http::StatusCode::SWITCHING_PROTOCOLS && !upgrade => {
                         return Err(ExchangeError::Failed("the backend switched protocols unasked".into()));
                     }
                     // 1xx interim responses (100 Continue, 103 Early Hints) are not passed on.
-                    Ok(Some(head)) if head.status.is_informational() => continue,
+                    Ok(Some(head))
+                        if head.status.is_informational() && head.status != http::StatusCode::SWITCHING_PROTOCOLS =>
+                    {
+                        continue;
+                    }
                     Ok(Some(head)) => return Ok((head, ExchangedConn { conn: self, buf })),
                     Err(e) => return Err(ExchangeError::Failed(malformed(e))),
                 }
@@ -325,7 +331,8 @@ impl ExchangedConn {
             read_timeout,
             quiet: None,
         };
-        if body.decoder.is_done() {
+        // After a 101 the connection is kept for the tunnel, never pooled.
+        if body.decoder.is_done() && head.status != http::StatusCode::SWITCHING_PROTOCOLS {
             body.finish();
         }
         body
@@ -356,7 +363,26 @@ pub enum ResponseBodyError {
     Io(#[from] std::io::Error),
 }
 
+/// A backend connection that switched protocols, for the client to tunnel to.
+pub struct Upgraded {
+    pub stream: TcpStream,
+    /// Bytes the backend sent after its 101 head.
+    pub early: BytesMut,
+    /// The request counts as in flight while the tunnel lasts.
+    pub in_flight: Option<InFlight>,
+}
+
 impl ResponseBody {
+    /// The connection behind a `101 Switching Protocols` answer.
+    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+        let ExchangedConn { conn, buf } = self.conn.take()?;
+        Some(Upgraded {
+            stream: conn.stream,
+            early: buf,
+            in_flight: self.in_flight.take(),
+        })
+    }
+
     /// Whether the whole body has been read.
     pub fn is_end(&self) -> bool {
         self.decoder.is_done()

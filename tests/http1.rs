@@ -235,3 +235,74 @@ async fn framing_that_could_smuggle_a_request_is_refused() {
         "nothing smuggled reached the backend"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_upgrades_are_tunnelled_both_ways() {
+    // A backend that switches to an echo protocol when, and only when, asked to.
+    let echo = RawBackend::start(|mut stream| async move {
+        let head = String::from_utf8_lossy(&read_head(&mut stream).await).to_ascii_lowercase();
+        if !(head.contains("\r\nconnection: upgrade\r\n") && head.contains("\r\nupgrade: websocket\r\n")) {
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 9\r\n\r\nno switch")
+                .await;
+            return;
+        }
+        let _ = stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+            .await;
+        let mut buf = [0u8; 1024];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            if stream.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+    })
+    .await;
+    let fulcrum = Fulcrum::start(&config(&format!("[\"{}\"]", echo.addr)), &[]);
+
+    let mut stream = TcpStream::connect(fulcrum.addr).await.expect("connect");
+    // The first frame rides in the same packet as the request head.
+    stream
+        .write_all(
+            b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\n\r\nearly",
+        )
+        .await
+        .expect("write");
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !answer.ends_with(b"\r\n\r\nearly") {
+        let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut buf))
+            .await
+            .expect("the switch and the echo in time")
+            .expect("read");
+        assert!(n > 0, "closed early: {:?}", String::from_utf8_lossy(&answer));
+        answer.extend_from_slice(&buf[..n]);
+    }
+    let head = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 101 switching protocols\r\n"), "{head}");
+    assert!(
+        head.contains("\r\nupgrade: websocket\r\n") && head.contains("\r\nconnection: upgrade\r\n"),
+        "{head}"
+    );
+    for message in [&b"ping"[..], b"a longer message, both ways"] {
+        stream.write_all(message).await.expect("write");
+        let mut echoed = vec![0u8; message.len()];
+        tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut echoed))
+            .await
+            .expect("echo in time")
+            .expect("read");
+        assert_eq!(echoed, message);
+    }
+
+    // `Upgrade` without `Connection: upgrade` is not a request to switch: it is stripped.
+    let answer = exchange_raw(
+        fulcrum.addr,
+        b"GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        answer.starts_with("HTTP/1.1 400") && answer.ends_with("no switch"),
+        "{answer}"
+    );
+}
