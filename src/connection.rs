@@ -250,7 +250,7 @@ async fn serve_request(
     match forwarded {
         Err(reply) => write_local(stream, reply, keep, http10).await,
         Ok(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
-            tunnel(stream, buf, forwarded).await;
+            tunnel(stream, buf, forwarded, snapshot.config.server.client_idle_timeout).await;
             false
         }
         Ok(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
@@ -338,8 +338,9 @@ async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: boo
 }
 
 /// After a `101 Switching Protocols`: passes the 101 on, then bytes both ways
-/// until either side closes (WebSocket and other upgrades).
-async fn tunnel(stream: &mut TcpStream, buf: &mut BytesMut, forwarded: Forwarded) {
+/// until both sides close or neither sends anything for `idle` (WebSocket and
+/// other upgrades).
+async fn tunnel(stream: &mut TcpStream, buf: &mut BytesMut, forwarded: Forwarded, idle: Duration) {
     let Forwarded {
         head,
         body,
@@ -360,9 +361,51 @@ async fn tunnel(stream: &mut TcpStream, buf: &mut BytesMut, forwarded: Forwarded
     }
     buf.clear();
     buffers::give(std::mem::take(&mut upgraded.early));
-    if let Err(error) = tokio::io::copy_bidirectional(stream, &mut upgraded.stream).await {
-        tracing::debug!(%error, "upgraded connection ended with an error");
+    if let Err(error) = join(stream, &mut upgraded.stream, idle).await {
+        tracing::debug!(%error, "upgraded connection ended");
     }
+}
+
+/// Copies bytes between `client` and `backend` until both have closed their
+/// sending side (each close is passed on), or nothing moved for `idle`.
+async fn join(client: &mut TcpStream, backend: &mut TcpStream, idle: Duration) -> std::io::Result<()> {
+    let (mut from_client, mut from_backend) = (buffers::take(), buffers::take());
+    let (mut client_open, mut backend_open) = (true, true);
+    let deadline = tokio::time::sleep(idle);
+    tokio::pin!(deadline);
+    let result = loop {
+        if !client_open && !backend_open {
+            break Ok(());
+        }
+        let step = tokio::select! {
+            read = client.read_buf(&mut from_client), if client_open => match read {
+                Ok(0) => {
+                    client_open = false;
+                    backend.shutdown().await
+                }
+                Ok(_) => backend.write_all(&from_client).await,
+                Err(error) => Err(error),
+            },
+            read = backend.read_buf(&mut from_backend), if backend_open => match read {
+                Ok(0) => {
+                    backend_open = false;
+                    client.shutdown().await
+                }
+                Ok(_) => client.write_all(&from_backend).await,
+                Err(error) => Err(error),
+            },
+            () = &mut deadline => break Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the tunnel was idle too long")),
+        };
+        if let Err(error) = step {
+            break Err(error);
+        }
+        from_client.clear();
+        from_backend.clear();
+        deadline.as_mut().reset(Instant::now() + idle);
+    };
+    buffers::give(from_client);
+    buffers::give(from_backend);
+    result
 }
 
 /// An HTTP/1.1 client's request body, read from its connection.

@@ -295,6 +295,26 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
         assert_eq!(echoed, message);
     }
 
+    // A tunnel where nothing moves for client_idle_timeout is closed.
+    let idle_text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nclient_idle_timeout = \"500ms\"\n[pools.web]\nbackends = [\"{}\"]\n",
+        echo.addr
+    );
+    let short = Fulcrum::start(&idle_text, &[]);
+    let mut quiet = TcpStream::connect(short.addr).await.expect("connect");
+    quiet
+        .write_all(b"GET /chat HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .expect("write");
+    let started = std::time::Instant::now();
+    let answer = read_to_close(&mut quiet).await;
+    assert!(answer.starts_with("HTTP/1.1 101"), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "closed before the idle timeout: {:?}",
+        started.elapsed()
+    );
+
     // `Upgrade` without `Connection: upgrade` is not a request to switch: it is stripped.
     let answer = exchange_raw(
         fulcrum.addr,
