@@ -271,7 +271,7 @@ impl ConnectionTokens {
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are
 /// never forwarded.
-pub const HOP_BY_HOP: [&str; 7] = [
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -281,7 +281,7 @@ pub const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
 ];
 
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
+fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
