@@ -169,7 +169,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, sh
 async fn next_head(stream: &mut TcpStream, buf: &mut BytesMut, mut timer: Pin<&mut Sleep>, first: bool) -> NextHead {
     loop {
         if !buf.is_empty() {
-            if first && buf[..buf.len().min(H2_PREFACE.len())] == H2_PREFACE[..buf.len().min(H2_PREFACE.len())] {
+            if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
                 if buf.len() >= H2_PREFACE.len() {
                     return NextHead::Http2;
                 }

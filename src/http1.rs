@@ -263,15 +263,11 @@ impl ConnectionTokens {
             }
         }
     }
-
-    fn names(&self, head: &[u8], name: &[u8]) -> bool {
-        self.named.iter().any(|r| r.of(head).eq_ignore_ascii_case(name))
-    }
 }
 
 /// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are
 /// never forwarded.
-const HOP_BY_HOP: [&str; 7] = [
+pub const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -281,7 +277,8 @@ const HOP_BY_HOP: [&str; 7] = [
     "upgrade",
 ];
 
-fn is_hop_by_hop(name: &[u8]) -> bool {
+/// Whether `name` (any case) is one of [`HOP_BY_HOP`].
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
     HOP_BY_HOP.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
 }
 
@@ -386,16 +383,17 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<R
 
 impl ResponseHead {
     fn forwarded_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        let connection = ConnectionTokens {
-            named: self.connection_named.clone(),
-            ..ConnectionTokens::default()
+        let named_by_connection = |name: &[u8]| {
+            self.connection_named
+                .iter()
+                .any(|r| r.of(&self.raw).eq_ignore_ascii_case(name))
         };
         let switched = self.status == StatusCode::SWITCHING_PROTOCOLS;
         self.fields.iter().filter_map(move |(name, value)| {
             let name_bytes = name.of(&self.raw);
             // A 101 names the protocol switched to: that `Upgrade` goes to the client.
             let kept_upgrade = switched && name_bytes.eq_ignore_ascii_case(b"upgrade");
-            let skip = !kept_upgrade && (is_hop_by_hop(name_bytes) || connection.names(&self.raw, name_bytes));
+            let skip = !kept_upgrade && (is_hop_by_hop(name_bytes) || named_by_connection(name_bytes));
             (!skip).then(|| (name_bytes, value.of(&self.raw)))
         })
     }

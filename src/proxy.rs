@@ -7,7 +7,7 @@
 
 use crate::app::{Pool, Snapshot};
 use crate::health::{self, Outcome};
-use crate::http1::{Framing, ResponseHead};
+use crate::http1::{self, Framing, ResponseHead};
 use crate::plugin::RequestSlot;
 use crate::upstream::{BodySource, ClientBodyError, ExchangeError, Outgoing, ResponseBody, ResponseBodyError};
 use bytes::{Bytes, BytesMut};
@@ -271,26 +271,18 @@ const MAX_STALE_RETRIES: u32 = 3;
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
-static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
 /// Headers of the client's request that are not copied upstream as they are:
-/// hop-by-hop ones (RFC 9110 7.6.1), framing (rewritten), `Host` and the
-/// `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
+/// hop-by-hop ones ([`http1::HOP_BY_HOP`]), framing (rewritten), `Host` and
+/// the `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
 fn rewritten_upstream(name: &HeaderName) -> bool {
-    name == header::CONNECTION
-        || name == header::TE
-        || name == header::TRAILER
-        || name == header::TRANSFER_ENCODING
-        || name == header::UPGRADE
-        || name == header::CONTENT_LENGTH
+    name == header::CONTENT_LENGTH
         || name == header::HOST
         || name == header::EXPECT
-        || name == KEEP_ALIVE
-        || name == PROXY_CONNECTION
         || name == X_FORWARDED_FOR
         || name == X_FORWARDED_HOST
         || name == X_FORWARDED_PROTO
+        || http1::is_hop_by_hop(name.as_str().as_bytes())
 }
 
 /// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
