@@ -7,6 +7,8 @@
 #   DURATION=20 WORKERS=2 POLICY=round-robin benches/load.sh
 #   IDLE=10000 ...                  # idle keep-alive connections held for the memory row (0: skip)
 #   REPEAT=3 benches/load.sh        # each row 3 times, proxies interleaved; the table shows medians
+#   FLOOR=0 benches/load.sh         # without the floor row (benches/floor_proxy.rs: bytes copied
+#                                   # on one tokio thread, no HTTP: the least a tokio proxy spends)
 #
 # Installs nginx, haproxy and wrk with apt-get when missing. Every process it
 # starts is stopped on exit, however it exits. Prints one table per mode:
@@ -36,6 +38,12 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 [[ -n "${FULCRUM_BIN:-}" ]] || cargo build --release --bin fulcrum >&2
 FULCRUM=${FULCRUM_BIN:-$PWD/target/release/fulcrum}
+# The floor row: the least a tokio proxy spends (benches/floor_proxy.rs). FLOOR=0 leaves it out.
+FLOOR=${FLOOR:-1}
+if ((FLOOR)); then
+  [[ -n "${FLOOR_BIN:-}" ]] || cargo build --release --example floor_proxy >&2
+  FLOOR_PROXY=${FLOOR_BIN:-$PWD/target/release/examples/floor_proxy}
+fi
 
 WORK=$(mktemp -d /tmp/fulcrum-load.XXXXXX)
 PIDS=()
@@ -50,8 +58,8 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 B1=19101 B2=19102 B3=19103
-P_FULCRUM=18180 P_NGINX=18181 P_HAPROXY=18182
-for port in $B1 $B2 $B3 $P_FULCRUM $P_NGINX $P_HAPROXY; do
+P_FULCRUM=18180 P_NGINX=18181 P_HAPROXY=18182 P_FLOOR=18183
+for port in $B1 $B2 $B3 $P_FULCRUM $P_NGINX $P_HAPROXY $P_FLOOR; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use: stop whatever listens there first" >&2; exit 1
   fi
@@ -157,6 +165,10 @@ start_all() {  # $1: taskset prefix for the proxies, $2: for backends
   $1 haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!); HAPROXY_PID=$!
   RUST_LOG=warn $1 "$FULCRUM" run --config "$WORK/fulcrum.toml" & PIDS+=($!); FULCRUM_PID=$!
   wait_port $P_NGINX; wait_port $P_HAPROXY; wait_port $P_FULCRUM
+  if ((FLOOR)); then
+    $1 "$FLOOR_PROXY" "127.0.0.1:$P_FLOOR" "127.0.0.1:$B1" "127.0.0.1:$B2" "127.0.0.1:$B3" & PIDS+=($!); FLOOR_PID=$!
+    wait_port $P_FLOOR
+  fi
 }
 
 stop_all() {
@@ -197,6 +209,7 @@ to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
 
 echo "# Fulcrum load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per row$( ((REPEAT > 1)) && echo ", median of $REPEAT interleaved runs")"
 echo "# $("$FULCRUM" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
+ROWS="nginx haproxy fulcrum$( ((FLOOR)) && echo " floor")"
 for mode in $MODES; do
   if [[ $mode == pinned ]]; then PROXY_SET="taskset -c 1"; REST_SET="taskset -c 0"; else PROXY_SET=""; REST_SET=""; fi
   start_all "$PROXY_SET" "$REST_SET"
@@ -208,17 +221,18 @@ for mode in $MODES; do
   for conns in $CONNS; do
     declare -A row=() runs=()
     for _ in $(seq "$REPEAT"); do
-      for proxy in nginx haproxy fulcrum; do
+      for proxy in $ROWS; do
         case $proxy in
           nginx) runs[$proxy]+="$(measure $P_NGINX "$NGINX_PID" "$conns" "$REST_SET")"$'\n' ;;
           haproxy) runs[$proxy]+="$(measure $P_HAPROXY "$HAPROXY_PID" "$conns" "$REST_SET")"$'\n' ;;
           fulcrum) runs[$proxy]+="$(measure $P_FULCRUM "$FULCRUM_PID" "$conns" "$REST_SET")"$'\n' ;;
+          floor) runs[$proxy]+="$(measure $P_FLOOR "$FLOOR_PID" "$conns" "$REST_SET")"$'\n' ;;
         esac
       done
     done
-    for proxy in nginx haproxy fulcrum; do row[$proxy]=$(median_columns <<<"${runs[$proxy]}"); done
+    for proxy in $ROWS; do row[$proxy]=$(median_columns <<<"${runs[$proxy]}"); done
     read -r n_rps _ _ n_cpu _ <<<"${row[nginx]}"
-    for proxy in nginx haproxy fulcrum; do
+    for proxy in $ROWS; do
       read -r rps p50 p99 cpu rss <<<"${row[$proxy]}"
       awk -v p="$proxy" -v c="$conns" -v r="$rps" -v a="$p50" -v b="$p99" -v u="$cpu" -v m="$rss" -v nr="$n_rps" -v nc="$n_cpu" \
         'BEGIN{printf "| %s | %s | %.0f | %s | %s | %s | %s | %.2f | %.2f |\n", p, c, r, a, b, u, m, (nr ? r/nr : 0), (nc ? u/nc : 0)}'
