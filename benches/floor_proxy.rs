@@ -28,18 +28,21 @@ fn main() -> std::io::Result<()> {
     if backends.is_empty() {
         return Err(usage());
     }
-    tokio::runtime::Builder::new_current_thread().enable_all().build()?.block_on(async move {
-        let listener = TcpListener::bind(listen).await?;
-        for backend in backends.iter().cycle() {
-            let (client, _) = listener.accept().await?;
-            let backend = *backend;
-            tokio::spawn(async move {
-                // A failed connection only ends that client's connection, as in a proxy.
-                let _ = relay(client, backend).await;
-            });
-        }
-        Ok(())
-    })
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(async move {
+            let listener = TcpListener::bind(listen).await?;
+            for backend in backends.iter().cycle() {
+                let (client, _) = listener.accept().await?;
+                let backend = *backend;
+                tokio::spawn(async move {
+                    // A failed connection only ends that client's connection, as in a proxy.
+                    let _ = relay(client, backend).await;
+                });
+            }
+            Ok(())
+        })
 }
 
 async fn relay(mut client: TcpStream, backend: SocketAddr) -> std::io::Result<()> {

@@ -114,13 +114,13 @@ fn host_work(c: &mut Criterion) {
     group.bench_function("route-match", |b| {
         b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42")))
     });
-    let client = "192.0.2.7:51000".parse().expect("client");
+    let client = fulcrum::proxy::Client::new("192.0.2.7:51000".parse().expect("client"));
     let parts = request(10).parts.expect("parts");
     let mut head = Vec::with_capacity(1024);
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {
             head.clear();
-            fulcrum::proxy::encode_request_head(&parts, client, Framing::Empty, "10.0.0.1:80", false, &mut head)
+            fulcrum::proxy::encode_request_head(&parts, &client, Framing::Empty, "10.0.0.1:80", false, &mut head)
                 .expect("encodes");
             black_box(head.len())
         })

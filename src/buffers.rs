@@ -1,6 +1,7 @@
-//! Read buffers recycled per worker thread, so the request path does not
-//! allocate one per read: a connection takes a buffer when it has bytes to
-//! read and gives it back when it has none left to parse.
+//! Buffers recycled per worker thread, so the request path does not allocate
+//! one per request: read buffers (a connection takes one when it has bytes to
+//! read and gives it back when it has none left to parse) and write buffers
+//! (the upstream request head, then the client's response).
 
 use bytes::BytesMut;
 use std::cell::RefCell;
@@ -10,8 +11,15 @@ pub const SIZE: usize = 4 * 1024;
 /// Buffers a thread keeps spare; beyond that they are freed, so idle memory stays bounded.
 const SPARE: usize = 64;
 
+/// The capacity a write buffer starts with.
+pub const WRITE_SIZE: usize = 1024;
+/// Write buffers grown past this are freed rather than kept (large bodies are
+/// rare, and their allocation is spread over many bytes).
+const WRITE_KEEP_MAX: usize = 16 * 1024;
+
 thread_local! {
     static SPARES: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
+    static WRITE_SPARES: RefCell<Vec<Vec<u8>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// An empty buffer with room for at least [`SIZE`] bytes.
@@ -41,6 +49,27 @@ pub fn give(mut buf: BytesMut) {
     });
 }
 
+/// An empty write buffer with room for at least [`WRITE_SIZE`] bytes.
+pub fn take_write() -> Vec<u8> {
+    WRITE_SPARES
+        .with(|spares| spares.borrow_mut().pop())
+        .unwrap_or_else(|| Vec::with_capacity(WRITE_SIZE))
+}
+
+/// Gives a write buffer back for reuse; what it holds is discarded.
+pub fn give_write(mut buf: Vec<u8>) {
+    if buf.capacity() < WRITE_SIZE || buf.capacity() > WRITE_KEEP_MAX {
+        return;
+    }
+    buf.clear();
+    WRITE_SPARES.with(|spares| {
+        let mut spares = spares.borrow_mut();
+        if spares.len() < SPARE {
+            spares.push(buf);
+        }
+    });
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -57,5 +86,26 @@ mod tests {
         assert!(again.is_empty());
         assert!(again.capacity() >= SIZE);
         assert_eq!(again.as_ptr(), address, "the allocation is reclaimed, not replaced");
+    }
+
+    #[test]
+    fn write_buffers_are_reused_unless_grown_large() {
+        let mut buf = take_write();
+        buf.extend_from_slice(b"HTTP/1.1 200 OK\r\n\r\n");
+        let address = buf.as_ptr();
+        give_write(buf);
+        let again = take_write();
+        assert!(again.is_empty());
+        assert_eq!(again.as_ptr(), address);
+
+        let mut large = again;
+        large.reserve(WRITE_KEEP_MAX * 2);
+        let large_address = large.as_ptr();
+        give_write(large);
+        assert_ne!(
+            take_write().as_ptr(),
+            large_address,
+            "a large buffer is freed, not kept"
+        );
     }
 }

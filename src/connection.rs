@@ -8,9 +8,9 @@
 
 use crate::app::{App, Snapshot};
 use crate::buffers;
-use crate::http1::{self, BodyDecoder, Decoded, Framing, RequestHead};
-use crate::proxy::{self, Forwarded, LocalReply};
-use crate::upstream::{BodySource, ClientBodyError};
+use crate::http1::{self, BodyDecoder, Decoded, Framing, RequestHead, ResponseHead};
+use crate::proxy::{self, Client, Forwarded, LocalReply};
+use crate::upstream::{BodySource, ClientBodyError, ResponseBody};
 use bytes::{Bytes, BytesMut};
 use http::{StatusCode, Version};
 use std::net::SocketAddr;
@@ -115,6 +115,7 @@ enum NextHead {
 
 /// Serves HTTP/1.1 requests on `stream` until either side closes it.
 pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, shutdown: &Shutdown) -> Option<Handoff> {
+    let client = Client::new(client);
     let mut buf = BytesMut::new();
     let mut first = true;
     // Timers per connection, moved on rather than re-created: one for the
@@ -136,7 +137,7 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, sh
                     &mut stream,
                     &mut buf,
                     head,
-                    client,
+                    &client,
                     response_timer.as_mut(),
                 ))
                 .await;
@@ -221,7 +222,7 @@ async fn serve_request(
     stream: &mut TcpStream,
     buf: &mut BytesMut,
     head: RequestHead,
-    client: SocketAddr,
+    client: &Client,
     timer: Pin<&mut Sleep>,
 ) -> bool {
     let RequestHead {
@@ -277,20 +278,34 @@ async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: boo
         mut body,
         scratch: mut out,
     } = forwarded;
+    let keep = write_response(stream, &head, &mut body, &mut out, keep, http10).await;
+    buffers::give_write(out);
+    keep
+}
+
+/// Writes `head` and `body` through `out`; returns whether the connection can carry another request.
+async fn write_response(
+    stream: &mut TcpStream,
+    head: &ResponseHead,
+    body: &mut ResponseBody,
+    out: &mut Vec<u8>,
+    keep: bool,
+    http10: bool,
+) -> bool {
     let unframed = matches!(head.body, Framing::Chunked | Framing::UntilClose);
     // A body without a length goes to an HTTP/1.1 client chunked; an HTTP/1.0
     // client learns its end from the connection closing.
     let chunked = unframed && !http10;
     let close = !keep || (unframed && http10);
     out.clear();
-    head.write_for_client(&mut out, chunked, close, http10 && !close);
+    head.write_for_client(out, chunked, close, http10 && !close);
     loop {
         // Take what is already at hand without waiting; write before waiting.
         let polled = std::future::poll_fn(|cx| Poll::Ready(body.poll_chunk(cx))).await;
         let next = match polled {
             Poll::Ready(next) => next,
             Poll::Pending => {
-                if !out.is_empty() && stream.write_all(&out).await.is_err() {
+                if !out.is_empty() && stream.write_all(out).await.is_err() {
                     return false;
                 }
                 out.clear();
@@ -300,10 +315,10 @@ async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: boo
         match next {
             Ok(Some(data)) => {
                 if chunked {
-                    http1::chunk_header(data.len(), &mut out);
+                    http1::chunk_header(data.len(), out);
                 }
                 if data.len() >= WRITE_BATCH / 4 {
-                    if stream.write_all(&out).await.is_err() || stream.write_all(&data).await.is_err() {
+                    if stream.write_all(out).await.is_err() || stream.write_all(&data).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -314,7 +329,7 @@ async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: boo
                     out.extend_from_slice(b"\r\n");
                 }
                 if out.len() >= WRITE_BATCH {
-                    if stream.write_all(&out).await.is_err() {
+                    if stream.write_all(out).await.is_err() {
                         return false;
                     }
                     out.clear();
@@ -324,13 +339,13 @@ async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: boo
                 if chunked {
                     out.extend_from_slice(http1::LAST_CHUNK);
                 }
-                return stream.write_all(&out).await.is_ok() && !close;
+                return stream.write_all(out).await.is_ok() && !close;
             }
             Err(error) => {
                 // Mid-body: the client can only learn of it by the connection closing
                 // (a chunked body then lacks its last chunk).
                 tracing::warn!(%error, "response body cut off");
-                let _ = stream.write_all(&out).await;
+                let _ = stream.write_all(out).await;
                 return false;
             }
         }

@@ -12,6 +12,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Uri, Version};
 use smallvec::SmallVec;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 /// The largest head accepted from a client or a backend.
@@ -85,9 +86,12 @@ pub struct RequestHead {
 /// out of `buf`, leaving whatever follows it (body or pipelined requests).
 /// `Ok(None)`: the head is not complete yet.
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut request = httparse::Request::new(&mut fields);
-    let Some(head_len) = head_length(request.parse(buf), buf.len(), "not an HTTP/1 request")? else {
+    // Uninitialised: httparse writes only the fields it finds, so a short head
+    // does not pay for clearing room for a hundred.
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut request = httparse::Request::new(&mut []);
+    let parsed = request.parse_with_uninit_headers(buf, &mut fields);
+    let Some(head_len) = head_length(parsed, buf.len(), "not an HTTP/1 request")? else {
         return Ok(None);
     };
     let version = if request.version == Some(0) {
@@ -326,9 +330,10 @@ pub struct ResponseHead {
 /// Parses a response head at the start of `buf`, taking it out of `buf` when
 /// complete. `head_request`: the request was HEAD, so no body follows.
 pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<ResponseHead>, HeadError> {
-    let mut fields = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut response = httparse::Response::new(&mut fields);
-    let Some(head_len) = head_length(response.parse(buf), buf.len(), "not an HTTP/1 response")? else {
+    let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut fields);
+    let Some(head_len) = head_length(parsed, buf.len(), "not an HTTP/1 response")? else {
         return Ok(None);
     };
     let status = StatusCode::from_u16(response.code.unwrap_or_default())

@@ -45,6 +45,34 @@ pub struct Forwarded {
     pub scratch: Vec<u8>,
 }
 
+/// Where a request came from, with the client's IP already written out for
+/// `X-Forwarded-For` (once per connection rather than once per request).
+#[derive(Clone, Copy)]
+pub struct Client {
+    pub addr: SocketAddr,
+    ip_text: [u8; Client::IP_TEXT_MAX],
+    ip_len: u8,
+}
+
+impl Client {
+    /// The longest IP address text (an IPv4-mapped IPv6 address).
+    const IP_TEXT_MAX: usize = 45;
+
+    pub fn new(addr: SocketAddr) -> Client {
+        let mut ip_text = [0; Client::IP_TEXT_MAX];
+        let mut rest = &mut ip_text[..];
+        // Fits: no IP address is written longer than IP_TEXT_MAX.
+        let _ = std::io::Write::write_fmt(&mut rest, format_args!("{}", addr.ip()));
+        let ip_len = (Client::IP_TEXT_MAX - rest.len()) as u8;
+        Client { addr, ip_text, ip_len }
+    }
+
+    /// The client's IP address as text (`203.0.113.7`, `2001:db8::1`).
+    pub fn ip_text(&self) -> &[u8] {
+        &self.ip_text[..usize::from(self.ip_len)]
+    }
+}
+
 /// The pool a request goes to, by its host and path.
 pub fn route<'a>(snapshot: &'a Snapshot, parts: &http::request::Parts) -> Option<&'a Pool> {
     let host = parts
@@ -101,7 +129,7 @@ async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize
 /// safe, and returns the first backend answer or the balancer's own.
 pub async fn forward<B: BodySource>(
     pool: &Pool,
-    client: SocketAddr,
+    client: &Client,
     parts: http::request::Parts,
     source: &mut B,
     upgrade: bool,
@@ -113,10 +141,10 @@ pub async fn forward<B: BodySource>(
     let framing = source.framing();
     let current = RequestSlot {
         parts: Some(parts),
-        client: Some(client),
+        client: Some(client.addr),
     };
     // Encoded once, for whichever backend gets the request.
-    let mut head = Vec::new();
+    let mut head = crate::buffers::take_write();
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut stale_connections = 0;
     let report = |backend: &std::sync::Arc<crate::backend::Backend>, outcome| {
@@ -174,7 +202,6 @@ pub async fn forward<B: BodySource>(
                 BodyState::Held(bytes) if !bytes.is_empty() => Framing::Length(bytes.len() as u64),
                 _ => framing,
             };
-            head.reserve(1024);
             encode_request_head(parts, client, out_framing, &backend.address, upgrade, &mut head)
                 .map_err(|message| LocalReply::new(StatusCode::BAD_REQUEST, message))?;
         }
@@ -292,7 +319,7 @@ fn rewritten_upstream(name: &HeaderName) -> bool {
 /// client asks to switch protocols, and its `Upgrade` is passed on.
 pub fn encode_request_head(
     parts: &http::request::Parts,
-    client: SocketAddr,
+    client: &Client,
     framing: Framing,
     fallback_host: &str,
     upgrade: bool,
@@ -343,8 +370,7 @@ pub fn encode_request_head(
         out.extend_from_slice(earlier.as_bytes());
         out.extend_from_slice(b", ");
     }
-    // Writing to a Vec cannot fail.
-    let _ = std::io::Write::write_fmt(out, format_args!("{}", client.ip()));
+    out.extend_from_slice(client.ip_text());
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
@@ -438,7 +464,7 @@ impl BodySource for IncomingSource {
 }
 
 /// Serves one request of an HTTP/2 client.
-pub async fn handle(snapshot: &Snapshot, client: SocketAddr, request: Request<Incoming>) -> Response<ProxyBody> {
+pub async fn handle(snapshot: &Snapshot, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
     let Some(pool) = route(snapshot, &parts) else {
         return local_response(LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request"));
@@ -476,9 +502,9 @@ mod tests {
             .body(())
             .expect("valid request");
         let (parts, ()) = request.into_parts();
-        let client: SocketAddr = "127.0.0.9:5555".parse().expect("addr");
+        let client = Client::new("127.0.0.9:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(&parts, client, Framing::Length(3), "backend:1", false, &mut out).expect("encodes");
+        encode_request_head(&parts, &client, Framing::Length(3), "backend:1", false, &mut out).expect("encodes");
         assert_eq!(
             String::from_utf8_lossy(&out),
             "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\n\
@@ -490,9 +516,9 @@ mod tests {
     #[test]
     fn a_request_without_host_gets_the_fallback_and_chunked_framing() {
         let (parts, ()) = Request::get("/x").body(()).expect("valid").into_parts();
-        let client: SocketAddr = "[::1]:5555".parse().expect("addr");
+        let client = Client::new("[::1]:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(&parts, client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
+        encode_request_head(&parts, &client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
         assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");

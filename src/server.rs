@@ -127,11 +127,12 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
 async fn serve_http2(app: Arc<App>, io: Rewind, client: SocketAddr, shutdown: Arc<Shutdown>) {
     let _busy = shutdown.busy();
     let idle = app.snapshot().config.server.client_idle_timeout;
+    let client = proxy::Client::new(client);
     let service = service_fn(move |request| {
         let app = app.clone();
         Box::pin(async move {
             let snapshot = app.snapshot();
-            Ok::<_, Infallible>(proxy::handle(&snapshot, client, request).await)
+            Ok::<_, Infallible>(proxy::handle(&snapshot, &client, request).await)
         }) as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
@@ -148,7 +149,7 @@ async fn serve_http2(app: Arc<App>, io: Rewind, client: SocketAddr, shutdown: Ar
         }
     };
     if let Err(error) = result {
-        tracing::debug!(%client, %error, "HTTP/2 client connection ended with an error");
+        tracing::debug!(client = %client.addr, %error, "HTTP/2 client connection ended with an error");
     }
 }
 
