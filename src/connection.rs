@@ -225,15 +225,11 @@ async fn serve_request(
     client: &Client,
     timer: Pin<&mut Sleep>,
 ) -> bool {
-    let RequestHead {
-        parts,
-        body: framing,
-        keep_alive,
-        expect_continue,
-        upgrade,
-    } = head;
-    let http10 = parts.version == Version::HTTP_10;
-    let Some(pool) = proxy::route(snapshot, &parts) else {
+    let framing = head.body;
+    let keep_alive = head.keep_alive;
+    let upgrade = head.upgrade;
+    let http10 = head.version == Version::HTTP_10;
+    let Some(pool) = proxy::route(snapshot, &head) else {
         let reply = LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request");
         return write_local(stream, reply, keep_alive && framing == Framing::Empty, http10).await;
     };
@@ -242,10 +238,10 @@ async fn serve_request(
         buf: &mut *buf,
         decoder: BodyDecoder::new(framing),
         framing,
-        continue_due: expect_continue,
+        continue_due: head.expect_continue,
         read_timeout: snapshot.config.server.client_idle_timeout,
     };
-    let forwarded = proxy::forward(pool, client, parts, &mut source, upgrade, timer).await;
+    let forwarded = proxy::forward(pool, client, head, &mut source, upgrade, timer).await;
     let body_read = source.decoder.is_done();
     let keep = keep_alive && body_read;
     match forwarded {

@@ -8,9 +8,11 @@
 //! lengths, a transfer coding other than a lone `chunked`, or `chunked` in an
 //! HTTP/1.0 request is refused, never guessed at.
 
+pub use crate::request::RequestHead;
+use crate::request::{self, Parsed};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode, Uri, Version};
+use http::{Method, StatusCode, Version};
 use smallvec::SmallVec;
 use std::mem::MaybeUninit;
 use std::ops::Range;
@@ -68,20 +70,6 @@ pub enum Framing {
     UntilClose,
 }
 
-/// A client's request head, parsed and checked.
-#[derive(Debug)]
-pub struct RequestHead {
-    pub parts: http::request::Parts,
-    pub body: Framing,
-    /// Whether the client lets the connection carry another request.
-    pub keep_alive: bool,
-    /// `Expect: 100-continue` with a body to come.
-    pub expect_continue: bool,
-    /// Asks to switch protocols (`Connection: upgrade` and `Upgrade`, e.g.
-    /// WebSocket): HTTP/1.1 and no body.
-    pub upgrade: bool,
-}
-
 /// Parses a request head at the start of `buf`. On success the head is taken
 /// out of `buf`, leaving whatever follows it (body or pipelined requests).
 /// `Ok(None)`: the head is not complete yet.
@@ -101,9 +89,13 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     };
     let method = Method::from_bytes(request.method.unwrap_or_default().as_bytes())
         .map_err(|_| HeadError::Malformed("invalid method"))?;
-    let whole: &[u8] = buf;
-    let target = range_in(whole, request.path.unwrap_or_default().as_bytes());
-    let mut values: SmallVec<[(HeaderName, Span); 16]> = SmallVec::new();
+    let whole: &[u8] = &buf[..head_len];
+    let target = request::parse_target(
+        whole,
+        range_in(whole, request.path.unwrap_or_default().as_bytes()),
+        &method,
+    )?;
+    let mut spans = SmallVec::new();
     let mut lengths = LengthCheck::default();
     let mut chunked = None;
     let mut connection = ConnectionTokens::default();
@@ -111,31 +103,21 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     let mut expect_continue = false;
     let mut upgrade_offered = false;
     for field in request.headers.iter() {
-        let name =
-            HeaderName::from_bytes(field.name.as_bytes()).map_err(|_| HeadError::Malformed("invalid header name"))?;
-        if name == http::header::CONTENT_LENGTH {
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
             lengths.add(field.value)?;
-        } else if name == http::header::TRANSFER_ENCODING {
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             chunked = Some(transfer_coding(chunked, field.value)?);
-        } else if name == http::header::CONNECTION {
-            connection.add(field.value);
-        } else if name == http::header::HOST {
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            connection.add_in(whole, field.value);
+        } else if name.eq_ignore_ascii_case(b"host") {
             hosts += 1;
-        } else if name == http::header::EXPECT {
+        } else if name.eq_ignore_ascii_case(b"expect") {
             expect_continue = field.value.trim_ascii().eq_ignore_ascii_case(b"100-continue");
-        } else if name == http::header::UPGRADE {
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
             upgrade_offered = true;
         }
-        values.push((name, range_in(whole, field.value)));
-    }
-    let head = buf.split_to(head_len).freeze();
-    let uri = Uri::from_maybe_shared(head.slice(target.range()))
-        .map_err(|_| HeadError::Malformed("invalid request target"))?;
-    let mut headers = HeaderMap::with_capacity(values.len());
-    for (name, value) in values {
-        let value = HeaderValue::from_maybe_shared(head.slice(value.range()))
-            .map_err(|_| HeadError::Malformed("invalid header value"))?;
-        headers.append(name, value);
+        spans.push((range_in(whole, name), range_in(whole, field.value)));
     }
     if version == Version::HTTP_11 && hosts != 1 {
         return Err(HeadError::Malformed(
@@ -157,19 +139,22 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     } else {
         connection.keep_alive && !connection.close
     };
-
-    let mut parts = http::Request::new(()).into_parts().0;
-    parts.method = method;
-    parts.uri = uri;
-    parts.version = version;
-    parts.headers = headers;
-    Ok(Some(RequestHead {
-        parts,
-        body,
-        keep_alive,
-        expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
-        upgrade: upgrade_offered && connection.upgrade && body == Framing::Empty && version == Version::HTTP_11,
-    }))
+    let head = RequestHead::new(
+        whole,
+        Parsed {
+            method,
+            version,
+            target,
+            fields: spans,
+            connection_named: connection.named,
+            body,
+            keep_alive,
+            expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
+            upgrade: upgrade_offered && connection.upgrade && body == Framing::Empty && version == Version::HTTP_11,
+        },
+    );
+    buf.advance(head_len);
+    Ok(Some(head))
 }
 
 /// The length of a complete head from httparse's verdict on `buffered` bytes;
@@ -287,16 +272,29 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 }
 
 /// A stretch of a message head, by offsets (heads are small, so 32 bits do,
-/// and a response head's field table stays a few hundred bytes).
-#[derive(Debug, Clone, Copy)]
-struct Span {
+/// and a head's field table stays a few hundred bytes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
     start: u32,
     end: u32,
 }
 
 impl Span {
-    fn of(self, head: &[u8]) -> &[u8] {
-        &head[self.range()]
+    /// `start..end` of a head of at most [`MAX_HEAD`] bytes.
+    pub fn new(start: usize, end: usize) -> Span {
+        Span {
+            start: start as u32,
+            end: end as u32,
+        }
+    }
+
+    pub fn start(self) -> usize {
+        self.start as usize
+    }
+
+    /// The bytes of `head` this span covers (empty if it lies outside).
+    pub fn of(self, head: &[u8]) -> &[u8] {
+        head.get(self.range()).unwrap_or_default()
     }
 
     fn range(self) -> Range<usize> {
@@ -681,9 +679,10 @@ mod tests {
     fn a_plain_request_is_parsed_and_leaves_what_follows() {
         let mut buf = BytesMut::from("GET /a?b=1 HTTP/1.1\r\nHost: x\r\nX-A: 1\r\n\r\nGET /next");
         let head = parse_request(&mut buf).expect("valid").expect("complete");
-        assert_eq!(head.parts.method, Method::GET);
-        assert_eq!(head.parts.uri, "/a?b=1");
-        assert_eq!(head.parts.headers["x-a"], "1");
+        assert_eq!(head.method, Method::GET);
+        assert_eq!((head.path(), head.query()), ("/a", Some("b=1")));
+        assert_eq!(head.host(), Some("x"));
+        assert_eq!(head.header("x-a"), Some(&b"1"[..]));
         assert_eq!(head.body, Framing::Empty);
         assert!(head.keep_alive);
         assert_eq!(&buf[..], b"GET /next");

@@ -15,6 +15,7 @@ pub mod health;
 pub mod http1;
 pub mod plugin;
 pub mod proxy;
+pub mod request;
 pub mod router;
 pub mod server;
 pub mod upstream;

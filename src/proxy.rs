@@ -9,9 +9,10 @@ use crate::app::{Pool, Snapshot};
 use crate::health::{self, Outcome};
 use crate::http1::{self, Framing, ResponseHead};
 use crate::plugin::RequestSlot;
+use crate::request::RequestHead;
 use crate::upstream::{BodySource, ClientBodyError, ExchangeError, Outgoing, ResponseBody, ResponseBodyError};
 use bytes::{Bytes, BytesMut};
-use http::header::{self, HeaderName};
+use http::header;
 use http::{Method, Request, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::{BodyExt, Full};
@@ -74,13 +75,8 @@ impl Client {
 }
 
 /// The pool a request goes to, by its host and path.
-pub fn route<'a>(snapshot: &'a Snapshot, parts: &http::request::Parts) -> Option<&'a Pool> {
-    let host = parts
-        .uri
-        .authority()
-        .map(|a| a.as_str())
-        .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()));
-    let index = snapshot.router.pool_for(host, parts.uri.path())?;
+pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<&'a Pool> {
+    let index = snapshot.router.pool_for(head.host(), head.path())?;
     snapshot.pools.get(index)
 }
 
@@ -130,17 +126,17 @@ async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize
 pub async fn forward<B: BodySource>(
     pool: &Pool,
     client: &Client,
-    parts: http::request::Parts,
+    request: RequestHead,
     source: &mut B,
     upgrade: bool,
     mut timer: Pin<&mut tokio::time::Sleep>,
 ) -> Result<Forwarded, LocalReply> {
-    let mut body = prepare_body(&parts.method, source, pool.config.retry_buffer).await?;
-    let may_replay = is_idempotent(&parts.method);
-    let head_request = parts.method == Method::HEAD;
+    let mut body = prepare_body(&request.method, source, pool.config.retry_buffer).await?;
+    let may_replay = is_idempotent(&request.method);
+    let head_request = request.method == Method::HEAD;
     let framing = source.framing();
     let current = RequestSlot {
-        parts: Some(parts),
+        head: Some(request),
         client: Some(client.addr),
     };
     // Encoded once, for whichever backend gets the request.
@@ -192,7 +188,7 @@ pub async fn forward<B: BodySource>(
         let reused = conn.reused;
 
         if head.is_empty() {
-            let Some(parts) = current.parts.as_ref() else {
+            let Some(request) = current.head.as_ref() else {
                 return Err(LocalReply::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "the request was lost",
@@ -202,7 +198,7 @@ pub async fn forward<B: BodySource>(
                 BodyState::Held(bytes) if !bytes.is_empty() => Framing::Length(bytes.len() as u64),
                 _ => framing,
             };
-            encode_request_head(parts, client, out_framing, &backend.address, upgrade, &mut head)
+            encode_request_head(request, client, out_framing, &backend.address, upgrade, &mut head)
                 .map_err(|message| LocalReply::new(StatusCode::BAD_REQUEST, message))?;
         }
         let streamed = matches!(body, BodyState::Stream);
@@ -295,21 +291,19 @@ pub async fn forward<B: BodySource>(
 /// Stale pooled connections tolerated per request before a backend counts as failing.
 const MAX_STALE_RETRIES: u32 = 3;
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
-static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
-static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
-
 /// Headers of the client's request that are not copied upstream as they are:
 /// hop-by-hop ones ([`http1::HOP_BY_HOP`]), framing (rewritten), `Host` and
 /// the `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
-fn rewritten_upstream(name: &HeaderName) -> bool {
-    name == header::CONTENT_LENGTH
-        || name == header::HOST
-        || name == header::EXPECT
-        || name == X_FORWARDED_FOR
-        || name == X_FORWARDED_HOST
-        || name == X_FORWARDED_PROTO
-        || http1::is_hop_by_hop(name.as_str().as_bytes())
+fn rewritten_upstream(name: &[u8]) -> bool {
+    const REWRITTEN: [&str; 6] = [
+        "content-length",
+        "host",
+        "expect",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    ];
+    REWRITTEN.iter().any(|r| r.as_bytes().eq_ignore_ascii_case(name)) || http1::is_hop_by_hop(name)
 }
 
 /// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
@@ -318,65 +312,50 @@ fn rewritten_upstream(name: &HeaderName) -> bool {
 /// `Host`; with none, `fallback_host`), framed by `framing`. `upgrade`: the
 /// client asks to switch protocols, and its `Upgrade` is passed on.
 pub fn encode_request_head(
-    parts: &http::request::Parts,
+    request: &RequestHead,
     client: &Client,
     framing: Framing,
     fallback_host: &str,
     upgrade: bool,
     out: &mut Vec<u8>,
 ) -> Result<(), &'static str> {
-    out.extend_from_slice(parts.method.as_str().as_bytes());
-    out.push(b' ');
-    let target = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    if target.is_empty() || parts.method == Method::CONNECT {
+    if request.method == Method::CONNECT {
         return Err("the request target cannot be forwarded");
     }
-    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(request.method.as_str().as_bytes());
+    out.push(b' ');
+    request.write_origin_form(out);
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     // The request target's authority wins over a Host header (RFC 9112 3.2.2).
-    let host = match parts.uri.authority() {
-        Some(authority) => authority.as_str().as_bytes(),
-        None => parts
-            .headers
-            .get(header::HOST)
-            .map_or(fallback_host.as_bytes(), |h| h.as_bytes()),
-    };
+    let host = request.host().map_or(fallback_host.as_bytes(), str::as_bytes);
     if host.iter().any(|&b| b == b'\r' || b == b'\n') {
         return Err("the host is not valid");
     }
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
 
-    let connection_named: SmallVec<[HeaderName; 2]> = parts
-        .headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    for (name, value) in &parts.headers {
-        if rewritten_upstream(name) || connection_named.contains(name) {
+    for (name, value) in request.headers() {
+        if rewritten_upstream(name) || request.named_by_connection(name) {
             continue;
         }
-        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(name);
         out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
     }
 
     out.extend_from_slice(b"x-forwarded-for: ");
-    for earlier in parts.headers.get_all(&X_FORWARDED_FOR) {
-        out.extend_from_slice(earlier.as_bytes());
+    for earlier in request.header_all("x-forwarded-for") {
+        out.extend_from_slice(earlier);
         out.extend_from_slice(b", ");
     }
     out.extend_from_slice(client.ip_text());
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    if upgrade && let Some(protocol) = parts.headers.get(header::UPGRADE) {
+    if upgrade && let Some(protocol) = request.header("upgrade") {
         out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
-        out.extend_from_slice(protocol.as_bytes());
+        out.extend_from_slice(protocol);
         out.extend_from_slice(b"\r\n");
     }
     match framing {
@@ -386,7 +365,7 @@ pub fn encode_request_head(
             out.extend_from_slice(b"\r\n");
         }
         Framing::Chunked | Framing::UntilClose => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty if matches!(parts.method, Method::POST | Method::PUT | Method::PATCH) => {
+        Framing::Empty if matches!(request.method, Method::POST | Method::PUT | Method::PATCH) => {
             out.extend_from_slice(b"content-length: 0\r\n");
         }
         Framing::Empty => {}
@@ -466,13 +445,17 @@ impl BodySource for IncomingSource {
 /// Serves one request of an HTTP/2 client.
 pub async fn handle(snapshot: &Snapshot, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
-    let Some(pool) = route(snapshot, &parts) else {
+    let mut source = IncomingSource(body);
+    let head = match RequestHead::from_parts(&parts, source.framing()) {
+        Ok(head) => head,
+        Err(error) => return local_response(LocalReply::new(error.status(), error.to_string())),
+    };
+    let Some(pool) = route(snapshot, &head) else {
         return local_response(LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request"));
     };
-    let mut source = IncomingSource(body);
     let timer = tokio::time::sleep(pool.config.response_timeout);
     tokio::pin!(timer);
-    match forward(pool, client, parts, &mut source, false, timer).await {
+    match forward(pool, client, head, &mut source, false, timer).await {
         Ok(Forwarded { head, body, .. }) => {
             let mut response = Response::new(ProxyBody::Upstream(body));
             *response.status_mut() = head.status;
@@ -489,25 +472,18 @@ mod tests {
 
     #[test]
     fn the_upstream_head_is_rewritten_for_the_backend() {
-        let request = Request::builder()
-            .method("POST")
-            .uri("http://example.com/a?b=1")
-            .version(http::Version::HTTP_2)
-            .header("connection", "x-secret, keep-alive")
-            .header("x-secret", "1")
-            .header("te", "trailers")
-            .header("x-forwarded-for", "10.0.0.1")
-            .header("content-length", "999")
-            .header("accept", "*/*")
-            .body(())
-            .expect("valid request");
-        let (parts, ()) = request.into_parts();
+        let mut buf = bytes::BytesMut::from(
+            "POST http://example.com/a?b=1 HTTP/1.1\r\nHost: ignored.example\r\n\
+             Connection: x-secret, keep-alive\r\nX-Secret: 1\r\nTE: trailers\r\n\
+             X-Forwarded-For: 10.0.0.1\r\nContent-Length: 3\r\nAccept: */*\r\n\r\nabc",
+        );
+        let request = http1::parse_request(&mut buf).expect("valid").expect("complete");
         let client = Client::new("127.0.0.9:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(&parts, &client, Framing::Length(3), "backend:1", false, &mut out).expect("encodes");
+        encode_request_head(&request, &client, request.body, "backend:1", false, &mut out).expect("encodes");
         assert_eq!(
             String::from_utf8_lossy(&out),
-            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\naccept: */*\r\n\
+            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nAccept: */*\r\n\
              x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-host: example.com\r\n\
              x-forwarded-proto: http\r\ncontent-length: 3\r\n\r\n"
         );
@@ -516,9 +492,10 @@ mod tests {
     #[test]
     fn a_request_without_host_gets_the_fallback_and_chunked_framing() {
         let (parts, ()) = Request::get("/x").body(()).expect("valid").into_parts();
+        let request = RequestHead::from_parts(&parts, Framing::Chunked).expect("fits");
         let client = Client::new("[::1]:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(&parts, &client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
+        encode_request_head(&request, &client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
         assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");

@@ -20,6 +20,7 @@ wasmtime::component::bindgen!({
 });
 
 use self::fulcrum::plugin::host::Level;
+use crate::request::visible_text;
 pub use exports::fulcrum::plugin::policy::Backend as WitBackend;
 
 /// How often the epoch ticks; a call's deadline is counted in these ticks.
@@ -32,7 +33,7 @@ pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 /// The request a plugin call is about.
 #[derive(Default)]
 pub struct CurrentRequest {
-    pub parts: Option<http::request::Parts>,
+    pub head: Option<crate::request::RequestHead>,
     pub client: Option<SocketAddr>,
 }
 
@@ -281,8 +282,8 @@ impl StoreState {
         unsafe { self.current.0.as_ref() }
     }
 
-    fn parts(&self) -> Option<&http::request::Parts> {
-        self.request()?.parts.as_ref()
+    fn head(&self) -> Option<&crate::request::RequestHead> {
+        self.request()?.head.as_ref()
     }
 
     fn client(&self) -> Option<SocketAddr> {
@@ -338,44 +339,35 @@ impl self::fulcrum::plugin::host::Host for StoreState {
 
 impl self::fulcrum::plugin::request::Host for StoreState {
     fn method(&mut self) -> String {
-        self.parts().map_or_else(String::new, |p| p.method.as_str().to_owned())
+        self.head().map_or_else(String::new, |h| h.method.as_str().to_owned())
     }
 
     fn path(&mut self) -> String {
-        self.parts().map_or_else(String::new, |p| p.uri.path().to_owned())
+        self.head().map_or_else(String::new, |h| h.path().to_owned())
     }
 
     fn query(&mut self) -> String {
-        self.parts().and_then(|p| p.uri.query()).unwrap_or_default().to_owned()
+        self.head().and_then(|h| h.query()).unwrap_or_default().to_owned()
     }
 
     fn authority(&mut self) -> String {
-        let Some(parts) = self.parts() else {
-            return String::new();
-        };
-        parts
-            .uri
-            .authority()
-            .map(|a| a.as_str())
-            .or_else(|| parts.headers.get(http::header::HOST).and_then(|h| h.to_str().ok()))
-            .unwrap_or_default()
-            .to_owned()
+        self.head().and_then(|h| h.host()).unwrap_or_default().to_owned()
     }
 
     fn header(&mut self, name: String) -> Option<String> {
-        let parts = self.parts()?;
-        let value = parts.headers.get(name.as_str())?;
-        value.to_str().ok().map(str::to_owned)
+        let value = self.head()?.header(&name)?;
+        visible_text(value).map(str::to_owned)
     }
 
     fn headers(&mut self) -> Vec<(String, String)> {
-        let Some(parts) = self.parts() else {
+        let Some(head) = self.head() else {
             return Vec::new();
         };
-        parts
-            .headers
-            .iter()
-            .filter_map(|(k, v)| Some((k.as_str().to_owned(), v.to_str().ok()?.to_owned())))
+        head.headers()
+            .filter_map(|(name, value)| {
+                let name = std::str::from_utf8(name).ok()?.to_ascii_lowercase();
+                Some((name, visible_text(value)?.to_owned()))
+            })
             .collect()
     }
 
@@ -387,11 +379,10 @@ impl self::fulcrum::plugin::request::Host for StoreState {
         let Some(client) = self.client() else {
             return 0;
         };
-        let bytes = match client.ip() {
-            std::net::IpAddr::V4(v4) => v4.octets().to_vec(),
-            std::net::IpAddr::V6(v6) => v6.octets().to_vec(),
-        };
-        fnv1a(&bytes)
+        match client.ip() {
+            std::net::IpAddr::V4(v4) => fnv1a(&v4.octets()),
+            std::net::IpAddr::V6(v6) => fnv1a(&v6.octets()),
+        }
     }
 }
 
