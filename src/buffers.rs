@@ -8,8 +8,12 @@ use std::cell::RefCell;
 
 /// The size of every recycled buffer.
 pub const SIZE: usize = 4 * 1024;
-/// Buffers a thread keeps spare; beyond that they are freed, so idle memory stays bounded.
-const SPARE: usize = 64;
+/// Buffers of each kind a thread keeps spare; beyond that they are freed, so
+/// idle memory stays bounded (at most a few MiB per worker). Enough for a few
+/// hundred requests in flight per worker to recycle rather than allocate.
+const SPARE: usize = 256;
+/// Read buffers grown past this (a large body read) are freed rather than kept.
+const READ_KEEP_MAX: usize = 32 * 1024;
 
 /// The capacity a write buffer starts with.
 pub const WRITE_SIZE: usize = 1024;
@@ -37,7 +41,7 @@ pub fn take() -> BytesMut {
 
 /// Gives a buffer back for reuse; what it holds is discarded.
 pub fn give(mut buf: BytesMut) {
-    if buf.capacity() == 0 {
+    if buf.capacity() == 0 || buf.capacity() > READ_KEEP_MAX {
         return;
     }
     buf.clear();

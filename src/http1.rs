@@ -8,6 +8,7 @@
 //! lengths, a transfer coding other than a lone `chunked`, or `chunked` in an
 //! HTTP/1.0 request is refused, never guessed at.
 
+use crate::buffers;
 pub use crate::request::RequestHead;
 use crate::request::{self, Parsed};
 use bytes::{Buf, Bytes, BytesMut};
@@ -311,10 +312,11 @@ fn range_in(whole: &[u8], part: &[u8]) -> Span {
     }
 }
 
-/// A backend's response head, kept as the bytes it arrived in.
+/// A backend's response head, kept as the bytes it arrived in (copied out of
+/// the read buffer into a recycled one, so that buffer stays whole for reuse).
 #[derive(Debug)]
 pub struct ResponseHead {
-    raw: Bytes,
+    raw: Vec<u8>,
     pub status: StatusCode,
     reason: Span,
     /// (name, value) of each header field, as ranges of `raw`.
@@ -372,7 +374,9 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<R
     // After 101 the connection carries another protocol.
     let switched = status == StatusCode::SWITCHING_PROTOCOLS;
     let reusable = framed && !switched && !connection.close && (!http10 || connection.keep_alive);
-    let raw = buf.split_to(head_len).freeze();
+    let mut raw = buffers::take_write();
+    raw.extend_from_slice(&buf[..head_len]);
+    buf.advance(head_len);
     Ok(Some(ResponseHead {
         raw,
         status,
@@ -447,14 +451,17 @@ impl ResponseHead {
                     continue;
                 }
             }
-            if let (Ok(name), Ok(value)) = (
-                HeaderName::from_bytes(name),
-                HeaderValue::from_maybe_shared(self.raw.slice_ref(value)),
-            ) {
+            if let (Ok(name), Ok(value)) = (HeaderName::from_bytes(name), HeaderValue::from_bytes(value)) {
                 map.append(name, value);
             }
         }
         map
+    }
+}
+
+impl Drop for ResponseHead {
+    fn drop(&mut self) {
+        buffers::give_write(std::mem::take(&mut self.raw));
     }
 }
 

@@ -460,14 +460,11 @@ impl ResponseBody {
     fn finish(&mut self) {
         self.quiet = None;
         self.in_flight = None;
-        if let Some(conn) = self.conn.take()
-            && self.reusable
-            && conn.buf.is_empty()
-        {
-            let Conn {
-                stream, pool, limits, ..
-            } = conn.conn;
-            pool.put(stream, limits);
+        if let Some(ExchangedConn { conn, buf }) = self.conn.take() {
+            if self.reusable && buf.is_empty() {
+                conn.pool.put(conn.stream, conn.limits);
+            }
+            buffers::give(buf);
         }
     }
 
