@@ -124,46 +124,47 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, sh
     let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
     let mut response_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
     let mut header_read_timeout = app.snapshot().config.server.header_read_timeout;
-    loop {
+    // The head is taken out of the match before the request is served: a value
+    // matched on lives to the match's end, so an await inside it would keep
+    // room for a whole request head in every idle connection's state.
+    let (status, message) = loop {
         timer.as_mut().reset(Instant::now() + header_read_timeout);
-        match next_head(&mut stream, &mut buf, timer.as_mut(), first).await {
-            NextHead::Head(head) => {
-                first = false;
-                let busy = shutdown.busy();
-                let snapshot = app.snapshot();
-                header_read_timeout = snapshot.config.server.header_read_timeout;
-                let keep = Box::pin(serve_request(
-                    &snapshot,
-                    &mut stream,
-                    &mut buf,
-                    head,
-                    &client,
-                    response_timer.as_mut(),
-                ))
-                .await;
-                drop(busy);
-                if !keep || shutdown.is_stopping() {
-                    buffers::give(buf);
-                    return None;
-                }
-                if buf.is_empty() {
-                    // The connection holds no buffer while it waits.
-                    buffers::give(std::mem::take(&mut buf));
-                }
-            }
+        let head = match next_head(&mut stream, &mut buf, timer.as_mut(), first).await {
+            NextHead::Head(head) => head,
             NextHead::Http2 => return Some(Handoff::Http2(stream, buf)),
             NextHead::Close => {
                 buffers::give(buf);
                 return None;
             }
-            NextHead::Refuse(status, message) => {
-                let mut out = Vec::with_capacity(256);
-                http1::local_response(status, &message, Some("close"), &mut out);
-                let _ = stream.write_all(&out).await;
-                return None;
-            }
+            NextHead::Refuse(status, message) => break (status, message),
+        };
+        first = false;
+        let busy = shutdown.busy();
+        let snapshot = app.snapshot();
+        header_read_timeout = snapshot.config.server.header_read_timeout;
+        let request = Box::pin(serve_request(
+            &snapshot,
+            &mut stream,
+            &mut buf,
+            head,
+            &client,
+            response_timer.as_mut(),
+        ));
+        let keep = request.await;
+        drop(busy);
+        if !keep || shutdown.is_stopping() {
+            buffers::give(buf);
+            return None;
         }
-    }
+        if buf.is_empty() {
+            // The connection holds no buffer while it waits.
+            buffers::give(std::mem::take(&mut buf));
+        }
+    };
+    let mut out = Vec::with_capacity(256);
+    http1::local_response(status, &message, Some("close"), &mut out);
+    let _ = stream.write_all(&out).await;
+    None
 }
 
 /// Reads until a whole request head is in `buf`, within the timer's deadline.
