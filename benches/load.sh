@@ -209,7 +209,8 @@ to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
 
 echo "# Fulcrum load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per row$( ((REPEAT > 1)) && echo ", median of $REPEAT interleaved runs")"
 echo "# $("$FULCRUM" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
-ROWS="nginx haproxy fulcrum$( ((FLOOR)) && echo " floor")"
+ROWS="nginx haproxy fulcrum"
+if ((FLOOR)); then ROWS+=" floor"; fi
 for mode in $MODES; do
   if [[ $mode == pinned ]]; then PROXY_SET="taskset -c 1"; REST_SET="taskset -c 0"; else PROXY_SET=""; REST_SET=""; fi
   start_all "$PROXY_SET" "$REST_SET"
