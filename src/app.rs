@@ -259,15 +259,15 @@ impl App {
     /// Reloads the config whenever its file changes, until the app is dropped.
     pub fn watch_config(self: &Arc<Self>, path: &Path) -> Result<(), notify::Error> {
         use notify::Watcher;
-        let file = path.canonicalize().map_err(|e| notify::Error::io(e))?;
+        let file = path.canonicalize().map_err(notify::Error::io)?;
         let folder = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let (tx, rx) = std::sync::mpsc::channel::<()>();
         let watched = file.clone();
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Some(event) = event.ok().filter(crate::plugin::registry::is_change) {
-                if event.paths.iter().any(|p| p.file_name() == watched.file_name()) {
-                    let _ = tx.send(());
-                }
+            if let Some(event) = event.ok().filter(crate::plugin::registry::is_change)
+                && event.paths.iter().any(|p| p.file_name() == watched.file_name())
+            {
+                let _ = tx.send(());
             }
         })?;
         watcher.watch(&folder, notify::RecursiveMode::NonRecursive)?;

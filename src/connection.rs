@@ -104,6 +104,8 @@ pub enum Handoff {
     Http2(TcpStream, BytesMut),
 }
 
+// Not boxed: a head is read per request, and a box would be an allocation each time.
+#[allow(clippy::large_enum_variant)]
 enum NextHead {
     Head(RequestHead),
     Http2,

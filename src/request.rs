@@ -298,7 +298,10 @@ fn query_byte(b: u8) -> bool {
 mod tests {
     use super::*;
 
-    fn target(text: &str, method: Method) -> Result<(Option<String>, Option<String>, Option<String>), HeadError> {
+    /// Path, query and authority as text.
+    type Parts = (Option<String>, Option<String>, Option<String>);
+
+    fn target(text: &str, method: Method) -> Result<Parts, HeadError> {
         let head = text.as_bytes();
         let parts = parse_target(head, Span::new(0, head.len()), &method)?;
         let show = |s: Option<Span>| s.map(|s| String::from_utf8_lossy(s.of(head)).into_owned());
