@@ -45,12 +45,7 @@ pub fn give(mut buf: BytesMut) {
         return;
     }
     buf.clear();
-    SPARES.with(|spares| {
-        let mut spares = spares.borrow_mut();
-        if spares.len() < SPARE {
-            spares.push(buf);
-        }
-    });
+    keep(&SPARES, buf);
 }
 
 /// An empty write buffer with room for at least [`WRITE_SIZE`] bytes.
@@ -66,7 +61,12 @@ pub fn give_write(mut buf: Vec<u8>) {
         return;
     }
     buf.clear();
-    WRITE_SPARES.with(|spares| {
+    keep(&WRITE_SPARES, buf);
+}
+
+/// Adds `buf` to this thread's `spares` unless [`SPARE`] are kept already.
+fn keep<T: 'static>(spares: &'static std::thread::LocalKey<RefCell<Vec<T>>>, buf: T) {
+    spares.with(|spares| {
         let mut spares = spares.borrow_mut();
         if spares.len() < SPARE {
             spares.push(buf);

@@ -1,6 +1,7 @@
 //! The HTTP/1.1 edge through the real binary: keep-alive and pipelining,
 //! bodies in every framing both ways, HTTP/1.0 and HEAD, `Expect:
-//! 100-continue`, and requests whose framing could smuggle a second request.
+//! 100-continue`, the request head as the backend gets it, and requests whose
+//! framing could smuggle a second request.
 
 mod common;
 
@@ -48,6 +49,36 @@ async fn pipelined_requests_are_answered_in_order_on_one_connection() {
         .expect("the last answer says it closes");
     assert!(headers_at < last_at, "{answer}");
     assert_eq!(backends[0].stats.requests.load(Ordering::Relaxed), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_head_reaches_the_backend_rewritten_and_otherwise_whole() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config(&backends_toml(&backends, &[])), &[]);
+    // More fields than the head keeps inline, an absolute-form target with a
+    // fragment, a header the Connection header names, and an earlier proxy.
+    let mut request = String::from(
+        "GET http://shop.example:8080/headers?page=2#top HTTP/1.1\r\nHost: other.example\r\n\
+         Connection: close, X-Hop\r\nX-Hop: secret\r\nX-Forwarded-For: 203.0.113.9\r\n",
+    );
+    for i in 0..24 {
+        request.push_str(&format!("X-Field-{i}: value {i}\r\n"));
+    }
+    request.push_str("\r\n");
+    let answer = exchange_raw(fulcrum.addr, request.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    let seen = &answer[answer.find("\r\n\r\n").expect("a head") + 4..];
+    assert!(seen.starts_with("GET /headers?page=2 HTTP/1.1\n"), "{seen}");
+    assert!(
+        seen.contains("host: shop.example:8080\n"),
+        "the target's authority wins: {seen}"
+    );
+    assert!(!seen.to_lowercase().contains("x-hop"), "named by Connection: {seen}");
+    assert!(seen.contains("x-forwarded-for: 203.0.113.9, 127.0.0.1\n"), "{seen}");
+    assert!(seen.contains("x-forwarded-host: shop.example:8080\n"), "{seen}");
+    let fields: Vec<&str> = seen.lines().filter(|l| l.starts_with("x-field-")).collect();
+    let expected: Vec<String> = (0..24).map(|i| format!("x-field-{i}: value {i}")).collect();
+    assert_eq!(fields, expected, "every field, in order");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
