@@ -64,6 +64,38 @@ pub fn give_write(mut buf: Vec<u8>) {
     keep(&WRITE_SPARES, buf);
 }
 
+/// A message head's bytes in a recycled write buffer, given back when dropped.
+#[derive(Debug, Default)]
+pub struct HeadBytes(Vec<u8>);
+
+impl HeadBytes {
+    /// A copy of `bytes`.
+    pub fn copy_of(bytes: &[u8]) -> HeadBytes {
+        let mut buf = take_write();
+        buf.extend_from_slice(bytes);
+        HeadBytes(buf)
+    }
+
+    /// Bytes written into a buffer from [`take_write`].
+    pub fn new(buf: Vec<u8>) -> HeadBytes {
+        HeadBytes(buf)
+    }
+}
+
+impl std::ops::Deref for HeadBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl Drop for HeadBytes {
+    fn drop(&mut self) {
+        give_write(std::mem::take(&mut self.0));
+    }
+}
+
 /// Adds `buf` to this thread's `spares` unless [`SPARE`] are kept already.
 fn keep<T: 'static>(spares: &'static std::thread::LocalKey<RefCell<Vec<T>>>, buf: T) {
     spares.with(|spares| {

@@ -8,9 +8,9 @@
 //! lengths, a transfer coding other than a lone `chunked`, or `chunked` in an
 //! HTTP/1.0 request is refused, never guessed at.
 
-use crate::buffers;
+use crate::buffers::HeadBytes;
+use crate::request;
 pub use crate::request::RequestHead;
-use crate::request::{self, Parsed};
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
@@ -140,20 +140,18 @@ pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadErro
     } else {
         connection.keep_alive && !connection.close
     };
-    let head = RequestHead::new(
-        whole,
-        Parsed {
-            method,
-            version,
-            target,
-            fields: spans,
-            connection_named: connection.named,
-            body,
-            keep_alive,
-            expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
-            upgrade: upgrade_offered && connection.upgrade && body == Framing::Empty && version == Version::HTTP_11,
-        },
-    );
+    let head = RequestHead {
+        raw: HeadBytes::copy_of(whole),
+        method,
+        version,
+        target,
+        fields: spans,
+        connection_named: connection.named,
+        body,
+        keep_alive,
+        expect_continue: expect_continue && body != Framing::Empty && version == Version::HTTP_11,
+        upgrade: upgrade_offered && connection.upgrade && body == Framing::Empty && version == Version::HTTP_11,
+    };
     buf.advance(head_len);
     Ok(Some(head))
 }
@@ -316,7 +314,7 @@ fn range_in(whole: &[u8], part: &[u8]) -> Span {
 /// the read buffer into a recycled one, so that buffer stays whole for reuse).
 #[derive(Debug)]
 pub struct ResponseHead {
-    raw: Vec<u8>,
+    raw: HeadBytes,
     pub status: StatusCode,
     reason: Span,
     /// (name, value) of each header field, as ranges of `raw`.
@@ -374,8 +372,7 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<R
     // After 101 the connection carries another protocol.
     let switched = status == StatusCode::SWITCHING_PROTOCOLS;
     let reusable = framed && !switched && !connection.close && (!http10 || connection.keep_alive);
-    let mut raw = buffers::take_write();
-    raw.extend_from_slice(&buf[..head_len]);
+    let raw = HeadBytes::copy_of(&buf[..head_len]);
     buf.advance(head_len);
     Ok(Some(ResponseHead {
         raw,
@@ -456,12 +453,6 @@ impl ResponseHead {
             }
         }
         map
-    }
-}
-
-impl Drop for ResponseHead {
-    fn drop(&mut self) {
-        buffers::give_write(std::mem::take(&mut self.raw));
     }
 }
 

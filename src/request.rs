@@ -6,7 +6,7 @@
 //! Built from an HTTP/1.1 head by [`crate::http1::parse_request`] (which owns
 //! the framing rules) or from an HTTP/2 request by [`RequestHead::from_parts`].
 
-use crate::buffers;
+use crate::buffers::{self, HeadBytes};
 use crate::http1::{Framing, HeadError, MAX_HEAD, Span};
 use http::{Method, Version};
 use smallvec::SmallVec;
@@ -18,14 +18,14 @@ const INLINE_FIELDS: usize = 16;
 #[derive(Debug)]
 pub struct RequestHead {
     /// The head's bytes; every span below is an offset into it.
-    raw: Vec<u8>,
+    pub(crate) raw: HeadBytes,
     pub method: Method,
     pub version: Version,
-    target: Target,
+    pub(crate) target: Target,
     /// (name, value) of each header field in the order received.
-    fields: SmallVec<[(Span, Span); INLINE_FIELDS]>,
+    pub(crate) fields: SmallVec<[(Span, Span); INLINE_FIELDS]>,
     /// Headers the `Connection` header names: hop-by-hop for this request.
-    connection_named: SmallVec<[Span; 2]>,
+    pub(crate) connection_named: SmallVec<[Span; 2]>,
     pub body: Framing,
     /// Whether the client lets the connection carry another request.
     pub keep_alive: bool,
@@ -47,39 +47,7 @@ pub struct Target {
     pub authority: Option<Span>,
 }
 
-/// What [`crate::http1::parse_request`] found, to be kept as a [`RequestHead`].
-pub struct Parsed {
-    pub method: Method,
-    pub version: Version,
-    pub target: Target,
-    pub fields: SmallVec<[(Span, Span); INLINE_FIELDS]>,
-    pub connection_named: SmallVec<[Span; 2]>,
-    pub body: Framing,
-    pub keep_alive: bool,
-    pub expect_continue: bool,
-    pub upgrade: bool,
-}
-
 impl RequestHead {
-    /// Keeps `head` (a copy of the head's bytes, in a recycled buffer) with
-    /// what was parsed from it.
-    pub fn new(head: &[u8], parsed: Parsed) -> RequestHead {
-        let mut raw = buffers::take_write();
-        raw.extend_from_slice(head);
-        RequestHead {
-            raw,
-            method: parsed.method,
-            version: parsed.version,
-            target: parsed.target,
-            fields: parsed.fields,
-            connection_named: parsed.connection_named,
-            body: parsed.body,
-            keep_alive: parsed.keep_alive,
-            expect_continue: parsed.expect_continue,
-            upgrade: parsed.upgrade,
-        }
-    }
-
     /// An HTTP/2 request's head (hyper has checked it), to be sent on as HTTP/1.1.
     pub fn from_parts(parts: &http::request::Parts, body: Framing) -> Result<RequestHead, HeadError> {
         let mut raw = buffers::take_write();
@@ -104,7 +72,7 @@ impl RequestHead {
             return Err(HeadError::TooLarge);
         }
         Ok(RequestHead {
-            raw,
+            raw: HeadBytes::new(raw),
             method: parts.method.clone(),
             version: parts.version,
             target: Target { path, query, authority },
@@ -176,12 +144,6 @@ impl RequestHead {
             out.push(b'?');
             out.extend_from_slice(query.of(&self.raw));
         }
-    }
-}
-
-impl Drop for RequestHead {
-    fn drop(&mut self) {
-        buffers::give_write(std::mem::take(&mut self.raw));
     }
 }
 
