@@ -722,6 +722,18 @@ mod tests {
     }
 
     #[test]
+    fn an_integer_expect_status_is_checked_like_the_string_form() {
+        let ok = parse(&format!("{MINIMAL}[pools.web.health]\nexpect_status = 204\n")).expect("valid");
+        assert_eq!(ok.pools["web"].health.as_ref().map(|h| h.expect_status), Some((204, 204)));
+        for bad in ["70000", "-1", "99", "600", "0"] {
+            let err = parse(&format!("{MINIMAL}[pools.web.health]\nexpect_status = {bad}\n"))
+                .expect_err("an out-of-range status is refused");
+            assert!(err.contains("pools.web.health.expect_status"), "{bad}: {err}");
+            assert!(err.contains(bad) && err.contains("100") && err.contains("599"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
     fn errors_name_file_key_and_reason() {
         let cases = [
             (

@@ -222,6 +222,117 @@ mod tests {
         );
     }
 
+    fn checks(rise: u32, fall: u32) -> HealthConfig {
+        HealthConfig {
+            path: None,
+            host: None,
+            interval: Duration::from_secs(1),
+            timeout: Duration::from_millis(100),
+            rise,
+            fall,
+            expect_status: (200, 399),
+        }
+    }
+
+    fn quick_ejection(readmit_on_check: bool) -> OutlierConfig {
+        OutlierConfig {
+            consecutive_failures: 1,
+            base_ejection_time: Duration::from_secs(10),
+            max_ejection_time: Duration::from_secs(300),
+            max_ejected_percent: 100,
+            readmit_on_check,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn passing_checks_end_an_ejection_and_its_old_timer_never_ends_a_newer_one() {
+        let backends = pool(3);
+        let (outlier, health) = (quick_ejection(true), checks(2, 2));
+        let backend = &backends[0];
+        record("p", &backends, backend, Outcome::Failure, &outlier);
+        assert!(backend.state.is_ejected());
+        record_check("p", backend, &Ok(()), &health, &outlier);
+        assert!(backend.state.is_ejected(), "one passing check is not `rise`");
+        record_check("p", backend, &Ok(()), &health, &outlier);
+        assert!(!backend.state.is_ejected(), "`rise` passing checks end the ejection");
+        assert!(backend.state.is_healthy());
+
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        record("p", &backends, backend, Outcome::Failure, &outlier);
+        assert!(backend.state.is_ejected(), "ejected again (20 s: the second time)");
+        // The first ejection's timer fires at 10 s: it must not end the second.
+        tokio::time::sleep(Duration::from_millis(9_500)).await;
+        assert!(backend.state.is_ejected(), "an old timer ended a newer ejection");
+        tokio::time::sleep(Duration::from_secs(11)).await;
+        assert!(!backend.state.is_ejected(), "the second ejection's own timer ends it");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn checks_do_not_end_an_ejection_when_told_not_to() {
+        let backends = pool(2);
+        let (outlier, health) = (quick_ejection(false), checks(1, 1));
+        record("p", &backends, &backends[0], Outcome::Failure, &outlier);
+        for _ in 0..5 {
+            record_check("p", &backends[0], &Ok(()), &health, &outlier);
+        }
+        assert!(backends[0].state.is_ejected());
+        tokio::time::sleep(Duration::from_millis(10_500)).await;
+        assert!(!backends[0].state.is_ejected());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeat_ejections_grow_by_the_base_time_and_decay_while_healthy() {
+        let backends = pool(2);
+        let outlier = quick_ejection(false);
+        let backend = &backends[0];
+        let step = Duration::from_millis(500);
+        for (nth, lasts) in [(1, 10), (2, 20), (3, 30)] {
+            record("p", &backends, backend, Outcome::Failure, &outlier);
+            tokio::time::sleep(Duration::from_secs(lasts) - step).await;
+            assert!(backend.state.is_ejected(), "ejection {nth} lasts {lasts} s");
+            tokio::time::sleep(2 * step).await;
+            assert!(!backend.state.is_ejected(), "ejection {nth} ends after {lasts} s");
+        }
+        // 25 s healthy: two base times, so the count falls from 3 to 1 and the next is the 2nd.
+        tokio::time::sleep(Duration::from_secs(25) - step).await;
+        record("p", &backends, backend, Outcome::Failure, &outlier);
+        tokio::time::sleep(Duration::from_secs(20) - step).await;
+        assert!(backend.state.is_ejected());
+        tokio::time::sleep(2 * step).await;
+        assert!(!backend.state.is_ejected(), "decayed to the second ejection's 20 s");
+        // Long healthy: back to the base time.
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        record("p", &backends, backend, Outcome::Failure, &outlier);
+        tokio::time::sleep(Duration::from_secs(10) + step).await;
+        assert!(!backend.state.is_ejected(), "fully decayed: the base time again");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn check_streaks_live_with_the_backend_across_a_restart_of_the_checks() {
+        // A port nobody listens on: every check fails.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let address = closed.local_addr().expect("addr");
+        drop(closed);
+        let backends: BackendList = vec![Arc::new(Backend {
+            address: address.to_string(),
+            socket: address,
+            weight: 1,
+            state: Arc::new(BackendState::default()),
+            conns: Arc::new(ConnPool::default()),
+        })]
+        .into();
+        let (health, outlier) = (checks(2, 3), OutlierConfig::default());
+        let runtime = tokio::runtime::Handle::current();
+        let first = spawn_checks(&runtime, "p", &backends, &health, &outlier);
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+        assert!(backends[0].state.is_up(), "two failed checks of three");
+        // A config reload restarts every check task.
+        first.iter().for_each(JoinHandle::abort);
+        let _second = spawn_checks(&runtime, "p", &backends, &health, &outlier);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!backends[0].state.is_up(), "the third failure counts with the two before the restart");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn repeated_ejections_last_longer() {
         let backends = pool(2);
@@ -230,6 +341,7 @@ mod tests {
             base_ejection_time: Duration::from_secs(10),
             max_ejection_time: Duration::from_secs(300),
             max_ejected_percent: 100,
+            readmit_on_check: true,
         };
         record("p", &backends, &backends[0], Outcome::Failure, &config);
         tokio::time::sleep(Duration::from_secs(11)).await;

@@ -779,6 +779,29 @@ mod tests {
     }
 
     #[test]
+    fn a_status_line_without_a_reason_phrase_is_accepted() {
+        // httparse answers a missing reason with a static "", outside the buffer.
+        let head = response("HTTP/1.1 200\r\nContent-Length: 2\r\n\r\n", false);
+        assert_eq!((head.status, head.body), (StatusCode::OK, Framing::Length(2)));
+        assert_eq!((head.reason.start, head.reason.end), (0, 0));
+        let mut out = Vec::new();
+        head.write_for_client(&mut out, false, false, false);
+        assert!(out.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&out));
+    }
+
+    #[test]
+    fn a_slice_outside_the_buffer_has_an_empty_span() {
+        let whole = b"HTTP/1.1 200\r\n\r\n";
+        let inside = range_in(whole, &whole[9..12]);
+        assert_eq!((inside.start, inside.end), (9, 12));
+        let elsewhere = range_in(whole, b"");
+        assert_eq!((elsewhere.start, elsewhere.end), (0, 0));
+        let other = [0u8; 4];
+        let outside = range_in(whole, &other);
+        assert_eq!((outside.start, outside.end), (0, 0));
+    }
+
+    #[test]
     fn the_client_head_drops_hop_by_hop_headers() {
         let head = response(
             "HTTP/1.1 200 Fine\r\nConnection: x-private\r\nX-Private: 1\r\nKeep-Alive: timeout=5\r\n\

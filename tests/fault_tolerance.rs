@@ -46,10 +46,11 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
     let sent_later = fulcrum.backend_status("web", &victim).await["requests"].as_u64();
     assert_eq!(sent_when_down, sent_later, "a down backend gets no traffic");
 
-    let revived = backends[2].restart().await.expect("restart the backend");
-    let served_before = revived.stats.requests.load(Ordering::Relaxed);
+    let _revived = backends[2].restart().await.expect("restart the backend");
+    // Requests the balancer sent it: the backend's own count includes health checks.
+    let sent_before = fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0);
     let rejoined = wait_until(Duration::from_secs(5), async || {
-        revived.stats.requests.load(Ordering::Relaxed) > served_before + 10
+        fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0) > sent_before + 10
     })
     .await;
     assert!(rejoined, "back in rotation after `rise` good checks: {}", fulcrum.log());
@@ -57,6 +58,48 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
     let (ok, failed, failures) = load.finish().await;
     assert_eq!(failed, 0, "failed requests: {:?}", &failures[..failures.len().min(5)]);
     assert!(ok > 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ejected_backend_rejoins_as_soon_as_its_active_checks_pass() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    // A long ejection: without checks ending it, the backend would stay out 30 s.
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
+         [pools.web]\nbackends = {}\nretries = 2\n\
+         [pools.web.health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n\
+         [pools.web.outlier]\nconsecutive_failures = 1\nbase_ejection_time = \"30s\"\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    let victim = backends[1].addr.to_string();
+    let load = Load::start(fulcrum.addr, 4, "/slow/5");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    backends[1].kill();
+    let ejected = wait_until(Duration::from_secs(5), async || {
+        fulcrum.backend_status("web", &victim).await["ejected"] == true
+    })
+    .await;
+    assert!(ejected, "passive ejection took it out: {}", fulcrum.log());
+
+    let _revived = backends[1].restart().await.expect("restart the backend");
+    let back_at = Instant::now();
+    // Requests the balancer sent it (the backend's own count includes health checks).
+    let sent = fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0);
+    let rejoined = wait_until(Duration::from_secs(5), async || {
+        fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0) > sent + 10
+    })
+    .await;
+    assert!(
+        rejoined,
+        "back in rotation once its checks pass, not after the 30 s ejection: {}",
+        fulcrum.log()
+    );
+    assert!(back_at.elapsed() < Duration::from_secs(3), "rejoined in {:?}", back_at.elapsed());
+    assert_eq!(fulcrum.backend_status("web", &victim).await["ejected"], false);
+    let (ok, failed, failures) = load.finish().await;
+    assert_eq!(failed, 0, "failed requests: {:?}", &failures[..failures.len().min(5)]);
+    assert!(ok > 50);
 }
 
 /// A backend that accepts connections and reads, but never answers.
@@ -415,4 +458,92 @@ async fn plugin_output_reaches_the_log_from_init_and_from_the_request_path() {
     );
     assert!(!log.contains("did it write to stdout or stderr"), "{log}");
     assert!(!log.contains("using the fallback"), "{log}");
+}
+
+const ESCAPES: [&str; 7] = ["sleep", "tcp", "udp", "dns", "file", "env", "stdin"];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_cannot_block_or_reach_files_env_or_sockets_and_the_host_never_panics() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let list = backends_toml(&backends, &[]);
+    let mut text = String::from("[server]\nlisten = \"{listen}\"\n[plugins]\ndir = \"plugins.d\"\n");
+    for mode in ESCAPES {
+        text += &format!(
+            "[pools.{mode}]\npolicy = \"misbehave\"\npolicy_config = {{ mode = \"{mode}\" }}\nbackends = {list}\n\
+             [[routes]]\nhost = \"{mode}.test\"\npool = \"{mode}\"\n"
+        );
+    }
+    let fulcrum = Fulcrum::start(&text, &[("misbehave.wasm", &wasm("misbehave.wasm"))]);
+    for mode in ESCAPES {
+        for _ in 0..4 {
+            let request = http::Request::get("/")
+                .header("host", format!("{mode}.test"))
+                .body(Full::new(Bytes::new()))
+                .expect("request");
+            let reply = send(fulcrum.addr, request).await.expect("answered");
+            assert_eq!(reply.status, 200, "{mode}: the request is served whatever the plugin tried");
+        }
+    }
+    let log = fulcrum.log();
+    assert!(!log.contains("SUCCEEDED"), "nothing escaped the sandbox: {log}");
+    assert!(!log.contains("panicked"), "no host panic: {log}");
+    assert!(!log.contains("within a runtime"), "no nested runtime: {log}");
+    // Each attempt either failed inside the guest or was stopped as a fault.
+    for mode in ESCAPES {
+        let denied = log.contains(&format!("escape {mode}: denied"));
+        let stopped = log.lines().any(|l| l.contains("using the fallback") && l.contains("may not block"));
+        assert!(denied || stopped, "{mode}: {log}");
+    }
+    assert!(
+        log.lines().any(|l| l.contains("using the fallback") && l.contains("may not block")),
+        "a blocking call is a fault with a reason: {log}"
+    );
+}
+
+#[test]
+fn a_plugin_that_blocks_in_init_is_refused_alike_by_check_and_run() {
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:{}\"\n[plugins]\ndir = \"plugins.d\"\n\
+         [pools.web]\npolicy = \"misbehave\"\npolicy_config = {{ mode = \"sleep\", at = \"init\" }}\n\
+         backends = [\"127.0.0.1:9\"]\n",
+        free_port()
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("plugins.d")).expect("plugins.d");
+    std::fs::copy(wasm("misbehave.wasm"), dir.path().join("plugins.d/misbehave.wasm")).expect("copy");
+    let path = dir.path().join("fulcrum.toml");
+    std::fs::write(&path, &text).expect("write config");
+    let (ok, checked) = check_file(&path);
+    assert!(!ok, "check refuses a plugin that blocks in init: {checked}");
+    // `run` must refuse it before listening and exit by itself; bounded, in case it serves.
+    let log = dir.path().join("run.log");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["run", "--config"])
+        .arg(&path)
+        .stderr(std::fs::File::create(&log).expect("log file"))
+        .spawn()
+        .expect("run fulcrum");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let ran = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(status.is_some_and(|s| !s.success()), "run refuses it too: {ran}");
+    let reason = |text: &str| {
+        text.lines()
+            .find(|l| l.starts_with("fulcrum: "))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no error line in {text}"))
+    };
+    assert!(reason(&checked).contains("may not block"), "{checked}");
+    assert_eq!(reason(&checked), reason(&ran), "the same reason from check and run");
+    assert!(!ran.contains("panicked") && !checked.contains("panicked"), "{ran}");
 }

@@ -357,3 +357,25 @@ async fn websocket_upgrades_are_tunnelled_both_ways() {
         "{answer}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_status_line_without_a_reason_phrase_is_passed_on() {
+    // `HTTP/1.1 200` with no reason phrase is valid (RFC 9112 4: the reason may be empty).
+    let terse = RawBackend::start(|mut stream| async move {
+        let _ = read_head(&mut stream).await;
+        let _ = stream
+            .write_all(b"HTTP/1.1 200\r\nContent-Length: 5\r\nX-Backend: terse\r\n\r\nterse")
+            .await;
+    })
+    .await;
+    let fulcrum = Fulcrum::start(&config(&format!("[\"{}\"]", terse.addr)), &[]);
+    for _ in 0..3 {
+        let reply = get(fulcrum.addr, "/").await.expect("answered");
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.backend.as_deref(), Some("terse"));
+        assert_eq!(&reply.body[..], b"terse");
+    }
+    let answer = exchange_raw(fulcrum.addr, b"GET / HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").await;
+    assert!(answer.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+    assert!(!fulcrum.log().contains("panicked"), "{}", fulcrum.log());
+}

@@ -173,6 +173,34 @@ async fn a_half_written_plugin_is_not_loaded_as_broken() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_copy_is_loaded_once_complete_with_no_false_refusal_and_a_rename_still_acts_at_once() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
+    let rotate = std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm");
+    // As a copy over a network share does: three writes 0.4 s apart, straight onto the name.
+    let path = fulcrum.plugin_dir().join("swap.wasm");
+    let mut file = std::fs::File::create(&path).expect("open for writing");
+    for piece in rotate.chunks(rotate.len().div_ceil(3)) {
+        std::io::Write::write_all(&mut file, piece).expect("write piece");
+        std::io::Write::flush(&mut file).expect("flush");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    }
+    drop(file);
+    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(10), |b| b != "backend-1").await;
+    assert!(seen.is_some(), "the complete file was loaded: {}", fulcrum.log());
+    let log = fulcrum.log();
+    assert!(!log.contains("plugin refused"), "no refusal of a copy in progress: {log}");
+    assert_eq!(log.matches("plugin loaded").count(), 2, "loaded once, complete: {log}");
+
+    // An atomic rename takes effect at once, as before.
+    let first = std::fs::read(wasm("misbehave.wasm")).expect("misbehave.wasm");
+    install_file(&path, &first);
+    let seen = time_until(fulcrum.addr, 8, Duration::from_secs(5), |b| b == "backend-1").await;
+    let took = seen.unwrap_or_else(|| panic!("the renamed file was not loaded: {}", fulcrum.log()));
+    assert!(took <= Duration::from_secs(1), "a rename took {took:?} to act");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_config_reloads_live_and_a_bad_one_changes_nothing() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
     let config = |policy: &str, list: &[DemoBackend]| {

@@ -5,6 +5,11 @@
 //! backend 0 whatever its health, `"none"` declines.
 //! `"refuse"` fails `init`. `"chatty"` prints from `init` and from `select`
 //! (then picks the first healthy backend).
+//! Escape attempts, in `select` (or in `init` with `"at": "init"`), each
+//! logged through the host as `escape MODE: denied: ...` or `escape MODE:
+//! SUCCEEDED` before picking the first healthy backend: `"sleep"` (a WASI
+//! poll), `"tcp"` (connect), `"udp"` (bind), `"dns"` (name lookup), `"file"`
+//! (read /etc/hostname), `"env"` (read PATH), `"stdin"` (a blocking read).
 // Only a Wasm component: there is nothing to build or test on the host.
 #![cfg(target_arch = "wasm32")]
 
@@ -34,6 +39,9 @@ impl Guest for Misbehave {
         if mode == "chatty" {
             println!("hello from init");
             eprintln!("complaint from init");
+        }
+        if config.contains("\"at\"") && config.contains("\"init\"") {
+            escape(&mode);
         }
         MODE.with(|m| *m.borrow_mut() = mode);
         Ok(())
@@ -67,6 +75,10 @@ impl Guest for Misbehave {
                 HEALTHY.with(|h| h.borrow().first().copied())
             }
             "none" => None,
+            "sleep" | "tcp" | "udp" | "dns" | "file" | "env" | "stdin" => {
+                escape(&mode);
+                HEALTHY.with(|h| h.borrow().first().copied())
+            }
             "last" => HEALTHY.with(|h| h.borrow().last().copied()),
             _ => HEALTHY.with(|h| h.borrow().first().copied()),
         }
@@ -74,6 +86,41 @@ impl Guest for Misbehave {
 
     fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
         HEALTHY.with(|h| h.borrow().iter().copied().find(|id| !tried.contains(id)))
+    }
+}
+
+/// Tries to reach outside the sandbox (or to block) and logs what happened.
+fn escape(mode: &str) {
+    use fulcrum::plugin::host::{Level, log};
+    use std::io::Read;
+    let outcome: Result<String, String> = match mode {
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            Ok("slept".into())
+        }
+        "tcp" => std::net::TcpStream::connect("127.0.0.1:9")
+            .map(|_| "connected".into())
+            .map_err(|e| e.to_string()),
+        "udp" => std::net::UdpSocket::bind("127.0.0.1:0")
+            .map(|_| "bound".into())
+            .map_err(|e| e.to_string()),
+        "dns" => std::net::ToSocketAddrs::to_socket_addrs(&("localhost", 80))
+            .map(|_| "resolved".into())
+            .map_err(|e| e.to_string()),
+        "file" => std::fs::read_to_string("/etc/hostname").map_err(|e| e.to_string()),
+        "env" => std::env::var("PATH").map_err(|e| e.to_string()),
+        "stdin" => {
+            let mut byte = [0u8; 1];
+            std::io::stdin()
+                .read(&mut byte)
+                .map_err(|e| e.to_string())
+                .and_then(|n| if n == 0 { Err("end of input".into()) } else { Ok("read".into()) })
+        }
+        _ => Err("not an escape mode".into()),
+    };
+    match outcome {
+        Ok(what) => log(Level::Warn, &format!("escape {mode}: SUCCEEDED ({what})")),
+        Err(reason) => log(Level::Info, &format!("escape {mode}: denied: {reason}")),
     }
 }
 
