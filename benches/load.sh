@@ -6,6 +6,10 @@
 #   SMOKE=1 benches/load.sh         # 1 s per row, to prove the script works
 #   DURATION=20 WORKERS=2 POLICY=round-robin benches/load.sh
 #   IDLE=10000 ...                  # idle keep-alive connections held for the memory row (0: skip)
+#   WAVE=9000 ...                   # clients for the wave and burst memory rows (0: skip): fresh
+#                                   # nginx and Fulcrum per row, clients arriving one after another
+#                                   # (wave) or all asking at once (burst), held, then closed
+#   SETTLE=5 ...                    # seconds after closing them before RSS is read again
 #   REPEAT=3 benches/load.sh        # each row 3 times, proxies interleaved; the table shows medians
 #   FLOOR=0 benches/load.sh         # without the floor row (benches/floor_proxy.rs: bytes copied
 #                                   # on one tokio thread, no HTTP: the least a tokio proxy spends)
@@ -23,8 +27,23 @@ POLICY=${POLICY:-least-conn}      # least-conn or round-robin, applied to all th
 CONNS=${CONNS:-"16 256"}
 MODES=${MODES:-"pinned unpinned"}
 IDLE=${IDLE:-10000}
+WAVE=${WAVE:-9000}
+SETTLE=${SETTLE:-5}
 REPEAT=${REPEAT:-1}
-if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; REPEAT=1; fi
+if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; WAVE=200; SETTLE=1; REPEAT=1; fi
+
+# Open files: the proxies inherit this shell's limit. The idle row needs IDLE client connections
+# plus a batch of up to 500 backend ones in flight; the wave and burst rows up to one backend
+# connection per client (2 × WAVE); 64 more for listeners, epoll and logs (benches/idle_conns.py
+# checks the same before each row).
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+fds=64
+((IDLE > 0)) && fds=$((IDLE + (IDLE < 500 ? IDLE : 500) + 64))
+((WAVE > 0 && 2 * WAVE + 64 > fds)) && fds=$((2 * WAVE + 64))
+if [[ $(ulimit -n) != unlimited ]] && (($(ulimit -n) < fds)); then
+  echo "open-file limit too low: IDLE=$IDLE WAVE=$WAVE need $fds descriptors per proxy, but ulimit -n is $(ulimit -n) (hard $(ulimit -Hn)); raise the hard limit (as root: ulimit -Hn $fds, or LimitNOFILE=) or lower IDLE/WAVE" >&2
+  exit 1
+fi
 
 need=()
 for tool in nginx haproxy wrk taskset; do command -v "$tool" >/dev/null || need+=("$tool"); done
@@ -34,7 +53,6 @@ if ((${#need[@]})); then
   apt-get update -qq >/dev/null && apt-get install -y -qq nginx haproxy wrk util-linux >/dev/null
 fi
 PATH=$PATH:/usr/sbin
-ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 [[ -n "${FULCRUM_BIN:-}" ]] || cargo build --release --bin fulcrum >&2
 FULCRUM=${FULCRUM_BIN:-$PWD/target/release/fulcrum}
@@ -66,19 +84,23 @@ for port in $B1 $B2 $B3 $P_FULCRUM $P_NGINX $P_HAPROXY $P_FLOOR; do
 done
 
 # ---- backends: one nginx, one worker, three ports, a 6-byte body ----
+# A burst of WAVE clients can open as many backend connections at once: room for them all, and a
+# listen backlog that takes them without dropping SYNs (Fulcrum's connect timeout is 1 s).
+BACKEND_CONNS=$((WAVE + 1024 > 4096 ? WAVE + 1024 : 4096))
 mkdir -p "$WORK/backends" "$WORK/nginx"
 cat > "$WORK/backends/nginx.conf" <<EOF
 worker_processes 1;
 daemon off;
 pid $WORK/backends/nginx.pid;
 error_log $WORK/backends/error.log warn;
-events { worker_connections 4096; }
+worker_rlimit_nofile 65536;
+events { worker_connections $BACKEND_CONNS; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  server { listen 127.0.0.1:$B1 reuseport; location / { return 200 "hello\n"; } }
-  server { listen 127.0.0.1:$B2 reuseport; location / { return 200 "hello\n"; } }
-  server { listen 127.0.0.1:$B3 reuseport; location / { return 200 "hello\n"; } }
+  server { listen 127.0.0.1:$B1 reuseport backlog=4096; location / { return 200 "hello\n"; } }
+  server { listen 127.0.0.1:$B2 reuseport backlog=4096; location / { return 200 "hello\n"; } }
+  server { listen 127.0.0.1:$B3 reuseport backlog=4096; location / { return 200 "hello\n"; } }
 }
 EOF
 
@@ -111,6 +133,10 @@ http {
   }
 }
 EOF
+# The same for the wave and burst rows, with room for 2 × WAVE connections (client + upstream
+# side: nginx counts both); a copy, so the throughput rows' RSS stays comparable with past runs.
+NGINX_WAVE_CONNS=$((2 * WAVE + 1024 > 16384 ? 2 * WAVE + 1024 : 16384))
+sed "s/worker_connections 16384;/worker_connections $NGINX_WAVE_CONNS;/" "$WORK/nginx/nginx.conf" > "$WORK/nginx/nginx-wave.conf"
 
 cat > "$WORK/haproxy.cfg" <<EOF
 global
@@ -158,9 +184,13 @@ cpu_ticks() { local t=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/stat ]] &
 rss_kib() { local r=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/status ]] && r=$((r + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $r; }
 HZ=$(getconf CLK_TCK)
 
-start_all() {  # $1: taskset prefix for the proxies, $2: for backends
-  $2 nginx -c "$WORK/backends/nginx.conf" & PIDS+=($!)
+start_backends() {  # $1: taskset prefix
+  $1 nginx -c "$WORK/backends/nginx.conf" & PIDS+=($!)
   wait_port $B1
+}
+
+start_all() {  # $1: taskset prefix for the proxies, $2: for backends
+  start_backends "$2"
   $1 nginx -c "$WORK/nginx/nginx.conf" & PIDS+=($!); NGINX_PID=$!
   $1 haproxy -f "$WORK/haproxy.cfg" -db & PIDS+=($!); HAPROXY_PID=$!
   RUST_LOG=warn $1 "$FULCRUM" run --config "$WORK/fulcrum.toml" & PIDS+=($!); FULCRUM_PID=$!
@@ -175,6 +205,28 @@ stop_all() {
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
   PIDS=()
+}
+
+# A fresh proxy for one wave or burst row: sets FRESH_PORT and FRESH_PID.
+start_fresh() {  # $1: nginx or fulcrum, $2: taskset prefix
+  case $1 in
+    nginx) $2 nginx -c "$WORK/nginx/nginx-wave.conf" & FRESH_PID=$! FRESH_PORT=$P_NGINX ;;
+    fulcrum) RUST_LOG=warn $2 "$FULCRUM" run --config "$WORK/fulcrum.toml" & FRESH_PID=$! FRESH_PORT=$P_FULCRUM ;;
+  esac
+  PIDS+=("$FRESH_PID")
+  wait_port "$FRESH_PORT"
+  if [[ $1 == nginx ]]; then   # its port opens before its workers are forked
+    for _ in $(seq 100); do [[ -n "$(pgrep -P "$FRESH_PID")" ]] && break; sleep 0.05; done
+  fi
+  sleep 0.5
+}
+
+stop_one() {  # $1: a pid in PIDS
+  kill "$1" 2>/dev/null || true
+  wait "$1" 2>/dev/null || true
+  local keep=() pid
+  for pid in "${PIDS[@]}"; do [[ $pid == "$1" ]] || keep+=("$pid"); done
+  PIDS=("${keep[@]}")
 }
 
 # One wrk row: prints "req/s p50_ms p99_ms cpu_us_per_req rss_mib"
@@ -261,3 +313,30 @@ for mode in $MODES; do
   fi
   stop_all
 done
+
+# Wave and burst: WAVE clients held by a proxy started fresh for each row, arriving one after
+# another (at most 8 in progress) or all connected first and then all asking at once; RSS
+# before, once all are idle, and SETTLE s after they all closed.
+if ((WAVE > 0)); then
+  echo
+  echo "### $WAVE keep-alive clients in a wave (one after another, ≤ 8 in progress) and in a burst (all connect, then all ask at once), fresh proxies per row; after close: ${SETTLE} s after all closed"
+  echo
+  echo "| arrival | proxy | held | RSS before MiB | RSS idle MiB | RSS after close MiB | bytes per idle client | seconds |"
+  echo "| --- | --- | --- | --- | --- | --- | --- | --- |"
+  start_backends "${REST_SET:-}"
+  for arrival in wave burst; do
+    for proxy in nginx fulcrum; do
+      start_fresh "$proxy" "${PROXY_SET:-}"
+      if read -r held before idle after secs < <(python3 benches/idle_conns.py --mode "$arrival" --settle "$SETTLE" \
+          "$FRESH_PORT" "$WAVE" $(tree_pids "$FRESH_PID")); then
+        awk -v m="$arrival" -v p="$proxy" -v h="$held" -v b="$before" -v i="$idle" -v a="$after" -v s="$secs" \
+          'BEGIN{printf "| %s | %s | %d | %.1f | %.1f | %.1f | %.0f | %s |\n", m, p, h, b/1024, i/1024, a/1024, h ? (i-b)*1024/h : 0, s}'
+      else
+        echo "| $arrival | $proxy | no figures: idle_conns.py refused or failed, see above | | | | | |"
+      fi
+      stop_one "$FRESH_PID"
+      sleep 1
+    done
+  done
+  stop_all
+fi

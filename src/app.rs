@@ -63,8 +63,13 @@ impl HealthTasks {
         let Some(runtime) = &self.runtime else { return };
         for pool in &snapshot.pools {
             if let Some(config) = &pool.config.health {
-                self.tasks
-                    .extend(crate::health::spawn_checks(runtime, &pool.name, &pool.backends, config));
+                self.tasks.extend(crate::health::spawn_checks(
+                    runtime,
+                    &pool.name,
+                    &pool.backends,
+                    config,
+                    &pool.config.outlier,
+                ));
             }
         }
     }

@@ -39,9 +39,18 @@ pub struct BackendState {
     pub failures: AtomicU64,
     /// Failed requests in a row, for passive ejection.
     pub consecutive_failures: AtomicU32,
-    /// Times ejected in the current streak, and when last (ms on the process clock).
+    /// The ejection count that sets how long the next ejection lasts (grows
+    /// with each ejection, decays while the backend is readmitted).
     pub ejections: AtomicU32,
-    pub last_ejection_ms: AtomicU64,
+    /// When the last ejection ended, in ms on the process clock.
+    pub readmitted_ms: AtomicU64,
+    /// Changes with every ejection and readmission, so the timer of an old
+    /// ejection cannot end a newer one.
+    pub ejection_generation: AtomicU64,
+    /// Active checks passed and failed in a row. Kept here, not in the check
+    /// task, so a config reload (which restarts the tasks) forgets nothing.
+    pub check_successes: AtomicU32,
+    pub check_failures: AtomicU32,
 }
 
 impl Default for BackendState {
@@ -55,7 +64,10 @@ impl Default for BackendState {
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
             ejections: AtomicU32::new(0),
-            last_ejection_ms: AtomicU64::new(0),
+            readmitted_ms: AtomicU64::new(0),
+            ejection_generation: AtomicU64::new(0),
+            check_successes: AtomicU32::new(0),
+            check_failures: AtomicU32::new(0),
         }
     }
 }

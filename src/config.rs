@@ -105,12 +105,17 @@ pub struct OutlierConfig {
     /// Consecutive failed requests (connect error, reset, timeout, 5xx) that
     /// eject a backend; 0 turns passive ejection off.
     pub consecutive_failures: u32,
-    /// First ejection lasts this long; each repeat doubles it.
+    /// An ejection lasts this long times the backend's ejection count: the
+    /// count grows by one with each ejection and falls by one for each
+    /// `base_ejection_time` the backend spends readmitted (as Envoy's does).
     pub base_ejection_time: Duration,
-    /// Longest ejection; a backend not ejected for this long starts over at the base time.
+    /// Longest ejection.
     pub max_ejection_time: Duration,
     /// Never eject more than this share of the pool (at least one backend may go).
     pub max_ejected_percent: u32,
+    /// With active checks on, `rise` passing checks in a row after an
+    /// ejection end it (Envoy's `successful_active_health_check_uneject_host`).
+    pub readmit_on_check: bool,
 }
 
 impl Default for OutlierConfig {
@@ -120,6 +125,7 @@ impl Default for OutlierConfig {
             base_ejection_time: Duration::from_secs(10),
             max_ejection_time: Duration::from_secs(300),
             max_ejected_percent: 50,
+            readmit_on_check: true,
         }
     }
 }
@@ -216,6 +222,7 @@ struct RawOutlier {
     base_ejection_time: Option<String>,
     max_ejection_time: Option<String>,
     max_ejected_percent: Option<u32>,
+    readmit_on_check: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -553,7 +560,15 @@ fn health(pool: &str, raw: RawHealth) -> Result<HealthConfig, KeyError> {
     };
     let expect_status = match raw.expect_status {
         None => (200, 399),
-        Some(toml::Value::Integer(code)) => (code as u16, code as u16),
+        Some(toml::Value::Integer(code)) => match u16::try_from(code) {
+            Ok(code) if (100..=599).contains(&code) => (code, code),
+            _ => {
+                return Err((
+                    key("expect_status"),
+                    format!("{code} is not an HTTP status: use 100 to 599, or a range like \"200-299\""),
+                ));
+            }
+        },
         Some(toml::Value::String(range)) => {
             let parsed = match range.split_once('-') {
                 Some((low, high)) => low.trim().parse().ok().zip(high.trim().parse().ok()),
@@ -613,6 +628,7 @@ fn outlier(pool: &str, raw: Option<RawOutlier>) -> Result<OutlierConfig, KeyErro
             default.max_ejection_time,
         )?,
         max_ejected_percent: raw.max_ejected_percent.unwrap_or(default.max_ejected_percent),
+        readmit_on_check: raw.readmit_on_check.unwrap_or(default.readmit_on_check),
     };
     if config.max_ejected_percent > 100 {
         return Err((key("max_ejected_percent"), "must be between 0 and 100".into()));
@@ -724,12 +740,18 @@ mod tests {
     #[test]
     fn an_integer_expect_status_is_checked_like_the_string_form() {
         let ok = parse(&format!("{MINIMAL}[pools.web.health]\nexpect_status = 204\n")).expect("valid");
-        assert_eq!(ok.pools["web"].health.as_ref().map(|h| h.expect_status), Some((204, 204)));
+        assert_eq!(
+            ok.pools["web"].health.as_ref().map(|h| h.expect_status),
+            Some((204, 204))
+        );
         for bad in ["70000", "-1", "99", "600", "0"] {
             let err = parse(&format!("{MINIMAL}[pools.web.health]\nexpect_status = {bad}\n"))
                 .expect_err("an out-of-range status is refused");
             assert!(err.contains("pools.web.health.expect_status"), "{bad}: {err}");
-            assert!(err.contains(bad) && err.contains("100") && err.contains("599"), "{bad}: {err}");
+            assert!(
+                err.contains(bad) && err.contains("100") && err.contains("599"),
+                "{bad}: {err}"
+            );
         }
     }
 

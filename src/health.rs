@@ -4,9 +4,18 @@
 //! Active checks run as one task per backend, started staggered across the
 //! interval so a pool's backends are not all probed at the same instant. A
 //! backend goes down after `fall` failed checks in a row and comes back after
-//! `rise` good ones. Passive ejection counts failed requests in a row as the
-//! proxy reports them; an ejection lasts a base time that doubles on each
-//! repeat, and never takes out more than `max_ejected_percent` of a pool.
+//! `rise` good ones; the streaks live in the backend's state, so restarting
+//! the tasks (a config reload) forgets nothing.
+//!
+//! Passive ejection counts failed requests in a row as the proxy reports them.
+//! An ejection lasts `base_ejection_time` times the backend's ejection count,
+//! which grows by one with each ejection and falls by one for each base time
+//! the backend then spends readmitted (Envoy's rule), up to
+//! `max_ejection_time`; never more than `max_ejected_percent` of a pool is out.
+//! With active checks on, `rise` passing checks in a row end an ejection early
+//! (unless `readmit_on_check = false`). Every ejection and readmission changes
+//! the backend's ejection generation, so an old ejection's timer never ends a
+//! newer one.
 
 use crate::backend::{Backend, BackendList};
 use crate::config::{HealthConfig, OutlierConfig};
@@ -14,8 +23,9 @@ use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 
 /// Starts active checks for every backend of `backends`; dropping the
 /// returned handles' tasks (abort) stops them.
@@ -23,45 +33,75 @@ pub fn spawn_checks(
     runtime: &tokio::runtime::Handle,
     pool: &str,
     backends: &BackendList,
-    config: &HealthConfig,
+    health: &HealthConfig,
+    outlier: &OutlierConfig,
 ) -> Vec<JoinHandle<()>> {
     let n = backends.len().max(1) as u32;
     backends
         .iter()
         .enumerate()
         .map(|(i, backend)| {
-            let offset = config.interval * i as u32 / n;
-            runtime.spawn(check_loop(pool.to_string(), backend.clone(), config.clone(), offset))
+            let offset = health.interval * i as u32 / n;
+            let task = check_loop(
+                pool.to_string(),
+                backend.clone(),
+                health.clone(),
+                outlier.clone(),
+                offset,
+            );
+            runtime.spawn(task)
         })
         .collect()
 }
 
-async fn check_loop(pool: String, backend: Arc<Backend>, config: HealthConfig, offset: Duration) {
+async fn check_loop(
+    pool: String,
+    backend: Arc<Backend>,
+    health: HealthConfig,
+    outlier: OutlierConfig,
+    offset: Duration,
+) {
     tokio::time::sleep(offset).await;
-    let mut ticker = tokio::time::interval(config.interval);
+    let mut ticker = tokio::time::interval(health.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let (mut good, mut bad) = (0u32, 0u32);
     loop {
         ticker.tick().await;
-        let result = probe(&backend, &config).await;
-        match &result {
-            Ok(()) => {
-                good += 1;
-                bad = 0;
+        let result = probe(&backend, &health).await;
+        record_check(&pool, &backend, &result, &health, &outlier);
+    }
+}
+
+/// Applies one active check's verdict to `backend`: its streaks, whether it
+/// is up, and (with `readmit_on_check`) the end of a passive ejection.
+pub fn record_check(
+    pool: &str,
+    backend: &Backend,
+    result: &Result<(), String>,
+    health: &HealthConfig,
+    outlier: &OutlierConfig,
+) {
+    let state = &backend.state;
+    match result {
+        Ok(()) => {
+            state.check_failures.store(0, Ordering::Relaxed);
+            let good = state.check_successes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+            if good < health.rise {
+                return;
             }
-            Err(_) => {
-                bad += 1;
-                good = 0;
+            if !state.is_up() && state.set_up(true) {
+                tracing::info!(%pool, backend = %backend.address, checks = good, "backend is up");
+            }
+            if outlier.readmit_on_check && state.is_ejected() {
+                let generation = state.ejection_generation.load(Ordering::Acquire);
+                readmit(pool, backend, generation, "its active checks pass");
             }
         }
-        let up = backend.state.is_up();
-        if up && bad >= config.fall {
-            backend.state.set_up(false);
-            let reason = result.err().unwrap_or_default();
-            tracing::warn!(%pool, backend = %backend.address, %reason, checks = bad, "backend is down");
-        } else if !up && good >= config.rise {
-            backend.state.set_up(true);
-            tracing::info!(%pool, backend = %backend.address, checks = good, "backend is up");
+        Err(reason) => {
+            state.check_successes.store(0, Ordering::Relaxed);
+            let bad = state.check_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
+            if bad >= health.fall && state.is_up() && state.set_up(false) {
+                tracing::warn!(%pool, backend = %backend.address, %reason, checks = bad, "backend is down");
+            }
         }
     }
 }
@@ -99,10 +139,12 @@ pub async fn probe(backend: &Backend, config: &HealthConfig) -> Result<(), Strin
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", config.timeout)))
 }
 
-/// Milliseconds on a process-wide monotonic clock.
+/// Milliseconds on a process-wide monotonic clock (tokio's, so tests with a
+/// paused clock control it).
 fn now_ms() -> u64 {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
-    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+    let start = *START.get_or_init(Instant::now);
+    Instant::now().saturating_duration_since(start).as_millis() as u64
 }
 
 /// What the proxy tells passive ejection about one request to a backend.
@@ -137,27 +179,54 @@ pub fn record(pool: &str, backends: &BackendList, backend: &Arc<Backend>, outcom
     if !state.set_ejected(true) {
         return;
     }
-    let now = now_ms();
-    let last = state.last_ejection_ms.swap(now, Ordering::Relaxed);
-    let streak = if last != 0 && now.saturating_sub(last) > config.max_ejection_time.as_millis() as u64 {
-        state.ejections.store(1, Ordering::Relaxed);
-        1
-    } else {
-        state.ejections.fetch_add(1, Ordering::Relaxed) + 1
-    };
+    let generation = state.ejection_generation.fetch_add(1, Ordering::AcqRel) + 1;
+    // Checks count afresh: `rise` passes after the ejection end it.
+    state.check_successes.store(0, Ordering::Relaxed);
+    let count = next_ejection_count(state, config.base_ejection_time, now_ms());
     let time = config
         .base_ejection_time
-        .saturating_mul(1 << (streak - 1).min(16))
+        .saturating_mul(count)
         .min(config.max_ejection_time);
-    tracing::warn!(%pool, backend = %backend.address, failures, ejection = streak, duration = ?time, "backend ejected after failing requests in a row");
+    tracing::warn!(%pool, backend = %backend.address, failures, ejection = count, duration = ?time, "backend ejected after failing requests in a row");
     let (backend, pool) = (backend.clone(), pool.to_string());
     tokio::spawn(async move {
         tokio::time::sleep(time).await;
-        backend.state.consecutive_failures.store(0, Ordering::Relaxed);
-        if backend.state.set_ejected(false) {
-            tracing::info!(%pool, backend = %backend.address, "backend readmitted after ejection");
-        }
+        readmit(&pool, &backend, generation, "its ejection time is over");
     });
+}
+
+/// The ejection count for an ejection starting at `now`: one more than the
+/// last, less one for each `base` the backend spent readmitted since.
+fn next_ejection_count(state: &crate::backend::BackendState, base: Duration, now: u64) -> u32 {
+    let last = state.ejections.load(Ordering::Relaxed);
+    let healthy_for = now.saturating_sub(state.readmitted_ms.load(Ordering::Relaxed));
+    let decay = match base.as_millis() as u64 {
+        0 => u64::from(last),
+        base => healthy_for / base,
+    };
+    let count = last
+        .saturating_sub(u32::try_from(decay).unwrap_or(u32::MAX))
+        .saturating_add(1);
+    state.ejections.store(count, Ordering::Relaxed);
+    count
+}
+
+/// Ends the ejection `generation` of `backend`, unless a newer ejection (or
+/// an earlier readmission) has replaced it.
+fn readmit(pool: &str, backend: &Backend, generation: u64, why: &str) {
+    let state = &backend.state;
+    let ours = state
+        .ejection_generation
+        .compare_exchange(generation, generation + 1, Ordering::AcqRel, Ordering::Acquire)
+        .is_ok();
+    if !ours {
+        return;
+    }
+    state.consecutive_failures.store(0, Ordering::Relaxed);
+    state.readmitted_ms.store(now_ms(), Ordering::Relaxed);
+    if state.set_ejected(false) {
+        tracing::info!(%pool, backend = %backend.address, reason = why, "backend readmitted after ejection");
+    }
 }
 
 #[cfg(test)]
@@ -330,7 +399,10 @@ mod tests {
         first.iter().for_each(JoinHandle::abort);
         let _second = spawn_checks(&runtime, "p", &backends, &health, &outlier);
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!backends[0].state.is_up(), "the third failure counts with the two before the restart");
+        assert!(
+            !backends[0].state.is_up(),
+            "the third failure counts with the two before the restart"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -301,12 +301,17 @@ impl Span {
     }
 }
 
-/// Where `part` (a subslice of `whole`, at most [`MAX_HEAD`] long) sits in `whole`.
+/// Where `part` sits in `whole` (at most [`MAX_HEAD`] long); an empty span
+/// when `part` is not inside it, as the static `""` httparse gives for a
+/// missing reason phrase is not.
 fn range_in(whole: &[u8], part: &[u8]) -> Span {
-    let start = part.as_ptr() as usize - whole.as_ptr() as usize;
-    Span {
-        start: start as u32,
-        end: (start + part.len()) as u32,
+    let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
+    match start.checked_add(part.len()) {
+        Some(end) if end <= whole.len() => Span {
+            start: start as u32,
+            end: end as u32,
+        },
+        _ => Span { start: 0, end: 0 },
     }
 }
 
@@ -786,7 +791,11 @@ mod tests {
         assert_eq!((head.reason.start, head.reason.end), (0, 0));
         let mut out = Vec::new();
         head.write_for_client(&mut out, false, false, false);
-        assert!(out.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&out));
+        assert!(
+            out.starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{}",
+            String::from_utf8_lossy(&out)
+        );
     }
 
     #[test]

@@ -48,9 +48,14 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
 
     let _revived = backends[2].restart().await.expect("restart the backend");
     // Requests the balancer sent it: the backend's own count includes health checks.
-    let sent_before = fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0);
+    let sent_before = fulcrum.backend_status("web", &victim).await["requests"]
+        .as_u64()
+        .unwrap_or(0);
     let rejoined = wait_until(Duration::from_secs(5), async || {
-        fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0) > sent_before + 10
+        fulcrum.backend_status("web", &victim).await["requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > sent_before + 10
     })
     .await;
     assert!(rejoined, "back in rotation after `rise` good checks: {}", fulcrum.log());
@@ -85,9 +90,14 @@ async fn an_ejected_backend_rejoins_as_soon_as_its_active_checks_pass() {
     let _revived = backends[1].restart().await.expect("restart the backend");
     let back_at = Instant::now();
     // Requests the balancer sent it (the backend's own count includes health checks).
-    let sent = fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0);
+    let sent = fulcrum.backend_status("web", &victim).await["requests"]
+        .as_u64()
+        .unwrap_or(0);
     let rejoined = wait_until(Duration::from_secs(5), async || {
-        fulcrum.backend_status("web", &victim).await["requests"].as_u64().unwrap_or(0) > sent + 10
+        fulcrum.backend_status("web", &victim).await["requests"]
+            .as_u64()
+            .unwrap_or(0)
+            > sent + 10
     })
     .await;
     assert!(
@@ -95,7 +105,11 @@ async fn an_ejected_backend_rejoins_as_soon_as_its_active_checks_pass() {
         "back in rotation once its checks pass, not after the 30 s ejection: {}",
         fulcrum.log()
     );
-    assert!(back_at.elapsed() < Duration::from_secs(3), "rejoined in {:?}", back_at.elapsed());
+    assert!(
+        back_at.elapsed() < Duration::from_secs(3),
+        "rejoined in {:?}",
+        back_at.elapsed()
+    );
     assert_eq!(fulcrum.backend_status("web", &victim).await["ejected"], false);
     let (ok, failed, failures) = load.finish().await;
     assert_eq!(failed, 0, "failed requests: {:?}", &failures[..failures.len().min(5)]);
@@ -481,7 +495,10 @@ async fn a_plugin_cannot_block_or_reach_files_env_or_sockets_and_the_host_never_
                 .body(Full::new(Bytes::new()))
                 .expect("request");
             let reply = send(fulcrum.addr, request).await.expect("answered");
-            assert_eq!(reply.status, 200, "{mode}: the request is served whatever the plugin tried");
+            assert_eq!(
+                reply.status, 200,
+                "{mode}: the request is served whatever the plugin tried"
+            );
         }
     }
     let log = fulcrum.log();
@@ -491,11 +508,14 @@ async fn a_plugin_cannot_block_or_reach_files_env_or_sockets_and_the_host_never_
     // Each attempt either failed inside the guest or was stopped as a fault.
     for mode in ESCAPES {
         let denied = log.contains(&format!("escape {mode}: denied"));
-        let stopped = log.lines().any(|l| l.contains("using the fallback") && l.contains("may not block"));
+        let stopped = log
+            .lines()
+            .any(|l| l.contains("using the fallback") && l.contains("may not block"));
         assert!(denied || stopped, "{mode}: {log}");
     }
     assert!(
-        log.lines().any(|l| l.contains("using the fallback") && l.contains("may not block")),
+        log.lines()
+            .any(|l| l.contains("using the fallback") && l.contains("may not block")),
         "a blocking call is a fault with a reason: {log}"
     );
 }

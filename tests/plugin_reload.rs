@@ -189,7 +189,10 @@ async fn a_slow_copy_is_loaded_once_complete_with_no_false_refusal_and_a_rename_
     let seen = time_until(fulcrum.addr, 1, Duration::from_secs(10), |b| b != "backend-1").await;
     assert!(seen.is_some(), "the complete file was loaded: {}", fulcrum.log());
     let log = fulcrum.log();
-    assert!(!log.contains("plugin refused"), "no refusal of a copy in progress: {log}");
+    assert!(
+        !log.contains("plugin refused"),
+        "no refusal of a copy in progress: {log}"
+    );
     assert_eq!(log.matches("plugin loaded").count(), 2, "loaded once, complete: {log}");
 
     // An atomic rename takes effect at once, as before.

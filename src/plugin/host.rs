@@ -100,8 +100,8 @@ impl StoreState {
 /// A plugin's stdout or stderr, written to the log a line at a time, on the
 /// request path too: the blocking stream calls a guest's `print` makes are
 /// answered by Fulcrum's own synchronous host functions (see
-/// [`shadow_blocking_output`]), since wasmtime-wasi's run through
-/// `Handle::block_on`, which cannot run inside a worker's runtime.
+/// [`confine_wasi`]), since wasmtime-wasi's run through `Handle::block_on`,
+/// which cannot run inside a worker's runtime.
 #[derive(Clone)]
 struct PluginOutput {
     plugin: Arc<str>,
@@ -158,19 +158,38 @@ impl Drop for LineLogger {
     }
 }
 
-/// Replaces wasmtime-wasi's blocking output functions (and the output-stream
-/// destructor, which may flush) with synchronous ones. Theirs run through
-/// `Handle::block_on`, which panics inside the worker's runtime, so a plugin
-/// that printed on the request path faulted. Fulcrum's plugin output streams
-/// never block, so writing and flushing at once is all blocking needs.
-fn shadow_blocking_output(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
-    use wasmtime::component::{Resource, ResourceType};
+/// Makes every WASI call a plugin can make return at once, the same way on a
+/// worker's event loop and outside any runtime (`fulcrum check`, start-up).
+///
+/// wasmtime-wasi's synchronous bindings run the functions that may wait
+/// (`wasi:io/poll`, the `blocking-*` stream methods, some socket calls and the
+/// stream destructors) through `Handle::block_on`: inside a worker's runtime
+/// that panics ("Cannot start a runtime from within a runtime"), and outside
+/// one it blocks. Shadowed here:
+/// - output (`blocking-write-and-flush`, `blocking-flush`,
+///   `blocking-write-zeroes-and-flush`, the destructors): done at once, since
+///   plugin output streams never block;
+/// - waiting (`poll`, `pollable.block`, `blocking-read`, `blocking-skip`,
+///   `blocking-splice`): done when it needs no wait, else a trap saying a
+///   plugin may not block (a fault, served by the fallback); `pollable.ready`
+///   polls once;
+/// - sockets that would bind or listen, and UDP sockets: `access-denied`, as
+///   connecting and name lookups already are (the context allows no network).
+///
+/// The filesystem needs nothing: with no preopened directory a plugin holds
+/// no descriptor to call a method on.
+fn confine_wasi(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    use wasmtime::component::{Resource, ResourceType, Val};
     use wasmtime_wasi::p2::bindings::sync::io::streams::StreamError as WitStreamError;
-    type Stream = Resource<DynOutputStream>;
+    use wasmtime_wasi::p2::{DynInputStream, DynPollable, StreamError};
+    use wasmtime_wasi_io::bindings::wasi::io::poll::{Host as _, HostPollable as _};
+    type Output = Resource<DynOutputStream>;
+    type Input = Resource<DynInputStream>;
+    type Poll = Resource<DynPollable>;
 
     fn write_and_flush(
         table: &mut ResourceTable,
-        stream: &Stream,
+        stream: &Output,
         bytes: Vec<u8>,
     ) -> wasmtime::Result<Result<(), WitStreamError>> {
         let stream = table.get_mut(stream)?;
@@ -178,36 +197,166 @@ fn shadow_blocking_output(linker: &mut Linker<StoreState>) -> wasmtime::Result<(
         Ok(written.map_err(|_| WitStreamError::Closed))
     }
 
+    /// What a read that must not wait gives: data, the end, or a trap.
+    fn read_at_once<T: Default + PartialEq>(
+        function: &str,
+        wanted: u64,
+        read: Result<T, StreamError>,
+    ) -> wasmtime::Result<Result<T, WitStreamError>> {
+        match read {
+            Ok(got) if got == T::default() && wanted > 0 => Err(would_block(function)),
+            Ok(got) => Ok(Ok(got)),
+            Err(StreamError::Trap(error)) => Err(error),
+            Err(StreamError::Closed | StreamError::LastOperationFailed(_)) => Ok(Err(WitStreamError::Closed)),
+        }
+    }
+
+    /// Largest read served at once; a guest asking for more gets less, as WASI allows.
+    const READ_MAX: u64 = 64 * 1024;
+
     linker.allow_shadowing(true);
     let mut streams = linker.instance(WASI_IO_STREAMS)?;
     streams.resource(
         "output-stream",
         ResourceType::host::<DynOutputStream>(),
         |mut store, rep| {
-            store
-                .data_mut()
-                .table
-                .delete(Resource::<DynOutputStream>::new_own(rep))?;
+            store.data_mut().table.delete(Output::new_own(rep))?;
+            Ok(())
+        },
+    )?;
+    streams.resource(
+        "input-stream",
+        ResourceType::host::<DynInputStream>(),
+        |mut store, rep| {
+            store.data_mut().table.delete(Input::new_own(rep))?;
             Ok(())
         },
     )?;
     streams.func_wrap(
         "[method]output-stream.blocking-write-and-flush",
-        |mut store, (stream, bytes): (Stream, Vec<u8>)| {
+        |mut store, (stream, bytes): (Output, Vec<u8>)| {
             Ok((write_and_flush(&mut store.data_mut().table, &stream, bytes)?,))
         },
     )?;
     streams.func_wrap(
-        "[method]output-stream.blocking-flush",
-        |mut store, (stream,): (Stream,)| Ok((write_and_flush(&mut store.data_mut().table, &stream, Vec::new())?,)),
+        "[method]output-stream.blocking-write-zeroes-and-flush",
+        |mut store, (stream, len): (Output, u64)| {
+            let zeroes = vec![0; len.min(READ_MAX) as usize];
+            Ok((write_and_flush(&mut store.data_mut().table, &stream, zeroes)?,))
+        },
     )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-flush",
+        |mut store, (stream,): (Output,)| Ok((write_and_flush(&mut store.data_mut().table, &stream, Vec::new())?,)),
+    )?;
+    streams.func_wrap(
+        "[method]output-stream.blocking-splice",
+        |_store, (_to, _from, _len): (Output, Input, u64)| -> wasmtime::Result<(Result<u64, WitStreamError>,)> {
+            Err(would_block("wasi:io/streams output-stream.blocking-splice"))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]input-stream.blocking-read",
+        |mut store, (stream, len): (Input, u64)| {
+            let stream = store.data_mut().table.get_mut(&stream)?;
+            let read = stream.read(len.min(READ_MAX) as usize).map(|bytes| bytes.to_vec());
+            Ok((read_at_once("wasi:io/streams input-stream.blocking-read", len, read)?,))
+        },
+    )?;
+    streams.func_wrap(
+        "[method]input-stream.blocking-skip",
+        |mut store, (stream, len): (Input, u64)| {
+            let stream = store.data_mut().table.get_mut(&stream)?;
+            let skipped = stream.skip(len.min(READ_MAX) as usize).map(|n| n as u64);
+            Ok((read_at_once(
+                "wasi:io/streams input-stream.blocking-skip",
+                len,
+                skipped,
+            )?,))
+        },
+    )?;
+
+    let mut poll = linker.instance(WASI_IO_POLL)?;
+    poll.func_wrap("poll", |mut store, (list,): (Vec<Poll>,)| {
+        let table = &mut store.data_mut().table;
+        match poll_once(table.poll(list)) {
+            Some(ready) => Ok((ready?,)),
+            None => Err(would_block("wasi:io/poll poll")),
+        }
+    })?;
+    poll.func_wrap("[method]pollable.block", |mut store, (pollable,): (Poll,)| {
+        let table = &mut store.data_mut().table;
+        match poll_once(table.block(pollable)) {
+            Some(done) => done,
+            None => Err(would_block("wasi:io/poll pollable.block")),
+        }
+    })?;
+    poll.func_wrap("[method]pollable.ready", |mut store, (pollable,): (Poll,)| {
+        let table = &mut store.data_mut().table;
+        Ok((poll_once(table.ready(pollable)).unwrap_or(Ok(false))?,))
+    })?;
+
+    for (interface, function) in [
+        (WASI_SOCKETS_TCP, "[method]tcp-socket.start-bind"),
+        (WASI_SOCKETS_TCP, "[method]tcp-socket.start-listen"),
+        (WASI_SOCKETS_UDP, "[method]udp-socket.start-bind"),
+        (WASI_SOCKETS_UDP, "[method]udp-socket.stream"),
+        (WASI_SOCKETS_UDP_CREATE, "create-udp-socket"),
+    ] {
+        linker
+            .instance(interface)?
+            .func_new(function, |_store, _type, _params, results| {
+                let denied = Val::Enum("access-denied".into());
+                if let Some(result) = results.first_mut() {
+                    *result = Val::Result(Err(Some(Box::new(denied))));
+                }
+                Ok(())
+            })?;
+    }
     linker.allow_shadowing(false);
     Ok(())
 }
 
-/// The `wasi:io/streams` version wasmtime-wasi 48 defines (guests importing
-/// any 0.2.x resolve to it).
+/// The trap of a WASI call that would have to wait.
+fn would_block(function: &str) -> wasmtime::Error {
+    wasmtime::Error::msg(format!(
+        "plugins may not block: {function} would wait (a sleep, a socket or input), which would stall every request on the worker"
+    ))
+}
+
+/// Polls `future` once, inside a tokio runtime (a WASI pollable may be a
+/// tokio timer): its output if it is ready now.
+fn poll_once<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let poll = || {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        match std::pin::pin!(future).poll(&mut cx) {
+            std::task::Poll::Ready(output) => Some(output),
+            std::task::Poll::Pending => None,
+        }
+    };
+    if tokio::runtime::Handle::try_current().is_ok() {
+        return poll();
+    }
+    // Outside any runtime (`fulcrum check`, start-up): a small one of our own, never run,
+    // so that a timer can be polled the same way as on a worker.
+    static OUTSIDE: OnceLock<Option<tokio::runtime::Runtime>> = OnceLock::new();
+    let runtime = OUTSIDE.get_or_init(|| tokio::runtime::Builder::new_current_thread().enable_time().build().ok());
+    match runtime {
+        Some(runtime) => {
+            let _entered = runtime.enter();
+            poll()
+        }
+        None => None,
+    }
+}
+
+/// The WASI interface versions wasmtime-wasi 48 defines (guests importing
+/// any 0.2.x resolve to them).
 const WASI_IO_STREAMS: &str = "wasi:io/streams@0.2.12";
+const WASI_IO_POLL: &str = "wasi:io/poll@0.2.12";
+const WASI_SOCKETS_TCP: &str = "wasi:sockets/tcp@0.2.12";
+const WASI_SOCKETS_UDP: &str = "wasi:sockets/udp@0.2.12";
+const WASI_SOCKETS_UDP_CREATE: &str = "wasi:sockets/udp-create-socket@0.2.12";
 
 struct LineLogger {
     output: PluginOutput,
@@ -414,7 +563,7 @@ impl Runtime {
         let mut linker = Linker::new(&engine);
         Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        shadow_blocking_output(&mut linker)?;
+        confine_wasi(&mut linker)?;
 
         let ticker = engine.weak();
         std::thread::Builder::new()

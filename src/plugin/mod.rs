@@ -27,9 +27,10 @@ use wasmtime::Store;
 
 pub use host::CurrentRequest as RequestSlot;
 
-/// Why a call ended in a caught panic of the host. The known cause: WASI's
-/// blocking output cannot run on the request path (see `host::PluginOutput`).
-const HOST_PANIC: &str = "the host panicked while serving the plugin (a blocking WASI call such as wasi:io/poll cannot run on the request path)";
+/// Why a call ended in a caught panic of the host. No known cause is left
+/// (blocking WASI calls are answered without waiting: see `host::confine_wasi`);
+/// the catch stays so that a host bug costs one request's decision, not a worker.
+const HOST_PANIC: &str = "the host panicked while serving the plugin";
 
 /// Consecutive faults after which a plugin version serves only by fallback.
 pub const QUARANTINE_AFTER: u32 = 10;

@@ -5,7 +5,10 @@
 //! the watcher's own thread, linked, checked against every pool that uses NAME
 //! (`init` with that pool's config), and only then swapped into the slot. A file
 //! that fails any step is refused with its reason and the serving version stays.
-//! Events are debounced so a file still being copied is not read half-written.
+//! Events are debounced so a file still being copied is not read half-written;
+//! a file that is not a whole component yet and was written moments ago is
+//! awaited (by its size and modification time) rather than refused, so a slow
+//! copy loads once, complete, with no false alarm.
 
 use super::{Plugin, PluginError, PluginSlot, PluginSource};
 use std::collections::HashMap;
@@ -28,6 +31,10 @@ pub const BUILTINS: [(&str, &[u8]); 2] = [
 
 /// How long a plugin file must stay unchanged before it is loaded.
 pub const SETTLE_TIME: Duration = Duration::from_millis(200);
+/// How long a file that is not a whole component may stay unchanged before it
+/// is refused as broken rather than awaited as a copy in progress (a copy over
+/// a network share pauses between writes).
+pub const COPY_GRACE: Duration = Duration::from_secs(2);
 
 /// Checks a candidate version of the plugin named by the first argument
 /// against everything that would use it.
@@ -144,43 +151,98 @@ impl Registry {
         std::thread::Builder::new()
             .name("fulcrum-plugins".into())
             .spawn(move || {
-                let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
+                let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
                 loop {
                     match rx.recv_timeout(Duration::from_millis(50)) {
                         Ok(path) => {
                             if plugin_name(&path).is_some() {
-                                pending.insert(path, Instant::now());
+                                let entry = pending.entry(path).or_insert_with(Pending::new);
+                                entry.changed = Instant::now();
                             }
                             continue;
                         }
                         Err(RecvTimeoutError::Timeout) => {}
                         Err(RecvTimeoutError::Disconnected) => return,
                     }
-                    let settled: Vec<PathBuf> = pending
-                        .iter()
-                        .filter(|(_, at)| at.elapsed() >= SETTLE_TIME)
-                        .map(|(p, _)| p.clone())
-                        .collect();
-                    for path in settled {
-                        pending.remove(&path);
-                        registry.reload(&path, &validate);
-                    }
+                    pending.retain(|path, entry| !registry.settle(path, entry, &validate));
                 }
             })
             .map_err(|e| notify::Error::generic(&e.to_string()))?;
         Ok(watcher)
     }
 
-    fn reload(&self, path: &Path, validate: &Validator) {
-        if !path.exists() {
+    /// Loads a changed plugin file once it has settled. Returns whether it is
+    /// done with (loaded, refused or removed), or must be looked at again.
+    fn settle(&self, path: &Path, entry: &mut Pending, validate: &Validator) -> bool {
+        if entry.changed.elapsed() < SETTLE_TIME {
+            return false;
+        }
+        let stamp = FileStamp::of(path);
+        if let Some((failed_at, error)) = &entry.incomplete
+            && *failed_at == stamp
+        {
+            // Unchanged since it last failed to parse: a copy paused, or a broken file.
+            if entry.changed.elapsed() < COPY_GRACE {
+                return false;
+            }
+            tracing::error!(path = %path.display(), %error, "plugin refused; the previous version (if any) keeps serving");
+            return true;
+        }
+        if stamp.is_none() {
             if let Some(name) = plugin_name(path).filter(|n| self.slot(n).is_some()) {
                 tracing::warn!(plugin = name, path = %path.display(), "plugin file removed; the last good version keeps serving");
             }
-            return;
+            return true;
         }
-        if let Err(e) = self.load_file(path, validate) {
-            tracing::error!(path = %path.display(), error = %e, "plugin refused; the previous version (if any) keeps serving");
+        match self.load_file(path, validate) {
+            Ok(_) => true,
+            // Not a whole component yet, and written to moments ago: most likely
+            // a copy still in progress. Wait for it to finish, or to stay this way.
+            Err(error @ PluginError::Compile { .. }) if entry.changed.elapsed() < COPY_GRACE => {
+                tracing::debug!(path = %path.display(), %error, "plugin file not complete yet; waiting for it to stop changing");
+                entry.incomplete = Some((stamp, error));
+                false
+            }
+            Err(error) => {
+                tracing::error!(path = %path.display(), %error, "plugin refused; the previous version (if any) keeps serving");
+                true
+            }
         }
+    }
+}
+
+/// A plugin file that changed and is not dealt with yet.
+struct Pending {
+    /// The last change event.
+    changed: Instant,
+    /// The file's stamp when it last failed to compile, and why.
+    incomplete: Option<(Option<FileStamp>, PluginError)>,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            changed: Instant::now(),
+            incomplete: None,
+        }
+    }
+}
+
+/// A file's size and modification time: what changes while it is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// None when the file is gone.
+    fn of(path: &Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
     }
 }
 

@@ -114,7 +114,13 @@ fn escape(mode: &str) {
             std::io::stdin()
                 .read(&mut byte)
                 .map_err(|e| e.to_string())
-                .and_then(|n| if n == 0 { Err("end of input".into()) } else { Ok("read".into()) })
+                .and_then(|n| {
+                    if n == 0 {
+                        Err("end of input".into())
+                    } else {
+                        Ok("read".into())
+                    }
+                })
         }
         _ => Err("not an escape mode".into()),
     };
