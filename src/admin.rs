@@ -66,6 +66,7 @@ pub fn status(app: &App) -> serde_json::Value {
                         "in_flight": b.state.in_flight(),
                         "requests": b.state.requests.load(Ordering::Relaxed),
                         "failures": b.state.failures.load(Ordering::Relaxed),
+                        "idle_connections": b.conns.idle_count(),
                     })
                 })
                 .collect();

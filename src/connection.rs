@@ -33,16 +33,27 @@ const READ_CHUNK: usize = 4 * 1024;
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// A worker's stop signal and its count of busy connections (those with a
-/// request in flight, and HTTP/2 connections). Idle HTTP/1.1 connections are
-/// not counted: they are simply dropped with the worker's runtime, so waiting
-/// for a request costs them no registration with the stop signal.
+/// A worker's stop signal, its count of busy connections (those with a
+/// request in flight, and HTTP/2 connections) and of open ones. Idle HTTP/1.1
+/// connections are not busy: they are simply dropped with the worker's
+/// runtime, so waiting for a request costs them no registration with the stop
+/// signal. Both counts are written by the worker's own thread only.
 #[derive(Default)]
 pub struct Shutdown {
     stopping: AtomicBool,
     stop: Notify,
     busy: AtomicUsize,
     drained: Notify,
+    open: AtomicUsize,
+}
+
+/// Counts one open client connection while it lives.
+pub struct Open(Arc<Shutdown>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Counts one busy connection while it lives.
@@ -57,6 +68,17 @@ impl Drop for Busy<'_> {
 }
 
 impl Shutdown {
+    /// Counts a client connection as open until the guard drops.
+    pub fn open(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        Open(self.clone())
+    }
+
+    /// Client connections open now, and those with a request in flight.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.open.load(Ordering::Relaxed), self.busy.load(Ordering::Relaxed))
+    }
+
     pub fn busy(&self) -> Busy<'_> {
         self.busy.fetch_add(1, Ordering::AcqRel);
         Busy(self)

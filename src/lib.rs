@@ -13,6 +13,7 @@ pub mod connection;
 pub mod demo;
 pub mod health;
 pub mod http1;
+pub mod memory;
 pub mod plugin;
 pub mod proxy;
 pub mod request;

@@ -128,6 +128,7 @@ fn run(path: &Path) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     control.block_on(async move {
         app.start_health_checks(tokio::runtime::Handle::current());
+        fulcrum::memory::start_trimmer();
         if let Some(admin) = admin {
             let listener = tokio::net::TcpListener::from_std(admin).context("cannot use the admin listener")?;
             tracing::info!(admin = %listener.local_addr()?, "admin API listening");

@@ -52,6 +52,7 @@ pub fn spawn_workers(
     listeners: Vec<std::net::TcpListener>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<bool>>> {
+    let workers = listeners.len();
     listeners
         .into_iter()
         .enumerate()
@@ -60,7 +61,7 @@ pub fn spawn_workers(
             std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{index}"))
                 .spawn(move || {
-                    crate::upstream::set_worker_index(index);
+                    crate::upstream::set_worker_index(index, workers);
                     let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                         Ok(runtime) => runtime,
                         Err(error) => {
@@ -92,6 +93,7 @@ pub fn spawn_workers(
 pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) -> bool {
     let grace = app.snapshot().config.server.shutdown_grace;
     let shutdown = Arc::new(Shutdown::default());
+    crate::memory::watch(&shutdown);
     tokio::pin!(stop);
 
     loop {
@@ -109,7 +111,9 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
         };
         let _ = stream.set_nodelay(true);
         let (app, shutdown) = (app.clone(), shutdown.clone());
+        let open = shutdown.open();
         tokio::spawn(async move {
+            let _open = open;
             if let Some(Handoff::Http2(stream, read)) = connection::serve(&app, stream, client, &shutdown).await {
                 // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
                 Box::pin(serve_http2(app, Rewind::new(read.freeze(), stream), client, shutdown)).await;

@@ -18,6 +18,7 @@ use std::future::Future;
 use std::io::IoSlice;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
@@ -35,9 +36,23 @@ thread_local! {
     static WORKER_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// Tells the pools which shard this thread uses (worker threads call it once).
-pub fn set_worker_index(index: usize) {
+/// Worker threads sharing the pools: `max_idle_per_backend` is split among them.
+static WORKERS: AtomicUsize = AtomicUsize::new(1);
+
+/// Tells the pools which shard this thread uses and how many workers share
+/// them (worker threads call it once).
+pub fn set_worker_index(index: usize, workers: usize) {
     WORKER_INDEX.with(|w| w.set(index % SHARDS));
+    WORKERS.store(workers.clamp(1, SHARDS), Ordering::Relaxed);
+}
+
+/// Idle connections one shard may keep, so that all shards together keep at
+/// most `max_idle` per backend for the whole process.
+fn shard_idle_max(max_idle: usize) -> usize {
+    match max_idle {
+        0 => 0,
+        n => (n / WORKERS.load(Ordering::Relaxed)).max(1),
+    }
 }
 
 /// Why no connection could be had.
@@ -132,7 +147,7 @@ impl ConnPool {
 
     fn put(&self, stream: TcpStream, limits: PoolLimits) {
         let mut idle = self.lock();
-        if idle.len() < limits.max_idle {
+        if idle.len() < shard_idle_max(limits.max_idle) {
             idle.push(IdleConn {
                 stream,
                 since_ms: coarse_now_ms(),

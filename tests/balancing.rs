@@ -232,3 +232,27 @@ async fn malformed_requests_get_a_4xx_and_the_balancer_stays_up() {
     );
     assert_eq!(get(fulcrum.addr, "/").await.expect("still serving").status, 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_upstream_connections_are_bounded_per_backend_for_the_whole_process() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let text = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\nworkers = 2\n\
+         [pools.web]\nbackends = {}\nmax_idle_per_backend = 4\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&text, &[]);
+    // 40 requests at once: 40 backend connections, spread over both workers.
+    let addr = fulcrum.addr;
+    let replies = futures_util::future::join_all((0..40).map(|_| get(addr, "/slow/200"))).await;
+    assert!(
+        replies.iter().all(|r| r.as_ref().is_ok_and(|r| r.status == 200)),
+        "{replies:?}"
+    );
+    let address = backends[0].addr.to_string();
+    let idle = fulcrum.backend_status("web", &address).await["idle_connections"].as_u64();
+    assert!(
+        idle.is_some_and(|n| (1..=4).contains(&n)),
+        "idle kept: {idle:?} (at most 4 for the process)"
+    );
+}
