@@ -10,7 +10,7 @@ use fulcrum::backend::{Backend, BackendList, BackendState, InFlight};
 use fulcrum::config::RouteConfig;
 use fulcrum::http1::Framing;
 use fulcrum::plugin::registry::Registry;
-use fulcrum::plugin::{Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters, RequestSlot};
+use fulcrum::plugin::{CurrentRequest, Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters};
 use fulcrum::router::Router;
 use fulcrum::upstream::ConnPool;
 use std::hint::black_box;
@@ -43,7 +43,7 @@ fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
     (list.into(), in_flight)
 }
 
-fn request(headers: usize) -> RequestSlot {
+fn request(headers: usize) -> CurrentRequest {
     let mut text = String::from("GET /api/users/42?page=2 HTTP/1.1\r\nhost: shop.example\r\nx-user: alice\r\n");
     for i in 0..headers.saturating_sub(2) {
         text.push_str(&format!("x-extra-{i}: some value of typical length\r\n"));
@@ -52,9 +52,9 @@ fn request(headers: usize) -> RequestSlot {
     let head = fulcrum::http1::parse_request(&mut bytes::BytesMut::from(text.as_str()))
         .expect("valid")
         .expect("complete");
-    RequestSlot {
-        head: Some(head),
-        client: Some("192.0.2.7:51000".parse().expect("client")),
+    CurrentRequest {
+        head,
+        client: "192.0.2.7:51000".parse().expect("client"),
     }
 }
 
@@ -116,7 +116,7 @@ fn host_work(c: &mut Criterion) {
         b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42")))
     });
     let client = fulcrum::proxy::Client::new("192.0.2.7:51000".parse().expect("client"));
-    let request = request(10).head.expect("head");
+    let request = request(10).head;
     let mut head = Vec::with_capacity(1024);
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {

@@ -7,12 +7,10 @@
 //! ```
 
 use anyhow::Context;
-use fulcrum::app::App;
 use fulcrum::config::Config;
 use std::path::PathBuf;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
@@ -23,26 +21,18 @@ async fn main() -> anyhow::Result<()> {
         .values()
         .flat_map(|p| p.backends.iter().map(|b| b.socket.port()))
         .collect();
-    let backends = fulcrum::demo::start(&ports, &[])
-        .await
+    // The demo backends run on a runtime of their own, beside the balancer's.
+    let backends_runtime = tokio::runtime::Runtime::new().context("cannot start the demo backends' runtime")?;
+    let backends = backends_runtime
+        .block_on(fulcrum::demo::start(&ports, &[]))
         .context("cannot start the demo backends")?;
     for backend in &backends {
         tracing::info!(addr = %backend.addr, "demo backend listening");
     }
-    let listen = config.server.listen;
-    let app = tokio::task::spawn_blocking(move || App::new(config)).await??;
-    app.start_health_checks(tokio::runtime::Handle::current());
-    app.watch_plugins()?;
-    app.watch_config(&path)?;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen}"))?;
     tracing::info!(
-        "try: curl -s http://{listen}/  (edit examples/quickstart.toml to change the policy live; Ctrl-C stops)"
+        "try: curl -s http://{}/  (edit examples/quickstart.toml to change the policy live; Ctrl-C stops)",
+        config.server.listen
     );
-    let stop = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
-    fulcrum::server::serve(app, listener, stop).await;
-    Ok(())
+    // The balancer itself starts exactly as `fulcrum run` starts it.
+    fulcrum::root::run(&path, fulcrum::root::stop_signal())
 }

@@ -147,9 +147,6 @@ pub struct RouteConfig {
     pub pool: String,
 }
 
-/// Where the built-in policies end and plugin-directory names begin.
-pub const BUILTIN_POLICIES: [&str; 2] = ["round-robin", "least-conn"];
-
 // ---- the file as written -------------------------------------------------
 
 #[derive(Deserialize)]
@@ -289,7 +286,7 @@ impl Config {
         self.pools
             .values()
             .map(|p| p.policy.as_str())
-            .filter(|p| !BUILTIN_POLICIES.contains(p))
+            .filter(|p| !crate::plugin::registry::is_builtin(p))
     }
 }
 
@@ -402,12 +399,16 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         let key = |k: &str| format!("pools.{name}.{k}");
         let policy = pool.policy.unwrap_or_else(|| "round-robin".into());
         check_policy_name(&policy).map_err(|reason| (key("policy"), reason))?;
-        if !BUILTIN_POLICIES.contains(&policy.as_str()) && plugins.dir.is_none() {
+        if !crate::plugin::registry::is_builtin(&policy) && plugins.dir.is_none() {
+            let builtins: Vec<&str> = crate::plugin::registry::BUILTINS
+                .iter()
+                .map(|(name, _)| *name)
+                .collect();
             return Err((
                 key("policy"),
                 format!(
                     "unknown policy `{policy}`: the built-ins are {}, and [plugins] dir is not set for a plugin",
-                    BUILTIN_POLICIES.join(", ")
+                    builtins.join(", ")
                 ),
             ));
         }

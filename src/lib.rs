@@ -17,6 +17,8 @@ pub mod memory;
 pub mod plugin;
 pub mod proxy;
 pub mod request;
+pub mod root;
 pub mod router;
 pub mod server;
+pub mod shutdown;
 pub mod upstream;

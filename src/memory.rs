@@ -10,7 +10,7 @@
 //! thread looks at the workers' open and busy connection counts once a second
 //! and trims when either has fallen well below its recent peak.
 
-use crate::connection::Shutdown;
+use crate::shutdown::Shutdown;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 

@@ -8,7 +8,7 @@
 use crate::app::{Pool, Snapshot};
 use crate::health::{self, Outcome};
 use crate::http1::{self, Framing, ResponseHead};
-use crate::plugin::RequestSlot;
+use crate::plugin::CurrentRequest;
 use crate::request::RequestHead;
 use crate::upstream::{BodySource, ClientBodyError, ExchangeError, Outgoing, ResponseBody, ResponseBodyError};
 use bytes::{Bytes, BytesMut};
@@ -135,9 +135,9 @@ pub async fn forward<B: BodySource>(
     let may_replay = is_idempotent(&request.method);
     let head_request = request.method == Method::HEAD;
     let framing = source.framing();
-    let current = RequestSlot {
-        head: Some(request),
-        client: Some(client.addr),
+    let current = CurrentRequest {
+        head: request,
+        client: client.addr,
     };
     // Encoded once, for whichever backend gets the request.
     let mut head = crate::buffers::take_write();
@@ -188,12 +188,7 @@ pub async fn forward<B: BodySource>(
         let reused = conn.reused;
 
         if head.is_empty() {
-            let Some(request) = current.head.as_ref() else {
-                return Err(LocalReply::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "the request was lost",
-                ));
-            };
+            let request = &current.head;
             let out_framing = match &body {
                 BodyState::Held(bytes) if !bytes.is_empty() => Framing::Length(bytes.len() as u64),
                 _ => framing,

@@ -9,8 +9,9 @@
 //! wake-ups and thread-local plugin instances and connection pools.
 
 use crate::app::App;
-use crate::connection::{self, Handoff, Shutdown};
+use crate::connection::{self, Handoff};
 use crate::proxy;
+use crate::shutdown::Shutdown;
 use bytes::Bytes;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};

@@ -30,11 +30,10 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const TICKET_SLOTS: usize = 16;
 pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
-/// The request a plugin call is about.
-#[derive(Default)]
+/// The request a plugin call is about: its head and the client's address.
 pub struct CurrentRequest {
-    pub head: Option<crate::request::RequestHead>,
-    pub client: Option<SocketAddr>,
+    pub head: crate::request::RequestHead,
+    pub client: SocketAddr,
 }
 
 /// The current request as the store sees it: a pointer set for the length of
@@ -414,16 +413,24 @@ impl tokio::io::AsyncWrite for LineLogger {
 }
 
 impl StoreState {
-    /// Runs `f` with `request` as the current request of this store.
+    /// Runs `f` with `request` as the current request of this store. The
+    /// pointer is cleared by a guard, so it never outlives the borrow, even
+    /// when `f` unwinds.
     pub fn with_request<R>(
         store: &mut Store<StoreState>,
         request: &CurrentRequest,
         f: impl FnOnce(&mut Store<StoreState>) -> R,
     ) -> R {
+        /// Clears the lent request when dropped.
+        struct Lent<'a>(&'a mut Store<StoreState>);
+        impl Drop for Lent<'_> {
+            fn drop(&mut self) {
+                self.0.data_mut().current = LentRequest::NONE;
+            }
+        }
         store.data_mut().current = LentRequest(request);
-        let result = f(store);
-        store.data_mut().current = LentRequest::NONE;
-        result
+        let lent = Lent(store);
+        f(lent.0)
     }
 
     fn request(&self) -> Option<&CurrentRequest> {
@@ -432,11 +439,11 @@ impl StoreState {
     }
 
     fn head(&self) -> Option<&crate::request::RequestHead> {
-        self.request()?.head.as_ref()
+        self.request().map(|r| &r.head)
     }
 
     fn client(&self) -> Option<SocketAddr> {
-        self.request()?.client
+        self.request().map(|r| r.client)
     }
 }
 

@@ -12,12 +12,12 @@
 //! the request by the fallback (round robin over healthy backends), and after
 //! repeated faults quarantines that plugin version until a new one arrives.
 
-pub mod host;
+mod host;
 pub mod registry;
 
 use crate::backend::{BackendList, health_epoch};
 use arc_swap::ArcSwap;
-use host::{Balancer, BalancerPre, CurrentRequest, Runtime, StoreState, Tickets, WitBackend, deadline_ticks};
+use host::{Balancer, BalancerPre, Runtime, StoreState, WitBackend, deadline_ticks};
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -25,7 +25,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 use wasmtime::Store;
 
-pub use host::CurrentRequest as RequestSlot;
+pub use host::{CurrentRequest, Tickets};
 
 /// Why a call ended in a caught panic of the host. No known cause is left
 /// (blocking WASI calls are answered without waiting: see `host::confine_wasi`);

@@ -17,7 +17,8 @@ use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-/// The sample plugins, built from `plugins/` by build.rs and embedded.
+/// The built-in policies by name: the sample plugins, built from `plugins/`
+/// by build.rs and embedded. The one list of them.
 pub const BUILTINS: [(&str, &[u8]); 2] = [
     (
         "round-robin",
@@ -28,6 +29,11 @@ pub const BUILTINS: [(&str, &[u8]); 2] = [
         include_bytes!(concat!(env!("FULCRUM_PLUGIN_WASM_DIR"), "/least_conn.wasm")),
     ),
 ];
+
+/// Whether `name` is a built-in policy (not a plugin-directory name).
+pub fn is_builtin(name: &str) -> bool {
+    BUILTINS.iter().any(|(builtin, _)| *builtin == name)
+}
 
 /// How long a plugin file must stay unchanged before it is loaded.
 pub const SETTLE_TIME: Duration = Duration::from_millis(200);
@@ -101,7 +107,7 @@ impl Registry {
                 reason: "not a NAME.wasm file".into(),
             });
         };
-        if BUILTINS.iter().any(|(builtin, _)| *builtin == name) {
+        if is_builtin(name) {
             return Err(PluginError::Compile {
                 name: name.into(),
                 reason: "this name belongs to a built-in policy; rename the file".into(),

@@ -1,0 +1,89 @@
+//! The composition root: everything `fulcrum run` starts, in order, in one
+//! place that the binary and the quickstart example both call.
+
+use crate::app::App;
+use crate::config::Config;
+use anyhow::Context;
+use std::future::Future;
+use std::path::Path;
+use std::sync::Arc;
+
+/// Loads the config at `path`, starts the balancer (workers, health checks,
+/// admin API, watchers of the config file and the plugin directory, memory
+/// trimmer) and serves until `stop` completes, then stops gracefully.
+/// Must be called outside any async runtime: it runs its own.
+pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let listen = config.server.listen;
+    let workers = match config.server.workers {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    };
+    // Bound here, before anything starts, so a taken port is reported at once;
+    // listening starts once plugins, watchers and checks are ready.
+    let sockets = (0..workers)
+        .map(|_| crate::server::bind_reuseport(listen))
+        .collect::<std::io::Result<Vec<_>>>()
+        .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+    let admin = config
+        .server
+        .admin
+        .map(|admin| {
+            std::net::TcpListener::bind(admin)
+                .and_then(|listener| listener.set_nonblocking(true).map(|()| listener))
+                .with_context(|| format!("{}: server.admin: cannot listen on {admin}", path.display()))
+        })
+        .transpose()?;
+    let app = App::new(config)?;
+
+    // The control runtime: signals, admin API, health checks. Requests are
+    // served by the workers' runtimes.
+    let control = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    control.block_on(async move {
+        app.start_health_checks(tokio::runtime::Handle::current());
+        crate::memory::start_trimmer();
+        if let Some(admin) = admin {
+            let listener = tokio::net::TcpListener::from_std(admin).context("cannot use the admin listener")?;
+            tracing::info!(admin = %listener.local_addr()?, "admin API listening");
+            tokio::spawn(crate::admin::serve(Arc::clone(&app), listener));
+        }
+        app.watch_plugins().context("cannot watch the plugin directory")?;
+        app.watch_config(path).context("cannot watch the config file")?;
+
+        let listeners = sockets
+            .into_iter()
+            .map(crate::server::listen)
+            .collect::<std::io::Result<Vec<_>>>()
+            .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+        let (stop_workers, stopped) = tokio::sync::watch::channel(false);
+        let threads = crate::server::spawn_workers(&app, listeners, stopped).context("cannot start worker threads")?;
+        tracing::info!(%listen, workers, pools = app.snapshot().pools.len(), "fulcrum is serving");
+        stop.await;
+        stop_workers.send_replace(true);
+        let drained = tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().unwrap_or(false)))
+            .await
+            .unwrap_or(false);
+        if drained {
+            tracing::info!("stopped");
+        } else {
+            tracing::warn!("stopped with requests still in flight after the grace period");
+        }
+        Ok(())
+    })
+}
+
+/// SIGTERM or SIGINT.
+pub async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        tracing::error!("cannot listen for stop signals; stop with SIGKILL");
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = int.recv() => tracing::info!("SIGINT received"),
+    }
+}
