@@ -21,16 +21,37 @@ async fn wait_until(limit: Duration, mut condition: impl AsyncFnMut() -> bool) -
     false
 }
 
+/// A pool `web` of `backends` with fast HTTP checks (every 200 ms, rise 2,
+/// fall 2) and two retries, then `extra` TOML.
+fn checked_pool(backends: &[DemoBackend], extra: &str) -> String {
+    format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
+         [pools.web]\nbackends = {}\nretries = 2\n\
+         [pools.web.health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n{extra}",
+        backends_toml(backends, &[])
+    )
+}
+
+/// Requests the balancer has sent to `address` (the backend's own count includes health checks).
+async fn sent_to(fulcrum: &Fulcrum, address: &str) -> u64 {
+    fulcrum.backend_status("web", address).await["requests"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Waits up to 5 s for the balancer to send `address` more than 10 requests beyond what it had.
+async fn gets_traffic_again(fulcrum: &Fulcrum, address: &str) -> bool {
+    let before = sent_to(fulcrum, address).await;
+    wait_until(Duration::from_secs(5), async || {
+        sent_to(fulcrum, address).await > before + 10
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
-    let text = format!(
-        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
-         [pools.web]\nbackends = {}\nretries = 2\n\
-         [pools.web.health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n",
-        backends_toml(&backends, &[])
-    );
-    let fulcrum = Fulcrum::start(&text, &[]);
+    let fulcrum = Fulcrum::start(&checked_pool(&backends, ""), &[]);
     let victim = backends[2].addr.to_string();
     let load = Load::start(fulcrum.addr, 4, "/slow/10");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -47,17 +68,7 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
     assert_eq!(sent_when_down, sent_later, "a down backend gets no traffic");
 
     let _revived = backends[2].restart().await.expect("restart the backend");
-    // Requests the balancer sent it: the backend's own count includes health checks.
-    let sent_before = fulcrum.backend_status("web", &victim).await["requests"]
-        .as_u64()
-        .unwrap_or(0);
-    let rejoined = wait_until(Duration::from_secs(5), async || {
-        fulcrum.backend_status("web", &victim).await["requests"]
-            .as_u64()
-            .unwrap_or(0)
-            > sent_before + 10
-    })
-    .await;
+    let rejoined = gets_traffic_again(&fulcrum, &victim).await;
     assert!(rejoined, "back in rotation after `rise` good checks: {}", fulcrum.log());
 
     let (ok, failed, failures) = load.finish().await;
@@ -69,14 +80,11 @@ async fn a_backend_killed_under_load_loses_no_request_and_rejoins() {
 async fn an_ejected_backend_rejoins_as_soon_as_its_active_checks_pass() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
     // A long ejection: without checks ending it, the backend would stay out 30 s.
-    let text = format!(
-        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
-         [pools.web]\nbackends = {}\nretries = 2\n\
-         [pools.web.health]\npath = \"/healthz\"\ninterval = \"200ms\"\ntimeout = \"200ms\"\nrise = 2\nfall = 2\n\
-         [pools.web.outlier]\nconsecutive_failures = 1\nbase_ejection_time = \"30s\"\n",
-        backends_toml(&backends, &[])
-    );
-    let fulcrum = Fulcrum::start(&text, &[]);
+    let outlier = "[pools.web.outlier]
+consecutive_failures = 1
+base_ejection_time = \"30s\"
+";
+    let fulcrum = Fulcrum::start(&checked_pool(&backends, outlier), &[]);
     let victim = backends[1].addr.to_string();
     let load = Load::start(fulcrum.addr, 4, "/slow/5");
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -89,17 +97,7 @@ async fn an_ejected_backend_rejoins_as_soon_as_its_active_checks_pass() {
 
     let _revived = backends[1].restart().await.expect("restart the backend");
     let back_at = Instant::now();
-    // Requests the balancer sent it (the backend's own count includes health checks).
-    let sent = fulcrum.backend_status("web", &victim).await["requests"]
-        .as_u64()
-        .unwrap_or(0);
-    let rejoined = wait_until(Duration::from_secs(5), async || {
-        fulcrum.backend_status("web", &victim).await["requests"]
-            .as_u64()
-            .unwrap_or(0)
-            > sent + 10
-    })
-    .await;
+    let rejoined = gets_traffic_again(&fulcrum, &victim).await;
     assert!(
         rejoined,
         "back in rotation once its checks pass, not after the 30 s ejection: {}",

@@ -39,6 +39,16 @@ async fn time_until(
     None
 }
 
+/// Writes `bytes` straight onto `path` in `pieces` writes, `pause` after each.
+async fn slow_copy(path: &std::path::Path, bytes: &[u8], pieces: usize, pause: Duration) {
+    let mut file = std::fs::File::create(path).expect("open for writing");
+    for piece in bytes.chunks(bytes.len().div_ceil(pieces)) {
+        std::io::Write::write_all(&mut file, piece).expect("write piece");
+        std::io::Write::flush(&mut file).expect("flush");
+        tokio::time::sleep(pause).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn swapping_the_policy_20_times_under_load_loses_no_request() {
     let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
@@ -155,14 +165,13 @@ async fn a_half_written_plugin_is_not_loaded_as_broken() {
     let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
     let bytes = std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm");
     // A slow copy straight onto the file: 8 pieces, 30 ms apart.
-    let path = fulcrum.plugin_dir().join("swap.wasm");
-    let mut file = std::fs::File::create(&path).expect("open for writing");
-    for piece in bytes.chunks(bytes.len().div_ceil(8)) {
-        std::io::Write::write_all(&mut file, piece).expect("write piece");
-        std::io::Write::flush(&mut file).expect("flush");
-        tokio::time::sleep(Duration::from_millis(30)).await;
-    }
-    drop(file);
+    slow_copy(
+        &fulcrum.plugin_dir().join("swap.wasm"),
+        &bytes,
+        8,
+        Duration::from_millis(30),
+    )
+    .await;
     let seen = time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| b != "backend-1").await;
     assert!(seen.is_some(), "the complete file was loaded: {}", fulcrum.log());
     assert!(
@@ -179,13 +188,7 @@ async fn a_slow_copy_is_loaded_once_complete_with_no_false_refusal_and_a_rename_
     let rotate = std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm");
     // As a copy over a network share does: three writes 0.4 s apart, straight onto the name.
     let path = fulcrum.plugin_dir().join("swap.wasm");
-    let mut file = std::fs::File::create(&path).expect("open for writing");
-    for piece in rotate.chunks(rotate.len().div_ceil(3)) {
-        std::io::Write::write_all(&mut file, piece).expect("write piece");
-        std::io::Write::flush(&mut file).expect("flush");
-        tokio::time::sleep(Duration::from_millis(400)).await;
-    }
-    drop(file);
+    slow_copy(&path, &rotate, 3, Duration::from_millis(400)).await;
     let seen = time_until(fulcrum.addr, 1, Duration::from_secs(10), |b| b != "backend-1").await;
     assert!(seen.is_some(), "the complete file was loaded: {}", fulcrum.log());
     let log = fulcrum.log();
