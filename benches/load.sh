@@ -13,6 +13,16 @@
 #   REPEAT=3 benches/load.sh        # each row 3 times, proxies interleaved; the table shows medians
 #   FLOOR=0 benches/load.sh         # without the floor row (benches/floor_proxy.rs: bytes copied
 #                                   # on one tokio thread, no HTTP: the least a tokio proxy spends)
+#   FULCRUM_BASE_BIN=/path/to/old/fulcrum benches/load.sh
+#                                   # old against new instead of against nginx and HAProxy: three
+#                                   # Fulcrum processes, base (the old binary), base2 (the old binary
+#                                   # again, a second process: the A/A row that shows the noise) and
+#                                   # new (FULCRUM_BIN, else target/release/fulcrum), measured as the
+#                                   # fulcrum row is, PAIRS times (default 5) per connection count,
+#                                   # the order turned each pair (base new base2, then new base2 base);
+#                                   # pinned unless MODES says otherwise; no idle, wave, burst or floor
+#                                   # rows. Prints every run, then medians and new ÷ base, base2 ÷ base
+#                                   # of the median CPU µs per request (A/A spread: |base2 ÷ base − 1|)
 #
 # Installs nginx, haproxy and wrk with apt-get when missing. Every process it
 # starts is stopped on exit, however it exits. Prints one table per mode:
@@ -25,12 +35,19 @@ DURATION=${DURATION:-10}
 WORKERS=${WORKERS:-1}
 POLICY=${POLICY:-least-conn}      # least-conn or round-robin, applied to all three proxies
 CONNS=${CONNS:-"16 256"}
+FULCRUM_BASE_BIN=${FULCRUM_BASE_BIN:-}
+PAIRS=${PAIRS:-5}                 # old-vs-new mode (FULCRUM_BASE_BIN set): interleaved pairs per row
+[[ -n "$FULCRUM_BASE_BIN" ]] && MODES=${MODES:-pinned}
 MODES=${MODES:-"pinned unpinned"}
 IDLE=${IDLE:-10000}
 WAVE=${WAVE:-9000}
 SETTLE=${SETTLE:-5}
 REPEAT=${REPEAT:-1}
-if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; WAVE=200; SETTLE=1; REPEAT=1; fi
+if [[ -n "${SMOKE:-}" ]]; then DURATION=1; CONNS=16; MODES=unpinned; IDLE=200; WAVE=200; SETTLE=1; REPEAT=1; PAIRS=2; fi
+if [[ -n "$FULCRUM_BASE_BIN" ]]; then   # old against new: throughput rows of Fulcrum only
+  [[ -x "$FULCRUM_BASE_BIN" ]] || { echo "FULCRUM_BASE_BIN=$FULCRUM_BASE_BIN is not an executable" >&2; exit 1; }
+  IDLE=0; WAVE=0; FLOOR=0
+fi
 
 # Open files: the proxies inherit this shell's limit. The idle row needs IDLE client connections
 # plus a batch of up to 500 backend ones in flight; the wave and burst rows up to one backend
@@ -77,7 +94,8 @@ trap cleanup EXIT INT TERM
 
 B1=19101 B2=19102 B3=19103
 P_FULCRUM=18180 P_NGINX=18181 P_HAPROXY=18182 P_FLOOR=18183
-for port in $B1 $B2 $B3 $P_FULCRUM $P_NGINX $P_HAPROXY $P_FLOOR; do
+P_BASE=18184 P_BASE2=18185   # old-vs-new mode: the two processes of the old binary (new: P_FULCRUM)
+for port in $B1 $B2 $B3 $P_FULCRUM $P_NGINX $P_HAPROXY $P_FLOOR ${FULCRUM_BASE_BIN:+$P_BASE $P_BASE2}; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "port $port is already in use: stop whatever listens there first" >&2; exit 1
   fi
@@ -169,6 +187,9 @@ header_read_timeout = "60s"     # the idle-connection row holds connections open
 policy = "$POLICY"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
 EOF
+# Old-vs-new mode: the same config on the old binary's two ports.
+sed "s/127.0.0.1:$P_FULCRUM/127.0.0.1:$P_BASE/" "$WORK/fulcrum.toml" > "$WORK/fulcrum-base.toml"
+sed "s/127.0.0.1:$P_FULCRUM/127.0.0.1:$P_BASE2/" "$WORK/fulcrum.toml" > "$WORK/fulcrum-base2.toml"
 
 wait_port() {
   for _ in $(seq 100); do
@@ -199,6 +220,23 @@ start_all() {  # $1: taskset prefix for the proxies, $2: for backends
     $1 "$FLOOR_PROXY" "127.0.0.1:$P_FLOOR" "127.0.0.1:$B1" "127.0.0.1:$B2" "127.0.0.1:$B3" & PIDS+=($!); FLOOR_PID=$!
     wait_port $P_FLOOR
   fi
+}
+
+# Old-vs-new mode: backends and three Fulcrum processes, base and base2 on the old binary, new on
+# FULCRUM. Sets AB_PID and AB_PORT, keyed base, base2, new.
+declare -A AB_PID=() AB_PORT=([base]=$P_BASE [base2]=$P_BASE2 [new]=$P_FULCRUM)
+start_ab() {  # $1: taskset prefix for the proxies, $2: for backends
+  start_backends "$2"
+  local bin
+  for bin in base base2 new; do
+    case $bin in
+      base) RUST_LOG=warn $1 "$FULCRUM_BASE_BIN" run --config "$WORK/fulcrum-base.toml" & ;;
+      base2) RUST_LOG=warn $1 "$FULCRUM_BASE_BIN" run --config "$WORK/fulcrum-base2.toml" & ;;
+      new) RUST_LOG=warn $1 "$FULCRUM" run --config "$WORK/fulcrum.toml" & ;;
+    esac
+    PIDS+=($!); AB_PID[$bin]=$!
+  done
+  for bin in base base2 new; do wait_port "${AB_PORT[$bin]}"; done
 }
 
 stop_all() {
@@ -258,6 +296,64 @@ print(" ".join("%g" % statistics.median(c) for c in zip(*rows)))'
 to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
   awk -v v="$1" 'BEGIN{ if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; else print v }'
 }
+
+# Old against new (FULCRUM_BASE_BIN set): instead of the rows against nginx and HAProxy below.
+if [[ -n "$FULCRUM_BASE_BIN" ]]; then
+  echo "# Fulcrum old-vs-new load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per run, $PAIRS interleaved pairs per row"
+  echo "# base, base2: $FULCRUM_BASE_BIN ($("$FULCRUM_BASE_BIN" --version), sha256 $(sha256sum "$FULCRUM_BASE_BIN" | cut -c1-12)); new: $FULCRUM ($("$FULCRUM" --version), sha256 $(sha256sum "$FULCRUM" | cut -c1-12))"
+  echo "# backends $(nginx -v 2>&1 | sed 's/.*: //'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"
+  for mode in $MODES; do
+    if [[ $mode == pinned ]]; then PROXY_SET="taskset -c 1"; REST_SET="taskset -c 0"; else PROXY_SET=""; REST_SET=""; fi
+    start_ab "$PROXY_SET" "$REST_SET"
+    echo
+    echo "## $mode$([[ $mode == pinned ]] && echo ': proxies on core 1; wrk and backends on core 0'): every run"
+    echo
+    echo "| conns | pair | order | binary | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    declare -A runs=()
+    for conns in $CONNS; do
+      for pair in $(seq "$PAIRS"); do
+        # The order turns each pair, so drift over the run favours neither binary.
+        if ((pair % 2)); then order="base new base2"; else order="new base2 base"; fi
+        slot=0
+        for bin in $order; do
+          slot=$((slot + 1))
+          line=$(measure "${AB_PORT[$bin]}" "${AB_PID[$bin]}" "$conns" "$REST_SET")
+          runs["$conns $bin"]+="$line"$'\n'
+          read -r rps p50 p99 cpu rss <<<"$line"
+          echo "| $conns | $pair | $slot | $bin | $rps | $p50 | $p99 | $cpu | $rss |"
+        done
+      done
+    done
+    echo
+    echo "## $mode: medians of $PAIRS pairs"
+    echo
+    echo "| binary | conns | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB | req/s ÷ base | CPU ÷ base |"
+    echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+    declare -A row=()
+    for conns in $CONNS; do
+      for bin in base base2 new; do row["$conns $bin"]=$(median_columns <<<"${runs["$conns $bin"]}"); done
+      read -r b_rps _ _ b_cpu _ <<<"${row["$conns base"]}"
+      for bin in base base2 new; do
+        read -r rps p50 p99 cpu rss <<<"${row["$conns $bin"]}"
+        awk -v p="$bin$([[ $bin == base2 ]] && echo ' (A/A)')" -v c="$conns" -v r="$rps" -v a="$p50" -v b="$p99" -v u="$cpu" -v m="$rss" -v br="$b_rps" -v bc="$b_cpu" \
+          'BEGIN{printf "| %s | %s | %.0f | %s | %s | %s | %s | %.3f | %.3f |\n", p, c, r, a, b, u, m, (br ? r/br : 0), (bc ? u/bc : 0)}'
+      done
+    done
+    echo
+    for conns in $CONNS; do
+      read -r _ _ _ b_cpu _ <<<"${row["$conns base"]}"
+      read -r _ _ _ a_cpu _ <<<"${row["$conns base2"]}"
+      read -r _ _ _ n_cpu _ <<<"${row["$conns new"]}"
+      awk -v c="$conns" -v b="$b_cpu" -v a="$a_cpu" -v n="$n_cpu" 'BEGIN{
+        d = b ? (n / b - 1) * 100 : 0; s = b ? (a / b - 1) * 100 : 0; if (s < 0) s = -s
+        printf "- %s conns: median CPU µs/req new %s, base %s: new ÷ base %.3f (%+.1f %%); A/A spread |base2 ÷ base − 1| %.1f %%\n", c, n, b, (b ? n/b : 0), d, s}'
+    done
+    unset runs row
+    stop_all
+  done
+  exit 0
+fi
 
 echo "# Fulcrum load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per row$( ((REPEAT > 1)) && echo ", median of $REPEAT interleaved runs")"
 echo "# $("$FULCRUM" --version), $(nginx -v 2>&1 | sed 's/.*: //'), $(haproxy -v | head -1 | awk '{print "HAProxy " $3}'), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}')"

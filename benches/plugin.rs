@@ -8,11 +8,10 @@
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::backend::{Backend, BackendList, BackendState, InFlight};
 use fulcrum::config::RouteConfig;
-use fulcrum::http1::Framing;
+use fulcrum::http::Framing;
 use fulcrum::plugin::registry::Registry;
 use fulcrum::plugin::{CurrentRequest, Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters};
 use fulcrum::router::Router;
-use fulcrum::upstream::ConnPool;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,7 +29,6 @@ fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
                 socket: format!("10.0.{}.{}:80", i / 250, i % 250 + 1).parse().expect("address"),
                 weight: 1 + (i % 3) as u32,
                 state: Arc::new(BackendState::default()),
-                conns: Arc::new(ConnPool::default()),
             })
         })
         .collect();
@@ -49,7 +47,7 @@ fn request(headers: usize) -> CurrentRequest {
         text.push_str(&format!("x-extra-{i}: some value of typical length\r\n"));
     }
     text.push_str("\r\n");
-    let head = fulcrum::http1::parse_request(&mut bytes::BytesMut::from(text.as_str()))
+    let head = fulcrum::http::h1::parse_request(&mut bytes::BytesMut::from(text.as_str()))
         .expect("valid")
         .expect("complete");
     CurrentRequest {
@@ -115,13 +113,13 @@ fn host_work(c: &mut Criterion) {
     group.bench_function("route-match", |b| {
         b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42")))
     });
-    let client = fulcrum::proxy::Client::new("192.0.2.7:51000".parse().expect("client"));
+    let client = fulcrum::http::ClientAddr::new("192.0.2.7:51000".parse().expect("client"));
     let request = request(10).head;
     let mut head = Vec::with_capacity(1024);
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {
             head.clear();
-            fulcrum::proxy::encode_request_head(&request, &client, Framing::Empty, "10.0.0.1:80", false, &mut head)
+            fulcrum::http::h1::encode_request_head(&request, &client, Framing::Empty, "10.0.0.1:80", false, &mut head)
                 .expect("encodes");
             black_box(head.len())
         })
@@ -133,7 +131,7 @@ fn host_work(c: &mut Criterion) {
         b.iter(|| {
             let mut buf = bytes::BytesMut::from(raw);
             black_box(
-                fulcrum::http1::parse_request(&mut buf)
+                fulcrum::http::h1::parse_request(&mut buf)
                     .expect("valid")
                     .expect("complete"),
             )
@@ -145,7 +143,7 @@ fn host_work(c: &mut Criterion) {
     group.bench_function("response-head/parse-and-write", |b| {
         b.iter(|| {
             let mut buf = bytes::BytesMut::from(response);
-            let head = fulcrum::http1::parse_response(&mut buf, false)
+            let head = fulcrum::http::h1::parse_response(&mut buf, false)
                 .expect("valid")
                 .expect("complete");
             out.clear();

@@ -56,7 +56,8 @@ pub fn status(app: &App) -> serde_json::Value {
             let backends: Vec<serde_json::Value> = pool
                 .backends
                 .iter()
-                .map(|b| {
+                .enumerate()
+                .map(|(index, b)| {
                     serde_json::json!({
                         "address": b.address,
                         "weight": b.weight,
@@ -66,7 +67,7 @@ pub fn status(app: &App) -> serde_json::Value {
                         "in_flight": b.state.in_flight(),
                         "requests": b.state.requests.load(Ordering::Relaxed),
                         "failures": b.state.failures.load(Ordering::Relaxed),
-                        "idle_connections": b.conns.idle_count(),
+                        "idle_connections": pool.upstream.idle_count(index),
                     })
                 })
                 .collect();

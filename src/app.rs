@@ -7,7 +7,7 @@ use crate::config::{Config, ConfigError, PoolConfig};
 use crate::plugin::registry::{Registry, Validator};
 use crate::plugin::{Limits, Plugin, PluginError, Policy, PolicyCounters};
 use crate::router::Router;
-use crate::upstream::{ConnPool, PoolLimits};
+use crate::upstream::{IdleConns, PoolLimits, TcpConnector, Upstream};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::path::Path;
@@ -19,7 +19,8 @@ pub struct Pool {
     pub config: PoolConfig,
     pub backends: BackendList,
     pub policy: Policy,
-    pub conn_limits: PoolLimits,
+    /// The way to the backends: connector and idle connections.
+    pub upstream: Upstream,
 }
 
 /// Everything a request needs, immutable once built.
@@ -33,7 +34,7 @@ pub struct Snapshot {
 #[derive(Default)]
 struct Kept {
     /// By (pool, address).
-    backends: HashMap<(String, String), (Arc<BackendState>, Arc<ConnPool>)>,
+    backends: HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>)>,
     /// By pool.
     counters: HashMap<String, PolicyCounters>,
 }
@@ -197,34 +198,39 @@ impl App {
             slot.current()
                 .check(&pool.policy_config, &limits)
                 .map_err(|e| invalid(&config, &format!("pools.{name}.policy_config"), e.to_string()))?;
-            let backends: Vec<Arc<Backend>> = pool
+            let (backends, idle): (Vec<Arc<Backend>>, Vec<Arc<IdleConns>>) = pool
                 .backends
                 .iter()
                 .map(|b| {
-                    let (state, conns) = kept
+                    let (state, idle) = kept
                         .backends
                         .entry((name.clone(), b.address.clone()))
                         .or_default()
                         .clone();
-                    Arc::new(Backend {
+                    let backend = Arc::new(Backend {
                         address: b.address.clone(),
                         socket: b.socket,
                         weight: b.weight,
                         state,
-                        conns,
-                    })
+                    });
+                    (backend, idle)
                 })
-                .collect();
+                .unzip();
             let counters = kept.counters.entry(name.clone()).or_default().clone();
             pools.push(Pool {
                 name: name.clone(),
                 config: pool.clone(),
                 backends: backends.into(),
                 policy: Policy::new(slot, &pool.policy_config, limits, counters),
-                conn_limits: PoolLimits {
-                    max_idle: pool.max_idle_per_backend,
-                    idle_timeout: pool.upstream_idle_timeout,
-                },
+                upstream: Upstream::new(
+                    idle,
+                    Arc::new(TcpConnector),
+                    PoolLimits {
+                        max_idle: pool.max_idle_per_backend,
+                        idle_timeout: pool.upstream_idle_timeout,
+                    },
+                    pool.connect_timeout,
+                ),
             });
         }
         // Forget state of backends no longer configured.

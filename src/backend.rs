@@ -1,12 +1,11 @@
 //! Backends and their live state: in-flight requests, health, counters.
 //!
 //! A [`Backend`] is immutable apart from its [`BackendState`], which is all
-//! atomics so the request path never takes a lock. The state (and the backend's
-//! upstream connection pool) is kept across config reloads for as long as the
-//! same pool lists the same address, so a reload neither resets least-conn's
-//! view of the load nor drops warm connections.
+//! atomics so the request path never takes a lock. The state is kept across
+//! config reloads for as long as the same pool lists the same address, so a
+//! reload does not reset least-conn's view of the load (the pool keeps the
+//! backend's idle connections the same way: [`crate::upstream::Upstream`]).
 
-use crate::upstream::ConnPool;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -144,7 +143,6 @@ pub struct Backend {
     pub socket: SocketAddr,
     pub weight: u32,
     pub state: Arc<BackendState>,
-    pub conns: Arc<ConnPool>,
 }
 
 /// A pool's backends in a fixed order: a backend's index is its id in the WIT.

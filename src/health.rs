@@ -233,7 +233,6 @@ fn readmit(pool: &str, backend: &Backend, generation: u64, why: &str) {
 mod tests {
     use super::*;
     use crate::backend::BackendState;
-    use crate::upstream::ConnPool;
 
     fn pool(n: usize) -> BackendList {
         (0..n)
@@ -243,7 +242,6 @@ mod tests {
                     socket: format!("127.0.0.1:{}", 1000 + i).parse().expect("addr"),
                     weight: 1,
                     state: Arc::new(BackendState::default()),
-                    conns: Arc::new(ConnPool::default()),
                 })
             })
             .collect::<Vec<_>>()
@@ -387,7 +385,6 @@ mod tests {
             socket: address,
             weight: 1,
             state: Arc::new(BackendState::default()),
-            conns: Arc::new(ConnPool::default()),
         })]
         .into();
         let (health, outlier) = (checks(2, 3), OutlierConfig::default());

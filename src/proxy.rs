@@ -1,38 +1,86 @@
-//! The request path, whatever the client speaks: route → policy → connect
-//! (retrying elsewhere when that is safe) → exchange with the backend → the
-//! response head and body, handed back to the client's side to write.
+//! The request pipeline, whatever the client speaks: every front end hands a
+//! parsed request head to [`serve`], which routes it, (later: runs the route's
+//! filters,) lets the pool's policy select a backend, forwards with retries
+//! where that is safe, and answers with the backend's response or a
+//! [`LocalReply`]. Once the answer is written the front end calls [`finish`],
+//! which builds the one end-of-request [`RequestRecord`].
 //!
-//! HTTP/1.1 clients come here from [`crate::connection`]; HTTP/2 clients
-//! through hyper, by [`handle`].
+//! Routing happens in [`route`] and nowhere else; every local reply is made
+//! here by [`LocalReply::new`] with its [`Termination`], and each front end
+//! renders it in one function of its own.
 
 use crate::app::{Pool, Snapshot};
+use crate::backend::Backend;
 use crate::health::{self, Outcome};
-use crate::http1::{self, Framing, ResponseHead};
+use crate::http::h1::ResponseHead;
+use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use crate::plugin::CurrentRequest;
-use crate::request::RequestHead;
-use crate::upstream::{BodySource, ClientBodyError, ExchangeError, Outgoing, ResponseBody, ResponseBodyError};
+use crate::upstream::{ExchangeError, Outgoing, ResponseBody, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
-use http::header;
-use http::{Method, Request, Response, StatusCode};
-use http_body::{Body, Frame, SizeHint};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Incoming;
+use http::{Method, StatusCode};
 use smallvec::SmallVec;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Why a request ended the way it did: the cause behind its status, for the
+/// log and (with the observability work) a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// The backend's whole response reached the client.
+    Completed,
+    /// The client's request was refused before routing (malformed, too large, too slow).
+    BadRequest,
+    /// No route matches the request.
+    NoRoute,
+    /// No backend of the pool was available.
+    NoBackend,
+    /// No connection could be made to the chosen backend.
+    ConnectFailed,
+    /// The backend did not answer within `response_timeout`.
+    ResponseTimeout,
+    /// The backend failed before or while sending its response head.
+    BackendFailed,
+    /// The backend failed in the middle of its response body.
+    BackendBodyFailed,
+    /// The client's request body could not be read.
+    ClientBodyFailed,
+    /// The client went away before its answer was written.
+    ClientClosed,
+}
+
+impl Termination {
+    /// The name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Termination::Completed => "completed",
+            Termination::BadRequest => "bad_request",
+            Termination::NoRoute => "no_route",
+            Termination::NoBackend => "no_backend",
+            Termination::ConnectFailed => "connect_failed",
+            Termination::ResponseTimeout => "response_timeout",
+            Termination::BackendFailed => "backend_failed",
+            Termination::BackendBodyFailed => "backend_body_failed",
+            Termination::ClientBodyFailed => "client_body_failed",
+            Termination::ClientClosed => "client_closed",
+        }
+    }
+}
 
 /// An answer the balancer gives itself, with a one-line plain-text body.
 #[derive(Debug)]
 pub struct LocalReply {
     pub status: StatusCode,
+    pub cause: Termination,
     pub message: String,
 }
 
 impl LocalReply {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    /// The balancer's own answer, with the cause it ends the request with.
+    pub fn new(status: StatusCode, cause: Termination, message: impl Into<String>) -> Self {
         LocalReply {
             status,
+            cause,
             message: message.into(),
         }
     }
@@ -46,38 +94,194 @@ pub struct Forwarded {
     pub scratch: Vec<u8>,
 }
 
-/// Where a request came from, with the client's IP already written out for
-/// `X-Forwarded-For` (once per connection rather than once per request).
-#[derive(Clone, Copy)]
-pub struct Client {
-    pub addr: SocketAddr,
-    ip_text: [u8; Client::IP_TEXT_MAX],
-    ip_len: u8,
+/// What [`serve`] answers.
+// Not boxed: one answer per request, and a box would be an allocation each time.
+#[allow(clippy::large_enum_variant)]
+pub enum Answer {
+    Backend(Forwarded),
+    Local(LocalReply),
 }
 
-impl Client {
-    /// The longest IP address text (an IPv4-mapped IPv6 address).
-    const IP_TEXT_MAX: usize = 45;
+/// What the pipeline learned about one request, kept by the front end until
+/// the answer is written and [`finish`] turns it into a [`RequestRecord`].
+#[derive(Debug, Clone, Copy)]
+pub struct Trace {
+    started: Instant,
+    /// Index of the routed pool in the snapshot.
+    pool: Option<usize>,
+    /// Index of the backend that answered (or the last one tried).
+    backend: Option<usize>,
+    status: StatusCode,
+    termination: Termination,
+    /// Time spent in the policy's decisions.
+    decision: Duration,
+    /// From the start to the backend's response head.
+    to_response_head: Option<Duration>,
+    /// Tries after the first.
+    retries: u32,
+    /// Request body bytes read from the client.
+    bytes_in: u64,
+}
 
-    pub fn new(addr: SocketAddr) -> Client {
-        let mut ip_text = [0; Client::IP_TEXT_MAX];
-        let mut rest = &mut ip_text[..];
-        // Fits: no IP address is written longer than IP_TEXT_MAX.
-        let _ = std::io::Write::write_fmt(&mut rest, format_args!("{}", addr.ip()));
-        let ip_len = (Client::IP_TEXT_MAX - rest.len()) as u8;
-        Client { addr, ip_text, ip_len }
+impl Trace {
+    fn start() -> Trace {
+        Trace {
+            started: Instant::now(),
+            pool: None,
+            backend: None,
+            status: StatusCode::OK,
+            termination: Termination::Completed,
+            decision: Duration::ZERO,
+            to_response_head: None,
+            retries: 0,
+            bytes_in: 0,
+        }
     }
 
-    /// The client's IP address as text (`203.0.113.7`, `2001:db8::1`).
-    pub fn ip_text(&self) -> &[u8] {
-        &self.ip_text[..usize::from(self.ip_len)]
+    /// The trace of a request refused before it could be routed.
+    pub fn refused(reply: &LocalReply) -> Trace {
+        let mut trace = Trace::start();
+        trace.answered_locally(reply);
+        trace
+    }
+
+    fn answered_locally(&mut self, reply: &LocalReply) {
+        self.status = reply.status;
+        self.termination = reply.cause;
+    }
+
+    /// The status the client is answered with.
+    pub fn status(&self) -> StatusCode {
+        self.status
     }
 }
 
-/// The pool a request goes to, by its host and path.
-pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<&'a Pool> {
+/// How the answer's delivery ended, as the front end saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Delivery {
+    /// Written whole.
+    Whole,
+    /// The client went away (or stopped reading) first.
+    ClientGone,
+    /// The backend's body failed mid-way, as [`crate::upstream::ResponseBodyError::what`] says.
+    BackendFailed(&'static str),
+}
+
+/// One request, start to end: what the observability work feeds to metrics
+/// and the access log. Built only by [`finish`].
+pub struct RequestRecord<'a> {
+    pub status: StatusCode,
+    pub termination: Termination,
+    pub pool: Option<&'a Pool>,
+    pub backend: Option<&'a Backend>,
+    /// The name of the pool's policy.
+    pub policy: Option<&'a str>,
+    pub decision: Duration,
+    pub retries: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub to_response_head: Option<Duration>,
+    pub duration: Duration,
+}
+
+/// Ends a request: builds its record from `trace` and what the front end
+/// delivered, reports a backend that failed mid-body to passive health, and
+/// hands the record on.
+pub fn finish(snapshot: &Snapshot, trace: &Trace, delivery: Delivery, bytes_out: u64) {
+    let pool = trace.pool.and_then(|index| snapshot.pools.get(index));
+    let backend = pool
+        .zip(trace.backend)
+        .and_then(|(pool, index)| pool.backends.get(index));
+    let termination = match (trace.termination, delivery) {
+        (Termination::Completed, Delivery::ClientGone) => Termination::ClientClosed,
+        (Termination::Completed, Delivery::BackendFailed(_)) => Termination::BackendBodyFailed,
+        (termination, _) => termination,
+    };
+    if let (Delivery::BackendFailed(what), Some(pool), Some(backend)) = (delivery, pool, backend) {
+        tracing::warn!(pool = %pool.name, backend = %backend.address, "backend {what}; response cut off");
+        health::record(
+            &pool.name,
+            &pool.backends,
+            backend,
+            Outcome::Failure,
+            &pool.config.outlier,
+        );
+    }
+    let record = RequestRecord {
+        status: trace.status,
+        termination,
+        pool,
+        backend: backend.map(|b| &**b),
+        policy: pool.map(|p| p.policy.plugin_name()),
+        decision: trace.decision,
+        retries: trace.retries,
+        bytes_in: trace.bytes_in,
+        bytes_out,
+        to_response_head: trace.to_response_head,
+        duration: trace.started.elapsed(),
+    };
+    observe(&record);
+}
+
+/// Where records go. For now a debug line; metrics and the access log will
+/// read them here.
+fn observe(record: &RequestRecord<'_>) {
+    tracing::debug!(
+        status = record.status.as_u16(),
+        termination = record.termination.as_str(),
+        pool = record.pool.map(|p| p.name.as_str()),
+        backend = record.backend.map(|b| b.address.as_str()),
+        policy = record.policy,
+        decision = ?record.decision,
+        retries = record.retries,
+        bytes_in = record.bytes_in,
+        bytes_out = record.bytes_out,
+        duration = ?record.duration,
+        "request"
+    );
+    #[cfg(test)]
+    tests::capture(record);
+}
+
+/// The pool a request goes to, by its host and path, with its index.
+pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<(usize, &'a Pool)> {
     let index = snapshot.router.pool_for(head.host(), head.path())?;
-    snapshot.pools.get(index)
+    Some((index, snapshot.pools.get(index)?))
+}
+
+/// Serves one request: route, select, forward. `timer` bounds the wait for
+/// the backend's response head (a front end moves one timer along rather than
+/// creating one per request).
+pub async fn serve<B: BodySource>(
+    snapshot: &Snapshot,
+    client: &ClientAddr,
+    head: RequestHead,
+    source: &mut B,
+    timer: Pin<&mut tokio::time::Sleep>,
+) -> (Answer, Trace) {
+    let mut trace = Trace::start();
+    let answer = match route(snapshot, &head) {
+        None => Answer::Local(LocalReply::new(
+            StatusCode::NOT_FOUND,
+            Termination::NoRoute,
+            "no route matches this request",
+        )),
+        Some((index, pool)) => {
+            trace.pool = Some(index);
+            match forward(pool, client, head, source, timer, &mut trace).await {
+                Ok(forwarded) => {
+                    trace.status = forwarded.head.status;
+                    Answer::Backend(forwarded)
+                }
+                Err(reply) => Answer::Local(reply),
+            }
+        }
+    };
+    if let Answer::Local(reply) = &answer {
+        trace.answered_locally(reply);
+    }
+    trace.bytes_in = source.received();
+    (answer, trace)
 }
 
 /// How the request body can be sent, and sent again.
@@ -99,10 +303,11 @@ fn is_idempotent(method: &Method) -> bool {
 }
 
 fn client_body_reply(error: &ClientBodyError) -> LocalReply {
-    match error {
-        ClientBodyError::Timeout(_) => LocalReply::new(StatusCode::REQUEST_TIMEOUT, error.to_string()),
-        _ => LocalReply::new(StatusCode::BAD_REQUEST, error.to_string()),
-    }
+    let status = match error {
+        ClientBodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        _ => StatusCode::BAD_REQUEST,
+    };
+    LocalReply::new(status, Termination::ClientBodyFailed, error.to_string())
 }
 
 /// Reads the body into memory when the request may be retried after reaching a
@@ -123,55 +328,56 @@ async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize
 
 /// Sends the request to a backend of `pool`, retrying on another when that is
 /// safe, and returns the first backend answer or the balancer's own.
-pub async fn forward<B: BodySource>(
+async fn forward<B: BodySource>(
     pool: &Pool,
-    client: &Client,
+    client: &ClientAddr,
     request: RequestHead,
     source: &mut B,
-    upgrade: bool,
     mut timer: Pin<&mut tokio::time::Sleep>,
+    trace: &mut Trace,
 ) -> Result<Forwarded, LocalReply> {
     let mut body = prepare_body(&request.method, source, pool.config.retry_buffer).await?;
     let may_replay = is_idempotent(&request.method);
-    let head_request = request.method == Method::HEAD;
     let framing = source.framing();
     let current = CurrentRequest {
         head: request,
         client: client.addr,
     };
-    // Encoded once, for whichever backend gets the request.
-    let mut head = crate::buffers::take_write();
+    // Encoded at the first try, for whichever backend gets the request.
+    let mut encoded = crate::buffers::take_write();
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut stale_connections = 0;
-    let report = |backend: &std::sync::Arc<crate::backend::Backend>, outcome| {
+    let report = |backend: &std::sync::Arc<Backend>, outcome| {
         health::record(&pool.name, &pool.backends, backend, outcome, &pool.config.outlier)
     };
 
     loop {
+        let deciding = Instant::now();
         let choice = pool.policy.choose(&current, &pool.backends, &tried);
+        trace.decision += deciding.elapsed();
         let Some(index) = choice.backend else {
             return Err(if tried.is_empty() {
                 LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
+                    Termination::NoBackend,
                     format!("no backend of pool `{}` is available", pool.name),
                 )
             } else {
                 LocalReply::new(
                     StatusCode::BAD_GATEWAY,
+                    Termination::NoBackend,
                     format!("no backend of pool `{}` could serve the request", pool.name),
                 )
             });
         };
         let backend = &pool.backends[index];
+        trace.retries = tried.len() as u32;
+        trace.backend = Some(index);
         tried.push(index);
         let out_of_tries = tried.len() > pool.config.retries as usize;
         let in_flight = backend.state.start_request();
 
-        let conn = match backend
-            .conns
-            .checkout(backend.socket, pool.config.connect_timeout, pool.conn_limits)
-            .await
-        {
+        let conn = match pool.upstream.checkout(index, backend.socket).await {
             Ok(conn) => conn,
             Err(error) => {
                 report(backend, Outcome::Failure);
@@ -179,36 +385,37 @@ pub async fn forward<B: BodySource>(
                 if out_of_tries {
                     return Err(LocalReply::new(
                         StatusCode::BAD_GATEWAY,
+                        Termination::ConnectFailed,
                         format!("backend {} is unreachable", backend.address),
                     ));
                 }
                 continue;
             }
         };
-        let reused = conn.reused;
+        let reused = conn.reused();
 
-        if head.is_empty() {
-            let request = &current.head;
-            let out_framing = match &body {
-                BodyState::Held(bytes) if !bytes.is_empty() => Framing::Length(bytes.len() as u64),
-                _ => framing,
-            };
-            encode_request_head(request, client, out_framing, &backend.address, upgrade, &mut head)
-                .map_err(|message| LocalReply::new(StatusCode::BAD_REQUEST, message))?;
-        }
         let streamed = matches!(body, BodyState::Stream);
-        let outgoing = match &body {
-            BodyState::Held(bytes) => Outgoing::Held(bytes),
-            BodyState::Stream => Outgoing::Stream(&mut *source),
+        let (outgoing, out_framing) = match &body {
+            BodyState::Held(bytes) if !bytes.is_empty() => (Outgoing::Held(bytes), Framing::Length(bytes.len() as u64)),
+            BodyState::Held(bytes) => (Outgoing::Held(bytes), framing),
+            BodyState::Stream => (Outgoing::Stream(&mut *source), framing),
             BodyState::Spent => {
                 return Err(LocalReply::new(
                     StatusCode::BAD_GATEWAY,
+                    Termination::BackendFailed,
                     "the request body was already sent and cannot be sent again",
                 ));
             }
         };
+        let upstream_request = UpstreamRequest {
+            head: &current.head,
+            client,
+            framing: out_framing,
+            fallback_host: &backend.address,
+            encoded: &mut encoded,
+        };
 
-        let exchanged = conn.exchange(&head, outgoing, head_request, upgrade);
+        let exchanged = conn.exchange(upstream_request, outgoing, in_flight, pool.config.read_timeout);
         timer
             .as_mut()
             .reset(tokio::time::Instant::now() + pool.config.response_timeout);
@@ -223,31 +430,39 @@ pub async fn forward<B: BodySource>(
                 tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
                 return Err(LocalReply::new(
                     StatusCode::GATEWAY_TIMEOUT,
+                    Termination::ResponseTimeout,
                     format!("backend {} did not answer in time", backend.address),
                 ));
             }
-            Ok(Ok((response, conn))) => {
+            Ok(Ok((response, body))) => {
                 let outcome = if response.status.is_server_error() {
                     Outcome::Failure
                 } else {
                     Outcome::Success
                 };
                 report(backend, outcome);
-                let body = conn.into_body(&response, in_flight, pool.config.read_timeout);
+                trace.to_response_head = Some(trace.started.elapsed());
                 return Ok(Forwarded {
                     head: response,
                     body,
-                    scratch: head,
+                    scratch: encoded,
                 });
             }
             Ok(Err(error)) => error,
         };
-        if streamed && !matches!(error, ExchangeError::NotSent(_)) {
+        if streamed && !matches!(error, ExchangeError::NotSent(_) | ExchangeError::Unsendable(_)) {
             body = BodyState::Spent;
         }
         let replayable = matches!(body, BodyState::Held(_));
         match error {
             ExchangeError::Client(error) => return Err(client_body_reply(&error)),
+            ExchangeError::Unsendable(message) => {
+                return Err(LocalReply::new(
+                    StatusCode::BAD_REQUEST,
+                    Termination::BadRequest,
+                    message,
+                ));
+            }
             // A keep-alive connection the backend had closed: not the backend's fault.
             ExchangeError::NotSent(_) if reused && stale_connections < MAX_STALE_RETRIES => {
                 stale_connections += 1;
@@ -263,6 +478,7 @@ pub async fn forward<B: BodySource>(
                 if out_of_tries {
                     return Err(LocalReply::new(
                         StatusCode::BAD_GATEWAY,
+                        Termination::BackendFailed,
                         format!("backend {} closed the connection", backend.address),
                     ));
                 }
@@ -275,6 +491,7 @@ pub async fn forward<B: BodySource>(
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
                     return Err(LocalReply::new(
                         StatusCode::BAD_GATEWAY,
+                        Termination::BackendFailed,
                         format!("backend {} failed: {error}", backend.address),
                     ));
                 }
@@ -286,214 +503,39 @@ pub async fn forward<B: BodySource>(
 /// Stale pooled connections tolerated per request before a backend counts as failing.
 const MAX_STALE_RETRIES: u32 = 3;
 
-/// Headers of the client's request that are not copied upstream as they are:
-/// hop-by-hop ones ([`http1::HOP_BY_HOP`]), framing (rewritten), `Host` and
-/// the `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
-fn rewritten_upstream(name: &[u8]) -> bool {
-    const REWRITTEN: [&str; 6] = [
-        "content-length",
-        "host",
-        "expect",
-        "x-forwarded-for",
-        "x-forwarded-host",
-        "x-forwarded-proto",
-    ];
-    REWRITTEN.iter().any(|r| r.as_bytes().eq_ignore_ascii_case(name)) || http1::is_hop_by_hop(name)
-}
-
-/// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
-/// headers (and those `Connection` names) removed, `X-Forwarded-*` added, the
-/// client's host kept (an HTTP/2 `:authority` or absolute-form target becomes
-/// `Host`; with none, `fallback_host`), framed by `framing`. `upgrade`: the
-/// client asks to switch protocols, and its `Upgrade` is passed on.
-pub fn encode_request_head(
-    request: &RequestHead,
-    client: &Client,
-    framing: Framing,
-    fallback_host: &str,
-    upgrade: bool,
-    out: &mut Vec<u8>,
-) -> Result<(), &'static str> {
-    if request.method == Method::CONNECT {
-        return Err("the request target cannot be forwarded");
-    }
-    out.extend_from_slice(request.method.as_str().as_bytes());
-    out.push(b' ');
-    request.write_origin_form(out);
-    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
-    // The request target's authority wins over a Host header (RFC 9112 3.2.2).
-    let host = request.host().map_or(fallback_host.as_bytes(), str::as_bytes);
-    if host.iter().any(|&b| b == b'\r' || b == b'\n') {
-        return Err("the host is not valid");
-    }
-    out.extend_from_slice(host);
-    out.extend_from_slice(b"\r\n");
-
-    for (name, value) in request.headers() {
-        if rewritten_upstream(name) || request.named_by_connection(name) {
-            continue;
-        }
-        out.extend_from_slice(name);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value);
-        out.extend_from_slice(b"\r\n");
-    }
-
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for earlier in request.header_all("x-forwarded-for") {
-        out.extend_from_slice(earlier);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(client.ip_text());
-    out.extend_from_slice(b"\r\nx-forwarded-host: ");
-    out.extend_from_slice(host);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
-    if upgrade && let Some(protocol) = request.header("upgrade") {
-        out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
-        out.extend_from_slice(protocol);
-        out.extend_from_slice(b"\r\n");
-    }
-    match framing {
-        Framing::Length(n) => {
-            out.extend_from_slice(b"content-length: ");
-            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-            out.extend_from_slice(b"\r\n");
-        }
-        Framing::Chunked | Framing::UntilClose => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
-        Framing::Empty if matches!(request.method, Method::POST | Method::PUT | Method::PATCH) => {
-            out.extend_from_slice(b"content-length: 0\r\n");
-        }
-        Framing::Empty => {}
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(())
-}
-
-/// A response body for an HTTP/2 client: the backend's, streamed, or one the
-/// balancer wrote.
-pub enum ProxyBody {
-    Upstream(ResponseBody),
-    Local(Full<Bytes>),
-}
-
-impl Body for ProxyBody {
-    type Data = Bytes;
-    type Error = ResponseBodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        match self.get_mut() {
-            ProxyBody::Upstream(b) => Pin::new(b).poll_frame(cx),
-            ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ProxyBody::Upstream(b) => b.is_end_stream(),
-            ProxyBody::Local(b) => b.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ProxyBody::Upstream(b) => b.size_hint(),
-            ProxyBody::Local(b) => b.size_hint(),
-        }
-    }
-}
-
-fn local_response(reply: LocalReply) -> Response<ProxyBody> {
-    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::from(format!("{}\n", reply.message)))));
-    *response.status_mut() = reply.status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    response
-}
-
-/// An HTTP/2 client's body, read through hyper.
-struct IncomingSource(Incoming);
-
-impl BodySource for IncomingSource {
-    fn framing(&self) -> Framing {
-        if self.0.is_end_stream() {
-            return Framing::Empty;
-        }
-        match self.0.size_hint().exact() {
-            Some(n) => Framing::Length(n),
-            None => Framing::Chunked,
-        }
-    }
-
-    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
-        while let Some(frame) = self.0.frame().await {
-            let frame = frame.map_err(|e| ClientBodyError::Other(e.to_string()))?;
-            if let Ok(data) = frame.into_data() {
-                return Ok(Some(data));
-            }
-        }
-        Ok(None)
-    }
-}
-
-/// Serves one request of an HTTP/2 client.
-pub async fn handle(snapshot: &Snapshot, client: &Client, request: Request<Incoming>) -> Response<ProxyBody> {
-    let (parts, body) = request.into_parts();
-    let mut source = IncomingSource(body);
-    let head = match RequestHead::from_parts(&parts, source.framing()) {
-        Ok(head) => head,
-        Err(error) => return local_response(LocalReply::new(error.status(), error.to_string())),
-    };
-    let Some(pool) = route(snapshot, &head) else {
-        return local_response(LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request"));
-    };
-    let timer = tokio::time::sleep(pool.config.response_timeout);
-    tokio::pin!(timer);
-    match forward(pool, client, head, &mut source, false, timer).await {
-        Ok(Forwarded { head, body, .. }) => {
-            let mut response = Response::new(ProxyBody::Upstream(body));
-            *response.status_mut() = head.status;
-            *response.headers_mut() = head.header_map();
-            response
-        }
-        Err(reply) => local_response(reply),
-    }
-}
-
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::cell::RefCell;
 
-    #[test]
-    fn the_upstream_head_is_rewritten_for_the_backend() {
-        let mut buf = bytes::BytesMut::from(
-            "POST http://example.com/a?b=1 HTTP/1.1\r\nHost: ignored.example\r\n\
-             Connection: x-secret, keep-alive\r\nX-Secret: 1\r\nTE: trailers\r\n\
-             X-Forwarded-For: 10.0.0.1\r\nContent-Length: 3\r\nAccept: */*\r\n\r\nabc",
-        );
-        let request = http1::parse_request(&mut buf).expect("valid").expect("complete");
-        let client = Client::new("127.0.0.9:5555".parse().expect("addr"));
-        let mut out = Vec::new();
-        encode_request_head(&request, &client, request.body, "backend:1", false, &mut out).expect("encodes");
-        assert_eq!(
-            String::from_utf8_lossy(&out),
-            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nAccept: */*\r\n\
-             x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-host: example.com\r\n\
-             x-forwarded-proto: http\r\ncontent-length: 3\r\n\r\n"
-        );
+    /// What a test learns of a record: its status, cause, pool and backend.
+    #[derive(Debug, Clone, PartialEq)]
+    pub struct Seen {
+        pub status: u16,
+        pub termination: Termination,
+        pub pool: Option<String>,
+        pub backend: Option<String>,
+        pub bytes_out: u64,
     }
 
-    #[test]
-    fn a_request_without_host_gets_the_fallback_and_chunked_framing() {
-        let (parts, ()) = Request::get("/x").body(()).expect("valid").into_parts();
-        let request = RequestHead::from_parts(&parts, Framing::Chunked).expect("fits");
-        let client = Client::new("[::1]:5555".parse().expect("addr"));
-        let mut out = Vec::new();
-        encode_request_head(&request, &client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
-        let text = String::from_utf8_lossy(&out);
-        assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
-        assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");
-        assert!(text.ends_with("transfer-encoding: chunked\r\n\r\n"), "{text}");
+    thread_local! {
+        static SEEN: RefCell<Vec<Seen>> = const { RefCell::new(Vec::new()) };
+    }
+
+    pub fn capture(record: &RequestRecord<'_>) {
+        SEEN.with(|seen| {
+            seen.borrow_mut().push(Seen {
+                status: record.status.as_u16(),
+                termination: record.termination,
+                pool: record.pool.map(|p| p.name.clone()),
+                backend: record.backend.map(|b| b.address.clone()),
+                bytes_out: record.bytes_out,
+            })
+        });
+    }
+
+    /// The records finished on this thread since the last call.
+    pub fn records() -> Vec<Seen> {
+        SEEN.with(|seen| std::mem::take(&mut *seen.borrow_mut()))
     }
 }

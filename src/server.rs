@@ -1,6 +1,5 @@
-//! Listening: accepts clients, serves each connection as HTTP/1.1
-//! ([`crate::connection`]) or, when it opens with the HTTP/2 preface, as
-//! HTTP/2 through hyper; stops gracefully.
+//! Listening: binds the listeners, runs the workers, accepts clients and hands
+//! each connection to [`crate::frontend::serve_connection`]; stops gracefully.
 //!
 //! In production Fulcrum runs one single-threaded runtime per worker thread,
 //! each with its own `SO_REUSEPORT` listener (the kernel spreads connections
@@ -9,20 +8,12 @@
 //! wake-ups and thread-local plugin instances and connection pools.
 
 use crate::app::App;
-use crate::connection::{self, Handoff};
-use crate::proxy;
+use crate::http::ClientAddr;
 use crate::shutdown::Shutdown;
-use bytes::Bytes;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 /// A socket bound to `addr` that shares its port with the other workers'.
@@ -111,14 +102,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let (app, shutdown) = (app.clone(), shutdown.clone());
+        let app = app.clone();
         let open = shutdown.open();
         tokio::spawn(async move {
-            let _open = open;
-            if let Some(Handoff::Http2(stream, read)) = connection::serve(&app, stream, client, &shutdown).await {
-                // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
-                Box::pin(serve_http2(app, Rewind::new(read.freeze(), stream), client, shutdown)).await;
-            }
+            crate::frontend::serve_connection(&app, stream, ClientAddr::new(client), open.shutdown()).await;
         });
     }
 
@@ -126,83 +113,4 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
     tracing::info!(grace = ?grace, "stopped accepting; finishing in-flight requests");
     shutdown.begin();
     tokio::time::timeout(grace, shutdown.drained()).await.is_ok()
-}
-
-/// Serves an HTTP/2 (prior knowledge) client through hyper.
-async fn serve_http2(app: Arc<App>, io: Rewind, client: SocketAddr, shutdown: Arc<Shutdown>) {
-    let _busy = shutdown.busy();
-    let idle = app.snapshot().config.server.client_idle_timeout;
-    let client = proxy::Client::new(client);
-    let service = service_fn(move |request| {
-        let app = app.clone();
-        Box::pin(async move {
-            let snapshot = app.snapshot();
-            Ok::<_, Infallible>(proxy::handle(&snapshot, &client, request).await)
-        }) as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
-    });
-    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .keep_alive_interval(Some(idle / 2))
-        .keep_alive_timeout(idle / 2)
-        .serve_connection(TokioIo::new(io), service);
-    tokio::pin!(connection);
-    let result = tokio::select! {
-        result = connection.as_mut() => result,
-        () = shutdown.stopped() => {
-            connection.as_mut().graceful_shutdown();
-            connection.await
-        }
-    };
-    if let Err(error) = result {
-        tracing::debug!(client = %client.addr, %error, "HTTP/2 client connection ended with an error");
-    }
-}
-
-/// A stream whose first bytes were already read: they are read again first.
-struct Rewind {
-    read: Bytes,
-    stream: TcpStream,
-}
-
-impl Rewind {
-    fn new(read: Bytes, stream: TcpStream) -> Self {
-        Rewind { read, stream }
-    }
-}
-
-impl AsyncRead for Rewind {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        if !self.read.is_empty() {
-            let n = self.read.len().min(buf.remaining());
-            buf.put_slice(&self.read.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.stream).poll_read(cx, buf)
-    }
-}
-
-impl AsyncWrite for Rewind {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write(cx, buf)
-    }
-
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.stream).poll_write_vectored(cx, bufs)
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        self.stream.is_write_vectored()
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.stream).poll_shutdown(cx)
-    }
 }

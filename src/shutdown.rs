@@ -23,6 +23,13 @@ pub struct Shutdown {
 /// Counts one open client connection while it lives.
 pub struct Open(Arc<Shutdown>);
 
+impl Open {
+    /// The worker's shutdown the connection answers to.
+    pub fn shutdown(&self) -> &Shutdown {
+        &self.0
+    }
+}
+
 impl Drop for Open {
     fn drop(&mut self) {
         self.0.open.fetch_sub(1, Ordering::Relaxed);

@@ -20,7 +20,7 @@ wasmtime::component::bindgen!({
 });
 
 use self::fulcrum::plugin::host::Level;
-use crate::request::visible_text;
+use crate::http::request::visible_text;
 pub use exports::fulcrum::plugin::policy::Backend as WitBackend;
 
 /// How often the epoch ticks; a call's deadline is counted in these ticks.
@@ -32,7 +32,7 @@ pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
 /// The request a plugin call is about: its head and the client's address.
 pub struct CurrentRequest {
-    pub head: crate::request::RequestHead,
+    pub head: crate::http::request::RequestHead,
     pub client: SocketAddr,
 }
 
@@ -438,7 +438,7 @@ impl StoreState {
         unsafe { self.current.0.as_ref() }
     }
 
-    fn head(&self) -> Option<&crate::request::RequestHead> {
+    fn head(&self) -> Option<&crate::http::request::RequestHead> {
         self.request().map(|r| &r.head)
     }
 

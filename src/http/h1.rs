@@ -8,68 +8,17 @@
 //! lengths, a transfer coding other than a lone `chunked`, or `chunked` in an
 //! HTTP/1.0 request is refused, never guessed at.
 
+use super::request;
+pub use super::{BodyError, ClientAddr, Framing, HeadError, MAX_HEAD, MAX_HEADERS, RequestHead, Span, is_hop_by_hop};
 use crate::buffers::HeadBytes;
-use crate::request;
-pub use crate::request::RequestHead;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
 use http::{Method, StatusCode, Version};
 use smallvec::SmallVec;
 use std::mem::MaybeUninit;
-use std::ops::Range;
 
-/// The largest head accepted from a client or a backend.
-pub const MAX_HEAD: usize = 64 * 1024;
-/// The most header fields in one head.
-pub const MAX_HEADERS: usize = 100;
 /// The longest chunk-size or trailer line.
 const MAX_CHUNK_LINE: usize = 4 * 1024;
-
-/// Why a head was refused.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum HeadError {
-    #[error("malformed message head: {0}")]
-    Malformed(&'static str),
-    #[error("message head larger than {MAX_HEAD} bytes")]
-    TooLarge,
-    #[error("more than {MAX_HEADERS} header fields")]
-    TooManyHeaders,
-    #[error("unsupported transfer coding (only `chunked` is accepted)")]
-    UnsupportedCoding,
-}
-
-impl HeadError {
-    /// The status a client gets for a request head refused this way.
-    pub fn status(self) -> StatusCode {
-        match self {
-            HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
-            HeadError::TooLarge | HeadError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-            HeadError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
-        }
-    }
-}
-
-/// Why a body could not be read to its end.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum BodyError {
-    #[error("malformed chunked body: {0}")]
-    Chunked(&'static str),
-    #[error("the connection closed before the body ended")]
-    Truncated,
-}
-
-/// How a message's body is delimited.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
-    /// No body at all.
-    Empty,
-    /// Exactly this many bytes.
-    Length(u64),
-    /// The chunked transfer coding.
-    Chunked,
-    /// Everything until the connection closes (responses only).
-    UntilClose,
-}
 
 /// Parses a request head at the start of `buf`. On success the head is taken
 /// out of `buf`, leaving whatever follows it (body or pipelined requests).
@@ -253,65 +202,14 @@ impl ConnectionTokens {
     }
 }
 
-/// Hop-by-hop headers (RFC 9110 7.6.1): they describe one connection and are
-/// never forwarded.
-pub const HOP_BY_HOP: [&str; 7] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
-
-/// Whether `name` (any case) is one of [`HOP_BY_HOP`].
-pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    HOP_BY_HOP.iter().any(|h| h.as_bytes().eq_ignore_ascii_case(name))
-}
-
-/// A stretch of a message head, by offsets (heads are small, so 32 bits do,
-/// and a head's field table stays a few hundred bytes).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
-    start: u32,
-    end: u32,
-}
-
-impl Span {
-    /// `start..end` of a head of at most [`MAX_HEAD`] bytes.
-    pub fn new(start: usize, end: usize) -> Span {
-        Span {
-            start: start as u32,
-            end: end as u32,
-        }
-    }
-
-    pub fn start(self) -> usize {
-        self.start as usize
-    }
-
-    /// The bytes of `head` this span covers (empty if it lies outside).
-    pub fn of(self, head: &[u8]) -> &[u8] {
-        head.get(self.range()).unwrap_or_default()
-    }
-
-    fn range(self) -> Range<usize> {
-        self.start as usize..self.end as usize
-    }
-}
-
 /// Where `part` sits in `whole` (at most [`MAX_HEAD`] long); an empty span
 /// when `part` is not inside it, as the static `""` httparse gives for a
 /// missing reason phrase is not.
 fn range_in(whole: &[u8], part: &[u8]) -> Span {
     let start = (part.as_ptr() as usize).wrapping_sub(whole.as_ptr() as usize);
     match start.checked_add(part.len()) {
-        Some(end) if end <= whole.len() => Span {
-            start: start as u32,
-            end: end as u32,
-        },
-        _ => Span { start: 0, end: 0 },
+        Some(end) if end <= whole.len() => Span::new(start, end),
+        _ => Span::new(0, 0),
     }
 }
 
@@ -670,9 +568,125 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
     out.push(b'\n');
 }
 
+/// Headers of the client's request that are not copied upstream as they are:
+/// hop-by-hop ones ([`super::HOP_BY_HOP`]), framing (rewritten), `Host` and
+/// the `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
+fn rewritten_upstream(name: &[u8]) -> bool {
+    const REWRITTEN: [&str; 6] = [
+        "content-length",
+        "host",
+        "expect",
+        "x-forwarded-for",
+        "x-forwarded-host",
+        "x-forwarded-proto",
+    ];
+    REWRITTEN.iter().any(|r| r.as_bytes().eq_ignore_ascii_case(name)) || is_hop_by_hop(name)
+}
+
+/// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
+/// headers (and those `Connection` names) removed, `X-Forwarded-*` added, the
+/// client's host kept (an HTTP/2 `:authority` or absolute-form target becomes
+/// `Host`; with none, `fallback_host`), framed by `framing`. `upgrade`: the
+/// client asks to switch protocols, and its `Upgrade` is passed on.
+pub fn encode_request_head(
+    request: &RequestHead,
+    client: &ClientAddr,
+    framing: Framing,
+    fallback_host: &str,
+    upgrade: bool,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    if request.method == Method::CONNECT {
+        return Err("the request target cannot be forwarded");
+    }
+    out.extend_from_slice(request.method.as_str().as_bytes());
+    out.push(b' ');
+    request.write_origin_form(out);
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    // The request target's authority wins over a Host header (RFC 9112 3.2.2).
+    let host = request.host().map_or(fallback_host.as_bytes(), str::as_bytes);
+    if host.iter().any(|&b| b == b'\r' || b == b'\n') {
+        return Err("the host is not valid");
+    }
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\n");
+
+    for (name, value) in request.headers() {
+        if rewritten_upstream(name) || request.named_by_connection(name) {
+            continue;
+        }
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+
+    out.extend_from_slice(b"x-forwarded-for: ");
+    for earlier in request.header_all("x-forwarded-for") {
+        out.extend_from_slice(earlier);
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(client.ip_text());
+    out.extend_from_slice(b"\r\nx-forwarded-host: ");
+    out.extend_from_slice(host);
+    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if upgrade && let Some(protocol) = request.header("upgrade") {
+        out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
+        out.extend_from_slice(protocol);
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        Framing::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        Framing::Chunked | Framing::UntilClose => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Empty if matches!(request.method, Method::POST | Method::PUT | Method::PATCH) => {
+            out.extend_from_slice(b"content-length: 0\r\n");
+        }
+        Framing::Empty => {}
+    }
+    out.extend_from_slice(b"\r\n");
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Request;
+
+    #[test]
+    fn the_upstream_head_is_rewritten_for_the_backend() {
+        let mut buf = bytes::BytesMut::from(
+            "POST http://example.com/a?b=1 HTTP/1.1\r\nHost: ignored.example\r\n\
+             Connection: x-secret, keep-alive\r\nX-Secret: 1\r\nTE: trailers\r\n\
+             X-Forwarded-For: 10.0.0.1\r\nContent-Length: 3\r\nAccept: */*\r\n\r\nabc",
+        );
+        let request = parse_request(&mut buf).expect("valid").expect("complete");
+        let client = ClientAddr::new("127.0.0.9:5555".parse().expect("addr"));
+        let mut out = Vec::new();
+        encode_request_head(&request, &client, request.body, "backend:1", false, &mut out).expect("encodes");
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-host: example.com\r\n\
+             x-forwarded-proto: http\r\ncontent-length: 3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_request_without_host_gets_the_fallback_and_chunked_framing() {
+        let (parts, ()) = Request::get("/x").body(()).expect("valid").into_parts();
+        let request = RequestHead::from_parts(&parts, Framing::Chunked).expect("fits");
+        let client = ClientAddr::new("[::1]:5555".parse().expect("addr"));
+        let mut out = Vec::new();
+        encode_request_head(&request, &client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
+        let text = String::from_utf8_lossy(&out);
+        assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
+        assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");
+        assert!(text.ends_with("transfer-encoding: chunked\r\n\r\n"), "{text}");
+    }
 
     fn request(text: &str) -> Result<Option<RequestHead>, HeadError> {
         parse_request(&mut BytesMut::from(text))

@@ -1,83 +1,78 @@
-//! One HTTP/1.1 client connection: reads each request head, hands the request
-//! to the proxy, writes the answer back, and keeps the connection for the
-//! next request when both sides allow it.
+//! The HTTP/1.1 front end: one client connection, over any stream. Reads each
+//! request head, hands the request to the pipeline ([`proxy::serve`]), writes
+//! the answer back, and keeps the connection for the next request when both
+//! sides allow it.
 //!
 //! Everything for one request happens in the connection's own task. An idle
 //! connection holds no buffer (it waits for readability, then reads), so ten
 //! thousand idle keep-alive clients cost little more than their sockets.
 
+use super::ClientStream;
 use crate::app::{App, Snapshot};
 use crate::buffers;
-use crate::http1::{self, BodyDecoder, Decoded, Framing, RequestHead, ResponseHead};
-use crate::proxy::{self, Client, Forwarded, LocalReply};
+use crate::http::h1::{self, BodyDecoder, Decoded, ResponseHead};
+use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
+use crate::proxy::{self, Answer, Delivery, Forwarded, LocalReply, Termination, Trace};
 use crate::shutdown::Shutdown;
-use crate::upstream::{BodySource, ClientBodyError, ResponseBody};
+use crate::upstream::{ResponseBody, Transport};
 use bytes::{Bytes, BytesMut};
 use http::{StatusCode, Version};
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep};
-
-/// The HTTP/2 connection preface (RFC 9113 3.4): a client that opens with it
-/// speaks HTTP/2 with prior knowledge.
-pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Bytes read from a client at a time.
 const READ_CHUNK: usize = 4 * 1024;
 /// Response bytes gathered before a write.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// How a connection ended, when it did not simply close.
-pub enum Handoff {
-    /// The client opened with the HTTP/2 preface: these bytes were read already.
-    Http2(TcpStream, BytesMut),
-}
-
 // Not boxed: a head is read per request, and a box would be an allocation each time.
 #[allow(clippy::large_enum_variant)]
 enum NextHead {
     Head(RequestHead),
-    Http2,
     /// Closed by the client, or idle too long.
     Close,
     /// Refused with this status.
     Refuse(StatusCode, String),
 }
 
-/// Serves HTTP/1.1 requests on `stream` until either side closes it.
-pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, shutdown: &Shutdown) -> Option<Handoff> {
-    let client = Client::new(client);
-    let mut buf = BytesMut::new();
-    let mut first = true;
+/// Serves HTTP/1.1 requests on `stream` until either side closes it. `buf`
+/// holds what was read while the protocol was chosen, and `timer` is set to
+/// the first request head's deadline.
+pub async fn serve<S: ClientStream>(
+    app: &Arc<App>,
+    mut stream: S,
+    mut buf: BytesMut,
+    mut timer: Pin<Box<Sleep>>,
+    client: ClientAddr,
+    shutdown: &Shutdown,
+) {
+    let mut deadline = timer.deadline();
     // Timers per connection, moved on rather than re-created: one for the
     // request head's deadline, one for the backend's response. Each deadline
     // only ever moves later, which tokio handles without touching its wheel.
-    let mut timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
     let mut response_timer: Pin<Box<Sleep>> = Box::pin(tokio::time::sleep(Duration::ZERO));
-    let mut header_read_timeout = app.snapshot().config.server.header_read_timeout;
     // The head is taken out of the match before the request is served: a value
     // matched on lives to the match's end, so an await inside it would keep
     // room for a whole request head in every idle connection's state.
-    let (status, message) = loop {
-        timer.as_mut().reset(Instant::now() + header_read_timeout);
-        let head = match next_head(&mut stream, &mut buf, timer.as_mut(), first).await {
+    let refusal = loop {
+        timer.as_mut().reset(deadline);
+        let head = match next_head(&mut stream, &mut buf, timer.as_mut()).await {
             NextHead::Head(head) => head,
-            NextHead::Http2 => return Some(Handoff::Http2(stream, buf)),
             NextHead::Close => {
                 buffers::give(buf);
-                return None;
+                return;
             }
-            NextHead::Refuse(status, message) => break (status, message),
+            NextHead::Refuse(status, message) => {
+                break LocalReply::new(status, Termination::BadRequest, message);
+            }
         };
-        first = false;
         let busy = shutdown.busy();
         let snapshot = app.snapshot();
-        header_read_timeout = snapshot.config.server.header_read_timeout;
+        let header_read_timeout = snapshot.config.server.header_read_timeout;
         let request = Box::pin(serve_request(
             &snapshot,
             &mut stream,
@@ -90,39 +85,34 @@ pub async fn serve(app: &Arc<App>, mut stream: TcpStream, client: SocketAddr, sh
         drop(busy);
         if !keep || shutdown.is_stopping() {
             buffers::give(buf);
-            return None;
+            return;
         }
         if buf.is_empty() {
             // The connection holds no buffer while it waits.
             buffers::give(std::mem::take(&mut buf));
         }
+        deadline = Instant::now() + header_read_timeout;
     };
-    let mut out = Vec::with_capacity(256);
-    http1::local_response(status, &message, Some("close"), &mut out);
-    let _ = stream.write_all(&out).await;
-    None
+    buffers::give(buf);
+    let trace = Trace::refused(&refusal);
+    let (_, delivery, bytes_out) = write_local(&mut stream, refusal, false, false).await;
+    proxy::finish(&app.snapshot(), &trace, delivery, bytes_out);
 }
 
 /// Reads until a whole request head is in `buf`, within the timer's deadline.
-async fn next_head(stream: &mut TcpStream, buf: &mut BytesMut, mut timer: Pin<&mut Sleep>, first: bool) -> NextHead {
+async fn next_head<S: ClientStream>(stream: &mut S, buf: &mut BytesMut, mut timer: Pin<&mut Sleep>) -> NextHead {
     loop {
         if !buf.is_empty() {
-            if first && H2_PREFACE.starts_with(&buf[..buf.len().min(H2_PREFACE.len())]) {
-                if buf.len() >= H2_PREFACE.len() {
-                    return NextHead::Http2;
-                }
-            } else {
-                match http1::parse_request(buf) {
-                    Ok(Some(head)) => return NextHead::Head(head),
-                    Ok(None) => {}
-                    Err(error) => return NextHead::Refuse(error.status(), error.to_string()),
-                }
+            match h1::parse_request(buf) {
+                Ok(Some(head)) => return NextHead::Head(head),
+                Ok(None) => {}
+                Err(error) => return NextHead::Refuse(error.status(), error.to_string()),
             }
         } else {
             // Idle: wait without a buffer.
             tokio::select! {
                 biased;
-                ready = stream.readable() => {
+                ready = stream.wait_readable() => {
                     if ready.is_err() {
                         return NextHead::Close;
                     }
@@ -154,22 +144,18 @@ async fn next_head(stream: &mut TcpStream, buf: &mut BytesMut, mut timer: Pin<&m
 }
 
 /// Serves one request; returns whether the connection can carry another.
-async fn serve_request(
+async fn serve_request<S: ClientStream>(
     snapshot: &Snapshot,
-    stream: &mut TcpStream,
+    stream: &mut S,
     buf: &mut BytesMut,
     head: RequestHead,
-    client: &Client,
+    client: &ClientAddr,
     timer: Pin<&mut Sleep>,
 ) -> bool {
     let framing = head.body;
     let keep_alive = head.keep_alive;
     let upgrade = head.upgrade;
     let http10 = head.version == Version::HTTP_10;
-    let Some(pool) = proxy::route(snapshot, &head) else {
-        let reply = LocalReply::new(StatusCode::NOT_FOUND, "no route matches this request");
-        return write_local(stream, reply, keep_alive && framing == Framing::Empty, http10).await;
-    };
     let mut source = ClientBody {
         stream: &mut *stream,
         buf: &mut *buf,
@@ -177,21 +163,31 @@ async fn serve_request(
         framing,
         continue_due: head.expect_continue,
         read_timeout: snapshot.config.server.client_idle_timeout,
+        received: 0,
     };
-    let forwarded = proxy::forward(pool, client, head, &mut source, upgrade, timer).await;
-    let body_read = source.decoder.is_done();
-    let keep = keep_alive && body_read;
-    match forwarded {
-        Err(reply) => write_local(stream, reply, keep, http10).await,
-        Ok(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
+    let (answer, trace) = proxy::serve(snapshot, client, head, &mut source, timer).await;
+    let keep = keep_alive && source.decoder.is_done();
+    let (keep, delivery, bytes_out) = match answer {
+        Answer::Local(reply) => write_local(stream, reply, keep, http10).await,
+        Answer::Backend(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
             tunnel(stream, buf, forwarded, snapshot.config.server.client_idle_timeout).await;
-            false
+            (false, Delivery::Whole, 0)
         }
-        Ok(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
-    }
+        Answer::Backend(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
+    };
+    proxy::finish(snapshot, &trace, delivery, bytes_out);
+    keep
 }
 
-async fn write_local(stream: &mut TcpStream, reply: LocalReply, keep: bool, http10: bool) -> bool {
+/// Writes the balancer's own answer; the one place an HTTP/1 local reply is
+/// rendered. Returns whether the connection can carry another request, how
+/// the writing went and the body bytes written.
+async fn write_local<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    reply: LocalReply,
+    keep: bool,
+    http10: bool,
+) -> (bool, Delivery, u64) {
     let mut out = Vec::with_capacity(256);
     // An HTTP/1.0 client keeps the connection only when told so.
     let connection = match (keep, http10) {
@@ -199,32 +195,42 @@ async fn write_local(stream: &mut TcpStream, reply: LocalReply, keep: bool, http
         (true, true) => Some("keep-alive"),
         (true, false) => None,
     };
-    http1::local_response(reply.status, &reply.message, connection, &mut out);
-    stream.write_all(&out).await.is_ok() && keep
+    h1::local_response(reply.status, &reply.message, connection, &mut out);
+    let written = stream.write_all(&out).await.is_ok();
+    let delivery = if written { Delivery::Whole } else { Delivery::ClientGone };
+    (written && keep, delivery, reply.message.len() as u64 + 1)
 }
 
 /// Writes the backend's response: its head, then its body as it comes, in as
 /// few writes as it arrives in.
-async fn write_forwarded(stream: &mut TcpStream, forwarded: Forwarded, keep: bool, http10: bool) -> bool {
+async fn write_forwarded<S: AsyncWrite + Unpin>(
+    stream: &mut S,
+    forwarded: Forwarded,
+    keep: bool,
+    http10: bool,
+) -> (bool, Delivery, u64) {
     let Forwarded {
         head,
         mut body,
         scratch: mut out,
     } = forwarded;
-    let keep = write_response(stream, &head, &mut body, &mut out, keep, http10).await;
+    let written = write_response(stream, &head, &mut body, &mut out, keep, http10).await;
     buffers::give_write(out);
-    keep
+    written
 }
 
-/// Writes `head` and `body` through `out`; returns whether the connection can carry another request.
-async fn write_response(
-    stream: &mut TcpStream,
+/// Writes `head` and `body` through `out`; returns whether the connection can
+/// carry another request, how the writing went and the body bytes written.
+async fn write_response<S: AsyncWrite + Unpin>(
+    stream: &mut S,
     head: &ResponseHead,
     body: &mut ResponseBody,
     out: &mut Vec<u8>,
     keep: bool,
     http10: bool,
-) -> bool {
+) -> (bool, Delivery, u64) {
+    const GONE: Delivery = Delivery::ClientGone;
+    let mut sent = 0u64;
     let unframed = matches!(head.body, Framing::Chunked | Framing::UntilClose);
     // A body without a length goes to an HTTP/1.1 client chunked; an HTTP/1.0
     // client learns its end from the connection closing.
@@ -239,7 +245,7 @@ async fn write_response(
             Poll::Ready(next) => next,
             Poll::Pending => {
                 if !out.is_empty() && stream.write_all(out).await.is_err() {
-                    return false;
+                    return (false, GONE, sent);
                 }
                 out.clear();
                 body.chunk().await
@@ -247,12 +253,13 @@ async fn write_response(
         };
         match next {
             Ok(Some(data)) => {
+                sent += data.len() as u64;
                 if chunked {
-                    http1::chunk_header(data.len(), out);
+                    h1::chunk_header(data.len(), out);
                 }
                 if data.len() >= WRITE_BATCH / 4 {
                     if stream.write_all(out).await.is_err() || stream.write_all(&data).await.is_err() {
-                        return false;
+                        return (false, GONE, sent);
                     }
                     out.clear();
                 } else {
@@ -263,23 +270,25 @@ async fn write_response(
                 }
                 if out.len() >= WRITE_BATCH {
                     if stream.write_all(out).await.is_err() {
-                        return false;
+                        return (false, GONE, sent);
                     }
                     out.clear();
                 }
             }
             Ok(None) => {
                 if chunked {
-                    out.extend_from_slice(http1::LAST_CHUNK);
+                    out.extend_from_slice(h1::LAST_CHUNK);
                 }
-                return stream.write_all(out).await.is_ok() && !close;
+                return match stream.write_all(out).await {
+                    Ok(()) => (!close, Delivery::Whole, sent),
+                    Err(_) => (false, GONE, sent),
+                };
             }
             Err(error) => {
                 // Mid-body: the client can only learn of it by the connection closing
                 // (a chunked body then lacks its last chunk).
-                tracing::warn!(%error, "response body cut off");
                 let _ = stream.write_all(out).await;
-                return false;
+                return (false, Delivery::BackendFailed(error.what()), sent);
             }
         }
     }
@@ -288,7 +297,12 @@ async fn write_response(
 /// After a `101 Switching Protocols`: passes the 101 on, then bytes both ways
 /// until both sides close or neither sends anything for `idle` (WebSocket and
 /// other upgrades).
-async fn tunnel(stream: &mut TcpStream, buf: &mut BytesMut, forwarded: Forwarded, idle: Duration) {
+async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    forwarded: Forwarded,
+    idle: Duration,
+) {
     let Forwarded {
         head,
         body,
@@ -316,7 +330,11 @@ async fn tunnel(stream: &mut TcpStream, buf: &mut BytesMut, forwarded: Forwarded
 
 /// Copies bytes between `client` and `backend` until both have closed their
 /// sending side (each close is passed on), or nothing moved for `idle`.
-async fn join(client: &mut TcpStream, backend: &mut TcpStream, idle: Duration) -> std::io::Result<()> {
+async fn join<C: AsyncRead + AsyncWrite + Unpin>(
+    client: &mut C,
+    backend: &mut Box<dyn Transport>,
+    idle: Duration,
+) -> std::io::Result<()> {
     let (mut from_client, mut from_backend) = (buffers::take(), buffers::take());
     let (mut client_open, mut backend_open) = (true, true);
     let deadline = tokio::time::sleep(idle);
@@ -357,19 +375,25 @@ async fn join(client: &mut TcpStream, backend: &mut TcpStream, idle: Duration) -
 }
 
 /// An HTTP/1.1 client's request body, read from its connection.
-struct ClientBody<'a> {
-    stream: &'a mut TcpStream,
+struct ClientBody<'a, S> {
+    stream: &'a mut S,
     buf: &'a mut BytesMut,
     decoder: BodyDecoder,
     framing: Framing,
     /// `Expect: 100-continue` not answered yet.
     continue_due: bool,
     read_timeout: Duration,
+    /// Body bytes decoded so far.
+    received: u64,
 }
 
-impl BodySource for ClientBody<'_> {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> BodySource for ClientBody<'_, S> {
     fn framing(&self) -> Framing {
         self.framing
+    }
+
+    fn received(&self) -> u64 {
+        self.received
     }
 
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
@@ -381,7 +405,10 @@ impl BodySource for ClientBody<'_> {
         }
         loop {
             match self.decoder.decode(self.buf)? {
-                Decoded::Data(data) => return Ok(Some(data)),
+                Decoded::Data(data) => {
+                    self.received += data.len() as u64;
+                    return Ok(Some(data));
+                }
                 Decoded::End => return Ok(None),
                 Decoded::NeedMore => {}
             }

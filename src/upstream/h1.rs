@@ -1,6 +1,5 @@
-//! Connections to backends: a pool of keep-alive HTTP/1.1 connections per
-//! backend, one request/response exchange on a connection, and the response
-//! body read back from it.
+//! The HTTP/1.1 exchange with a backend: the request written on a connection,
+//! the response head read back, then the response body.
 //!
 //! The exchange runs in the task of the client's request itself (no
 //! per-connection task, no channel between the two): the request head is one
@@ -10,246 +9,57 @@
 //! once its response body has been read to the end; one abandoned mid-body is
 //! closed instead.
 
+use super::{ExchangeError, IdleConns, Outgoing, PoolLimits, Transport, UpstreamRequest};
 use crate::backend::InFlight;
 use crate::buffers;
-use crate::http1::{self, BodyDecoder, BodyError, Decoded, Framing, HeadError, ResponseHead};
+use crate::http::h1::{self, BodyDecoder, Decoded, ResponseHead};
+use crate::http::{BodyError, BodySource, Framing, HeadError};
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::io::IoSlice;
-use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-
-/// Shards of a pool: one per worker thread (modulo), so a worker reuses the
-/// connections its own runtime drives and never contends for another's lock.
-const SHARDS: usize = 16;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 /// Bytes read from a backend at a time.
 const READ_CHUNK: usize = 16 * 1024;
 
-thread_local! {
-    static WORKER_INDEX: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// Worker threads sharing the pools: `max_idle_per_backend` is split among them.
-static WORKERS: AtomicUsize = AtomicUsize::new(1);
-
-/// Tells the pools which shard this thread uses and how many workers share
-/// them (worker threads call it once).
-pub fn set_worker_index(index: usize, workers: usize) {
-    WORKER_INDEX.with(|w| w.set(index % SHARDS));
-    WORKERS.store(workers.clamp(1, SHARDS), Ordering::Relaxed);
-}
-
-/// Idle connections one shard may keep, so that all shards together keep at
-/// most `max_idle` per backend for the whole process.
-fn shard_idle_max(max_idle: usize) -> usize {
-    match max_idle {
-        0 => 0,
-        n => (n / WORKERS.load(Ordering::Relaxed)).max(1),
-    }
-}
-
-/// Why no connection could be had.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectError {
-    #[error("connect to {0} timed out")]
-    Timeout(SocketAddr),
-    #[error("connect to {0} failed: {1}")]
-    Io(SocketAddr, std::io::Error),
-}
-
-struct IdleConn {
-    stream: TcpStream,
-    /// When it went idle, in [`coarse_now_ms`] milliseconds.
-    since_ms: u64,
-}
-
-/// Milliseconds on the kernel's coarse monotonic clock: a few milliseconds of
-/// resolution, but read for a fraction of what a precise clock read costs.
-/// Idle connections are timed in seconds, twice per request.
-fn coarse_now_ms() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
-    // SAFETY: `now` is a valid timespec to write; CLOCK_MONOTONIC_COARSE exists on every Linux since 2.6.32.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut now) };
-    (now.tv_sec as u64) * 1000 + (now.tv_nsec as u64) / 1_000_000
-}
-
-/// Idle keep-alive connections to one backend.
-#[derive(Default)]
-pub struct ConnPool {
-    idle: [Mutex<Vec<IdleConn>>; SHARDS],
-}
-
-impl std::fmt::Debug for ConnPool {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ConnPool").field("idle", &self.idle_count()).finish()
-    }
-}
-
-/// How a pool keeps connections.
-#[derive(Debug, Clone, Copy)]
-pub struct PoolLimits {
-    pub max_idle: usize,
-    pub idle_timeout: Duration,
-}
-
-impl ConnPool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<IdleConn>> {
-        let shard = &self.idle[WORKER_INDEX.with(std::cell::Cell::get)];
-        shard.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Idle connections held now, over all workers.
-    pub fn idle_count(&self) -> usize {
-        self.idle
-            .iter()
-            .map(|shard| shard.lock().map_or(0, |idle| idle.len()))
-            .sum()
-    }
-
-    /// A connection ready to send: a warm idle one, else a new one.
-    pub async fn checkout(
-        self: &Arc<Self>,
-        addr: SocketAddr,
-        connect_timeout: Duration,
-        limits: PoolLimits,
-    ) -> Result<Conn, ConnectError> {
-        let now_ms = coarse_now_ms();
-        loop {
-            let idle = self.lock().pop();
-            let Some(idle) = idle else { break };
-            if now_ms.saturating_sub(idle.since_ms) > limits.idle_timeout.as_millis() as u64 || !is_quiet(&idle.stream)
-            {
-                continue;
-            }
-            return Ok(Conn {
-                stream: idle.stream,
-                pool: self.clone(),
-                limits,
-                reused: true,
-            });
-        }
-        // Boxed: the connect future is large, and most requests find a warm connection.
-        let stream = Box::pin(connect(addr, connect_timeout)).await?;
-        Ok(Conn {
-            stream,
-            pool: self.clone(),
-            limits,
-            reused: false,
-        })
-    }
-
-    fn put(&self, stream: TcpStream, limits: PoolLimits) {
-        let mut idle = self.lock();
-        if idle.len() < shard_idle_max(limits.max_idle) {
-            idle.push(IdleConn {
-                stream,
-                since_ms: coarse_now_ms(),
-            });
-        }
-    }
-}
-
-async fn connect(addr: SocketAddr, timeout: Duration) -> Result<TcpStream, ConnectError> {
-    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(ConnectError::Timeout(addr)),
-        Ok(Err(e)) => return Err(ConnectError::Io(addr, e)),
-        Ok(Ok(stream)) => stream,
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
-}
-
-/// Whether an idle connection has nothing to say: a backend that closed it
-/// (or sent bytes nobody asked for) makes it readable. Uses the readiness the
-/// reactor already holds, so a quiet connection costs no system call.
-fn is_quiet(stream: &TcpStream) -> bool {
-    let mut cx = Context::from_waker(std::task::Waker::noop());
-    match stream.poll_read_ready(&mut cx) {
-        Poll::Pending => true,
-        Poll::Ready(Err(_)) => false,
-        // Readiness can be stale: only a read tells.
-        Poll::Ready(Ok(())) => {
-            matches!(stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-        }
-    }
-}
-
-/// Where a request's body comes from: the client's connection (HTTP/1 or
-/// HTTP/2), read a piece at a time.
-pub trait BodySource: Send {
-    /// The body's framing as the client declared it.
-    fn framing(&self) -> Framing;
-    /// The next piece of the body; `None` at its end.
-    fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, ClientBodyError>> + Send;
-}
-
-/// The client's body could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum ClientBodyError {
-    #[error("the client's body was malformed: {0}")]
-    Malformed(#[from] BodyError),
-    #[error("the client sent nothing for {0:?} in the middle of its body")]
-    Timeout(Duration),
-    #[error("reading the client's body failed: {0}")]
-    Io(#[from] std::io::Error),
-    #[error("reading the client's body failed: {0}")]
-    Other(String),
-}
-
-/// What goes upstream as the request body.
-pub enum Outgoing<'a, B> {
-    /// Held in memory: can be sent again.
-    Held(&'a Bytes),
-    /// Streamed from the client: once.
-    Stream(&'a mut B),
-}
-
-/// How an exchange failed.
-#[derive(Debug, thiserror::Error)]
-pub enum ExchangeError {
-    /// The head could not be written: nothing reached the backend and the
-    /// body was not touched, so the request can go elsewhere.
-    #[error("request not sent: {0}")]
-    NotSent(std::io::Error),
-    /// A reused connection ended before any byte of a response: the backend
-    /// had closed it while it sat idle.
-    #[error("the pooled connection had been closed by the backend")]
-    Stale,
-    /// The request may have reached the backend.
-    #[error("{0}")]
-    Failed(String),
-    /// The client's body failed: not the backend's fault.
-    #[error(transparent)]
-    Client(ClientBodyError),
-}
-
 /// A connection checked out of a pool, ready for one request.
 pub struct Conn {
-    stream: TcpStream,
-    pool: Arc<ConnPool>,
-    limits: PoolLimits,
+    pub(super) stream: Box<dyn Transport>,
+    pub(super) idle: Arc<IdleConns>,
+    pub(super) limits: PoolLimits,
     /// Whether it served earlier requests (a stale keep-alive is retried at no cost).
     pub reused: bool,
 }
 
 impl Conn {
-    /// Sends the request (`head` already encoded for the backend, with its
-    /// framing) and reads the response head. `upgrade`: the request asked to
-    /// switch protocols, so a `101` answer is accepted.
+    /// Sends the request (its head encoded at the first try, kept for the
+    /// others) and reads the response head; the body is read as the client
+    /// takes it. A request that asked to switch protocols accepts a `101`.
     pub async fn exchange<B: BodySource>(
         mut self,
-        head: &[u8],
+        request: UpstreamRequest<'_>,
         body: Outgoing<'_, B>,
-        head_request: bool,
-        upgrade: bool,
-    ) -> Result<(ResponseHead, ExchangedConn), ExchangeError> {
+        in_flight: InFlight,
+        read_timeout: Duration,
+    ) -> Result<(ResponseHead, ResponseBody), ExchangeError> {
+        let upgrade = request.head.upgrade;
+        let head_request = request.head.method == http::Method::HEAD;
+        if request.encoded.is_empty() {
+            h1::encode_request_head(
+                request.head,
+                request.client,
+                request.framing,
+                request.fallback_host,
+                upgrade,
+                request.encoded,
+            )
+            .map_err(ExchangeError::Unsendable)?;
+        }
+        let head: &[u8] = request.encoded;
         match body {
             // A plain send when there is no body: cheaper in the kernel than writev.
             Outgoing::Held(bytes) if bytes.is_empty() => {
@@ -280,7 +90,7 @@ impl Conn {
                 Ok(_) => {}
             }
             loop {
-                match http1::parse_response(&mut buf, head_request) {
+                match h1::parse_response(&mut buf, head_request) {
                     Ok(None) => break,
                     Ok(Some(head)) if head.status == http::StatusCode::SWITCHING_PROTOCOLS && !upgrade => {
                         return Err(ExchangeError::Failed("the backend switched protocols unasked".into()));
@@ -291,7 +101,10 @@ impl Conn {
                     {
                         continue;
                     }
-                    Ok(Some(head)) => return Ok((head, ExchangedConn { conn: self, buf })),
+                    Ok(Some(head)) => {
+                        let body = ExchangedConn { conn: self, buf }.into_body(&head, in_flight, read_timeout);
+                        return Ok((head, body));
+                    }
                     Err(e) => return Err(ExchangeError::Failed(malformed(e))),
                 }
             }
@@ -307,11 +120,11 @@ impl Conn {
         loop {
             let chunk = source.next_chunk().await.map_err(ExchangeError::Client)?;
             let written = match &chunk {
-                None if chunked => self.stream.write_all(http1::LAST_CHUNK).await,
+                None if chunked => self.stream.write_all(h1::LAST_CHUNK).await,
                 None => Ok(()),
                 Some(data) if chunked => {
                     marker.clear();
-                    http1::chunk_header(data.len(), &mut marker);
+                    h1::chunk_header(data.len(), &mut marker);
                     let mut slices = [IoSlice::new(&marker), IoSlice::new(data), IoSlice::new(b"\r\n")];
                     write_all_vectored(&mut self.stream, &mut slices).await
                 }
@@ -330,7 +143,10 @@ fn malformed(error: HeadError) -> String {
 }
 
 /// Writes every byte of `slices`, in as few system calls as the socket allows.
-async fn write_all_vectored(stream: &mut TcpStream, mut slices: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+async fn write_all_vectored<W: AsyncWrite + Unpin + ?Sized>(
+    stream: &mut W,
+    mut slices: &mut [IoSlice<'_>],
+) -> std::io::Result<()> {
     while !slices.is_empty() {
         let n = stream.write_vectored(slices).await?;
         if n == 0 {
@@ -342,7 +158,7 @@ async fn write_all_vectored(stream: &mut TcpStream, mut slices: &mut [IoSlice<'_
 }
 
 /// A connection whose response head has been read; the body is next.
-pub struct ExchangedConn {
+struct ExchangedConn {
     conn: Conn,
     buf: BytesMut,
 }
@@ -350,7 +166,7 @@ pub struct ExchangedConn {
 impl ExchangedConn {
     /// The response body, which gives the connection back to its pool when read
     /// to the end and ends `in_flight` then (or when dropped).
-    pub fn into_body(self, head: &ResponseHead, in_flight: InFlight, read_timeout: Duration) -> ResponseBody {
+    fn into_body(self, head: &ResponseHead, in_flight: InFlight, read_timeout: Duration) -> ResponseBody {
         let mut body = ResponseBody {
             decoder: BodyDecoder::new(head.body),
             reusable: head.reusable,
@@ -391,9 +207,20 @@ pub enum ResponseBodyError {
     Io(#[from] std::io::Error),
 }
 
+impl ResponseBodyError {
+    /// What the backend did, in a few words for the log.
+    pub fn what(&self) -> &'static str {
+        match self {
+            ResponseBodyError::Timeout(_) => "went quiet mid-body",
+            ResponseBodyError::Malformed(_) => "sent a malformed body",
+            ResponseBodyError::Io(_) => "broke the connection mid-body",
+        }
+    }
+}
+
 /// A backend connection that switched protocols, for the client to tunnel to.
 pub struct Upgraded {
-    pub stream: TcpStream,
+    pub stream: Box<dyn Transport>,
     /// Bytes the backend sent after its 101 head.
     pub early: BytesMut,
     /// The request counts as in flight while the tunnel lasts.
@@ -457,13 +284,6 @@ impl ResponseBody {
                     let timeout = self.read_timeout;
                     let quiet = self.quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                     ready!(quiet.as_mut().poll(cx));
-                    if let Some(in_flight) = &self.in_flight {
-                        in_flight
-                            .backend()
-                            .failures
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    tracing::warn!(timeout = ?timeout, "backend went quiet mid-body; response cut off");
                     return Poll::Ready(Err(self.fail(ResponseBodyError::Timeout(timeout))));
                 }
             }
@@ -477,7 +297,7 @@ impl ResponseBody {
         self.in_flight = None;
         if let Some(ExchangedConn { conn, buf }) = self.conn.take() {
             if self.reusable && buf.is_empty() {
-                conn.pool.put(conn.stream, conn.limits);
+                conn.idle.put(conn.stream, conn.limits);
             }
             buffers::give(buf);
         }

@@ -3,11 +3,11 @@
 //! upstream encoder. Nothing is copied or hashed per header field: a request
 //! with fifty headers costs its parse and little more.
 //!
-//! Built from an HTTP/1.1 head by [`crate::http1::parse_request`] (which owns
+//! Built from an HTTP/1.1 head by [`super::h1::parse_request`] (which owns
 //! the framing rules) or from an HTTP/2 request by [`RequestHead::from_parts`].
 
+use super::{Framing, HeadError, MAX_HEAD, Span};
 use crate::buffers::{self, HeadBytes};
-use crate::http1::{Framing, HeadError, MAX_HEAD, Span};
 use http::{Method, Version};
 use smallvec::SmallVec;
 

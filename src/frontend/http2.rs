@@ -1,0 +1,206 @@
+//! The HTTP/2 front end, through hyper, over any stream: each request's head
+//! and body are handed to the pipeline ([`proxy::serve`]) and the answer goes
+//! back as hyper's response, its body streamed from the backend.
+
+use crate::app::{App, Snapshot};
+use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
+use crate::proxy::{self, Answer, Delivery, LocalReply, Trace};
+use crate::shutdown::Shutdown;
+use crate::upstream::{ResponseBody, ResponseBodyError};
+use bytes::Bytes;
+use http::{Request, Response, header};
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+/// Serves an HTTP/2 (prior knowledge) client through hyper until it closes,
+/// or the worker stops (then gracefully, with GOAWAY).
+pub async fn serve<S>(app: Arc<App>, io: S, client: ClientAddr, shutdown: &Shutdown)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let _busy = shutdown.busy();
+    let idle = app.snapshot().config.server.client_idle_timeout;
+    let service = service_fn(move |request| {
+        let app = app.clone();
+        Box::pin(async move { Ok::<_, Infallible>(handle(app.snapshot(), &client, request).await) })
+            as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
+    });
+    let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(idle / 2))
+        .keep_alive_timeout(idle / 2)
+        .serve_connection(TokioIo::new(io), service);
+    tokio::pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.stopped() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(client = %client.addr, %error, "HTTP/2 client connection ended with an error");
+    }
+}
+
+/// Serves one request of an HTTP/2 client.
+async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<Incoming>) -> Response<ProxyBody> {
+    let (parts, body) = request.into_parts();
+    let mut source = IncomingSource { body, received: 0 };
+    let head = match RequestHead::from_parts(&parts, source.framing()) {
+        Ok(head) => head,
+        Err(error) => {
+            let reply = LocalReply::new(error.status(), proxy::Termination::BadRequest, error.to_string());
+            return local_response(&snapshot, Trace::refused(&reply), reply);
+        }
+    };
+    // Sized by the pool's response_timeout inside the pipeline.
+    let timer = tokio::time::sleep(std::time::Duration::ZERO);
+    tokio::pin!(timer);
+    let (answer, trace) = proxy::serve(&snapshot, client, head, &mut source, timer).await;
+    match answer {
+        Answer::Backend(forwarded) => {
+            let mut response = Response::new(ProxyBody::Upstream(Upstream {
+                body: forwarded.body,
+                trace,
+                snapshot,
+                sent: 0,
+                finished: false,
+            }));
+            *response.status_mut() = forwarded.head.status;
+            *response.headers_mut() = forwarded.head.header_map();
+            response
+        }
+        Answer::Local(reply) => local_response(&snapshot, trace, reply),
+    }
+}
+
+/// The one place an HTTP/2 local reply is rendered. Its record is finished
+/// at once: hyper writes the few bytes on its own.
+fn local_response(snapshot: &Snapshot, trace: Trace, reply: LocalReply) -> Response<ProxyBody> {
+    let body = Bytes::from(format!("{}\n", reply.message));
+    proxy::finish(snapshot, &trace, Delivery::Whole, body.len() as u64);
+    let mut response = Response::new(ProxyBody::Local(Full::new(body)));
+    *response.status_mut() = reply.status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// A response body for an HTTP/2 client: the backend's, streamed, or one the
+/// balancer wrote.
+pub enum ProxyBody {
+    Upstream(Upstream),
+    Local(Full<Bytes>),
+}
+
+/// A backend's body on its way to an HTTP/2 client; the request's record is
+/// finished when it ends, fails or is dropped (the client reset the stream).
+pub struct Upstream {
+    body: ResponseBody,
+    trace: Trace,
+    snapshot: Arc<Snapshot>,
+    sent: u64,
+    finished: bool,
+}
+
+impl Upstream {
+    fn finish(&mut self, delivery: Delivery) {
+        if !std::mem::replace(&mut self.finished, true) {
+            proxy::finish(&self.snapshot, &self.trace, delivery, self.sent);
+        }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        // hyper does not poll a body that is empty from the start.
+        let delivery = if self.body.is_end() {
+            Delivery::Whole
+        } else {
+            Delivery::ClientGone
+        };
+        self.finish(delivery);
+    }
+}
+
+impl Body for ProxyBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
+        match self.get_mut() {
+            ProxyBody::Upstream(upstream) => {
+                let polled = Pin::new(&mut upstream.body).poll_frame(cx);
+                match &polled {
+                    Poll::Ready(Some(Ok(frame))) => {
+                        upstream.sent += frame.data_ref().map_or(0, |data| data.len() as u64);
+                    }
+                    Poll::Ready(Some(Err(error))) => upstream.finish(Delivery::BackendFailed(error.what())),
+                    Poll::Ready(None) => upstream.finish(Delivery::Whole),
+                    Poll::Pending => {}
+                }
+                polled
+            }
+            ProxyBody::Local(b) => Pin::new(b).poll_frame(cx).map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ProxyBody::Upstream(upstream) => upstream.body.is_end_stream(),
+            ProxyBody::Local(b) => b.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ProxyBody::Upstream(upstream) => upstream.body.size_hint(),
+            ProxyBody::Local(b) => b.size_hint(),
+        }
+    }
+}
+
+/// An HTTP/2 client's body, read through hyper.
+struct IncomingSource {
+    body: Incoming,
+    received: u64,
+}
+
+impl BodySource for IncomingSource {
+    fn framing(&self) -> Framing {
+        if self.body.is_end_stream() {
+            return Framing::Empty;
+        }
+        match self.body.size_hint().exact() {
+            Some(n) => Framing::Length(n),
+            None => Framing::Chunked,
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.received
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
+        while let Some(frame) = self.body.frame().await {
+            let frame = frame.map_err(|e| ClientBodyError::Other(e.to_string()))?;
+            if let Ok(data) = frame.into_data() {
+                self.received += data.len() as u64;
+                return Ok(Some(data));
+            }
+        }
+        Ok(None)
+    }
+}
