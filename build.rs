@@ -6,7 +6,14 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-const PLUGIN_CRATES: [&str; 5] = ["round-robin", "least-conn", "header-hash", "misbehave", "wrong-world"];
+const PLUGIN_CRATES: [&str; 6] = [
+    "round-robin",
+    "least-conn",
+    "header-hash",
+    "misbehave",
+    "wrong-world",
+    "counter",
+];
 
 fn main() {
     for watched in ["plugins", "wit", "tests/plugins", "Cargo.lock"] {

@@ -19,6 +19,7 @@
 
 use crate::backend::{Backend, BackendList};
 use crate::config::{HealthConfig, OutlierConfig};
+use crate::snapshot::Snapshot;
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use std::sync::Arc;
@@ -52,6 +53,42 @@ pub fn spawn_checks(
             runtime.spawn(task)
         })
         .collect()
+}
+
+/// The running check tasks and the runtime they run on.
+#[derive(Default)]
+pub struct Checks {
+    pub runtime: Option<tokio::runtime::Handle>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Checks {
+    /// Replaces the running checks with those `snapshot` asks for.
+    pub fn restart(&mut self, snapshot: &Snapshot) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+        let Some(runtime) = &self.runtime else { return };
+        for pool in &snapshot.pools {
+            if let Some(config) = &pool.config.health {
+                self.tasks.extend(spawn_checks(
+                    runtime,
+                    &pool.name,
+                    &pool.backends,
+                    config,
+                    &pool.config.outlier,
+                ));
+            }
+        }
+    }
+}
+
+impl Drop for Checks {
+    fn drop(&mut self) {
+        for task in self.tasks.drain(..) {
+            task.abort();
+        }
+    }
 }
 
 async fn check_loop(

@@ -20,4 +20,6 @@ pub mod root;
 pub mod router;
 pub mod server;
 pub mod shutdown;
+pub mod snapshot;
 pub mod upstream;
+pub mod watch;

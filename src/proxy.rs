@@ -9,12 +9,12 @@
 //! here by [`LocalReply::new`] with its [`Termination`], and each front end
 //! renders it in one function of its own.
 
-use crate::app::{Pool, Snapshot};
 use crate::backend::Backend;
 use crate::health::{self, Outcome};
 use crate::http::h1::ResponseHead;
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use crate::plugin::CurrentRequest;
+use crate::snapshot::{Pool, Snapshot};
 use crate::upstream::{ExchangeError, Outgoing, ResponseBody, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode};

@@ -50,8 +50,8 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
             tracing::info!(admin = %listener.local_addr()?, "admin API listening");
             tokio::spawn(crate::admin::serve(Arc::clone(&app), listener));
         }
-        app.watch_plugins().context("cannot watch the plugin directory")?;
-        app.watch_config(path).context("cannot watch the config file")?;
+        app.watch(path)
+            .context("cannot watch the config file and the plugin directory")?;
 
         let listeners = sockets
             .into_iter()

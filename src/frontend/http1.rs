@@ -8,12 +8,13 @@
 //! thousand idle keep-alive clients cost little more than their sockets.
 
 use super::ClientStream;
-use crate::app::{App, Snapshot};
+use crate::app::App;
 use crate::buffers;
 use crate::http::h1::{self, BodyDecoder, Decoded, ResponseHead};
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use crate::proxy::{self, Answer, Delivery, Forwarded, LocalReply, Termination, Trace};
 use crate::shutdown::Shutdown;
+use crate::snapshot::Snapshot;
 use crate::upstream::{ResponseBody, Transport};
 use bytes::{Bytes, BytesMut};
 use http::{StatusCode, Version};

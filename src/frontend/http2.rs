@@ -2,10 +2,11 @@
 //! and body are handed to the pipeline ([`proxy::serve`]) and the answer goes
 //! back as hyper's response, its body streamed from the backend.
 
-use crate::app::{App, Snapshot};
+use crate::app::App;
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use crate::proxy::{self, Answer, Delivery, LocalReply, Trace};
 use crate::shutdown::Shutdown;
+use crate::snapshot::Snapshot;
 use crate::upstream::{ResponseBody, ResponseBodyError};
 use bytes::Bytes;
 use http::{Request, Response, header};
@@ -100,6 +101,8 @@ fn local_response(snapshot: &Snapshot, trace: Trace, reply: LocalReply) -> Respo
 
 /// A response body for an HTTP/2 client: the backend's, streamed, or one the
 /// balancer wrote.
+// Not boxed: hyper holds one body per stream, and a box would be an allocation per request.
+#[allow(clippy::large_enum_variant)]
 pub enum ProxyBody {
     Upstream(Upstream),
     Local(Full<Bytes>),

@@ -156,3 +156,161 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         Pin::new(&mut self.stream).poll_shutdown(cx)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Each front end driven over an in-memory stream instead of a socket,
+    //! through the real pipeline to a real backend on 127.0.0.1.
+
+    use super::*;
+    use crate::config::Config;
+    use crate::proxy::Termination;
+    use crate::proxy::tests::{Seen, records};
+    use http_body_util::{BodyExt, Empty};
+    use std::time::Duration;
+    use tokio::io::{AsyncWriteExt, DuplexStream};
+
+    impl ClientStream for DuplexStream {
+        fn wait_readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+            // No readiness without a read here: the read that follows waits instead.
+            std::future::ready(Ok(()))
+        }
+    }
+
+    const CLIENT: &str = "192.0.2.9:40000";
+
+    /// A balancer with one pool, `web`, routed at `/`, over one demo backend
+    /// for paths under `/h` (`/missing` routes nowhere).
+    async fn balancer() -> (Arc<App>, Vec<crate::demo::DemoBackend>) {
+        let backends = crate::demo::start(&[0], &[]).await.expect("demo backend");
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[pools.web]\nbackends = [\"{}\"]\n\
+             [[routes]]\npath_prefix = \"/h\"\npool = \"web\"\n",
+            backends[0].addr
+        );
+        let config = Config::parse(&text, std::path::Path::new("test.toml")).expect("config");
+        (App::new(config).expect("app"), backends)
+    }
+
+    /// Serves the server end of a fresh duplex pipe; returns the client end.
+    fn connect(app: &Arc<App>) -> (DuplexStream, tokio::task::JoinHandle<()>) {
+        let (client, server) = tokio::io::duplex(64 * 1024);
+        let app = app.clone();
+        let task = tokio::spawn(async move {
+            let shutdown = Shutdown::default();
+            let addr = ClientAddr::new(CLIENT.parse().expect("addr"));
+            serve_connection(&app, server, addr, &shutdown).await;
+        });
+        (client, task)
+    }
+
+    fn seen(status: u16, termination: Termination, backend: Option<&str>, bytes_out: u64) -> Seen {
+        Seen {
+            status,
+            termination,
+            pool: backend.map(|_| "web".to_string()),
+            backend: backend.map(str::to_string),
+            bytes_out,
+        }
+    }
+
+    #[tokio::test]
+    async fn http1_front_end_serves_over_any_stream() {
+        let (app, backends) = balancer().await;
+        let backend = backends[0].addr.to_string();
+        let (mut client, task) = connect(&app);
+        client
+            .write_all(b"GET /headers HTTP/1.1\r\nHost: shop.example\r\n\r\nGET /missing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        tokio::time::timeout(Duration::from_secs(5), client.read_to_string(&mut answer))
+            .await
+            .expect("answered in time")
+            .expect("read");
+        task.await.expect("front end ends cleanly");
+        let (first, second) = answer.split_at(answer.find("HTTP/1.1 404").expect("second answer: {answer}"));
+        assert!(first.starts_with("HTTP/1.1 200 OK\r\n"), "{answer}");
+        assert!(
+            first.contains("x-forwarded-for: 192.0.2.9"),
+            "the backend saw the client's address: {first}"
+        );
+        assert!(second.contains("no route matches this request"), "{second}");
+        let body_len = first.split_once("\r\n\r\n").map_or(0, |(_, body)| body.len() as u64);
+        assert_eq!(
+            records(),
+            [
+                seen(200, Termination::Completed, Some(&backend), body_len),
+                seen(
+                    404,
+                    Termination::NoRoute,
+                    None,
+                    "no route matches this request\n".len() as u64
+                ),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn http1_front_end_refuses_a_malformed_head_with_a_record() {
+        let (app, _backends) = balancer().await;
+        let (mut client, task) = connect(&app);
+        client
+            .write_all(b"GET /h HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = String::new();
+        client.read_to_string(&mut answer).await.expect("read");
+        task.await.expect("front end ends cleanly");
+        assert!(answer.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{answer}");
+        let records = records();
+        assert_eq!(records.len(), 1, "{records:?}");
+        assert_eq!(
+            (records[0].status, records[0].termination),
+            (400, Termination::BadRequest)
+        );
+    }
+
+    #[tokio::test]
+    async fn http2_front_end_serves_over_any_stream() {
+        let (app, backends) = balancer().await;
+        let backend = backends[0].addr.to_string();
+        let (client, _task) = connect(&app);
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(client),
+        )
+        .await
+        .expect("HTTP/2 handshake");
+        tokio::spawn(connection);
+        let request = http::Request::get("http://shop.example/hello")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers().get("x-backend").map(|v| v.as_bytes()),
+            Some(&b"backend-1"[..])
+        );
+        let body = response.into_body().collect().await.expect("body").to_bytes();
+        assert_eq!(&body[..], b"backend-1\n");
+        let request = http::Request::get("http://shop.example/missing")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = sender.send_request(request).await.expect("response");
+        assert_eq!(response.status(), 404);
+        let _ = response.into_body().collect().await;
+        assert_eq!(
+            records(),
+            [
+                seen(200, Termination::Completed, Some(&backend), body.len() as u64),
+                seen(
+                    404,
+                    Termination::NoRoute,
+                    None,
+                    "no route matches this request\n".len() as u64
+                ),
+            ]
+        );
+    }
+}

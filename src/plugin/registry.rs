@@ -2,20 +2,20 @@
 //! plugin directory, which is watched and hot-reloaded.
 //!
 //! Each name has a [`PluginSlot`]. A new or changed `NAME.wasm` is compiled on
-//! the watcher's own thread, linked, checked against every pool that uses NAME
+//! the file watcher's thread ([`PluginDir`]), linked, checked against every pool that uses NAME
 //! (`init` with that pool's config), and only then swapped into the slot. A file
 //! that fails any step is refused with its reason and the serving version stays.
-//! Events are debounced so a file still being copied is not read half-written;
+//! Events are debounced ([`crate::watch`]) so a file still being copied is not read half-written;
 //! a file that is not a whole component yet and was written moments ago is
 //! awaited (by its size and modification time) rather than refused, so a slow
 //! copy loads once, complete, with no false alarm.
 
 use super::{Plugin, PluginError, PluginSlot, PluginSource};
+use crate::watch::{Handler, Settled};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{RecvTimeoutError, channel};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The built-in policies by name: the sample plugins, built from `plugins/`
 /// by build.rs and embedded. The one list of them.
@@ -35,8 +35,6 @@ pub fn is_builtin(name: &str) -> bool {
     BUILTINS.iter().any(|(builtin, _)| *builtin == name)
 }
 
-/// How long a plugin file must stay unchanged before it is loaded.
-pub const SETTLE_TIME: Duration = Duration::from_millis(200);
 /// How long a file that is not a whole component may stay unchanged before it
 /// is refused as broken rather than awaited as a copy in progress (a copy over
 /// a network share pauses between writes).
@@ -135,101 +133,68 @@ impl Registry {
         tracing::info!(plugin = name, digest = %&plugin.digest[..12], path = %path.display(), "plugin loaded");
         Ok(true)
     }
+}
 
-    /// Watches `dir` and reloads plugins as files appear and change, on a
-    /// thread of its own, until the returned watcher is dropped.
-    pub fn watch(
-        self: &Arc<Self>,
-        dir: &Path,
-        validate: Validator,
-    ) -> Result<notify::RecommendedWatcher, notify::Error> {
-        use notify::Watcher;
-        let (tx, rx) = channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            if let Some(event) = event.ok().filter(is_change) {
-                for path in event.paths {
-                    let _ = tx.send(path);
-                }
-            }
-        })?;
-        watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
-        let registry = Arc::clone(self);
-        std::thread::Builder::new()
-            .name("fulcrum-plugins".into())
-            .spawn(move || {
-                let mut pending: HashMap<PathBuf, Pending> = HashMap::new();
-                loop {
-                    match rx.recv_timeout(Duration::from_millis(50)) {
-                        Ok(path) => {
-                            if plugin_name(&path).is_some() {
-                                let entry = pending.entry(path).or_insert_with(Pending::new);
-                                entry.changed = Instant::now();
-                            }
-                            continue;
-                        }
-                        Err(RecvTimeoutError::Timeout) => {}
-                        Err(RecvTimeoutError::Disconnected) => return,
-                    }
-                    pending.retain(|path, entry| !registry.settle(path, entry, &validate));
-                }
-            })
-            .map_err(|e| notify::Error::generic(&e.to_string()))?;
-        Ok(watcher)
+/// Loads the plugin directory's files as they settle: the plugin directory's
+/// handler in [`crate::watch::FileWatcher`].
+pub struct PluginDir {
+    registry: Arc<Registry>,
+    dir: PathBuf,
+    validate: Validator,
+    /// Files that did not compile, with their stamp then and why: awaited
+    /// while they may be a copy in progress.
+    incomplete: HashMap<PathBuf, (Option<FileStamp>, PluginError)>,
+}
+
+impl PluginDir {
+    pub fn new(registry: Arc<Registry>, dir: &Path, validate: Validator) -> PluginDir {
+        PluginDir {
+            registry,
+            dir: dir.to_path_buf(),
+            validate,
+            incomplete: HashMap::new(),
+        }
+    }
+}
+
+impl Handler for PluginDir {
+    fn claims(&self, path: &Path) -> bool {
+        plugin_name(path).is_some() && path.parent() == Some(self.dir.as_path())
     }
 
-    /// Loads a changed plugin file once it has settled. Returns whether it is
-    /// done with (loaded, refused or removed), or must be looked at again.
-    fn settle(&self, path: &Path, entry: &mut Pending, validate: &Validator) -> bool {
-        if entry.changed.elapsed() < SETTLE_TIME {
-            return false;
-        }
+    fn settled(&mut self, path: &Path, quiet: Duration) -> Settled {
         let stamp = FileStamp::of(path);
-        if let Some((failed_at, error)) = &entry.incomplete
+        if let Some((failed_at, error)) = self.incomplete.get(path)
             && *failed_at == stamp
         {
             // Unchanged since it last failed to parse: a copy paused, or a broken file.
-            if entry.changed.elapsed() < COPY_GRACE {
-                return false;
+            if quiet < COPY_GRACE {
+                return Settled::Later;
             }
             tracing::error!(path = %path.display(), %error, "plugin refused; the previous version (if any) keeps serving");
-            return true;
+            self.incomplete.remove(path);
+            return Settled::Done;
         }
+        self.incomplete.remove(path);
         if stamp.is_none() {
-            if let Some(name) = plugin_name(path).filter(|n| self.slot(n).is_some()) {
+            if let Some(name) = plugin_name(path).filter(|n| self.registry.slot(n).is_some()) {
                 tracing::warn!(plugin = name, path = %path.display(), "plugin file removed; the last good version keeps serving");
             }
-            return true;
+            return Settled::Done;
         }
-        match self.load_file(path, validate) {
-            Ok(_) => true,
+        match self.registry.load_file(path, &self.validate) {
+            Ok(_) => Settled::Done,
             // Not a whole component yet, and written to moments ago: most likely
             // a copy still in progress. Wait for it to finish, or to stay this way.
-            Err(error @ PluginError::Compile { .. }) if entry.changed.elapsed() < COPY_GRACE => {
+            Err(error @ PluginError::Compile { .. }) if quiet < COPY_GRACE => {
                 tracing::debug!(path = %path.display(), %error, "plugin file not complete yet; waiting for it to stop changing");
-                entry.incomplete = Some((stamp, error));
-                false
+                self.incomplete.insert(path.to_path_buf(), (stamp, error));
+                Settled::Later
             }
             Err(error) => {
                 tracing::error!(path = %path.display(), %error, "plugin refused; the previous version (if any) keeps serving");
-                true
+                Settled::Done
             }
-        }
-    }
-}
-
-/// A plugin file that changed and is not dealt with yet.
-struct Pending {
-    /// The last change event.
-    changed: Instant,
-    /// The file's stamp when it last failed to compile, and why.
-    incomplete: Option<(Option<FileStamp>, PluginError)>,
-}
-
-impl Pending {
-    fn new() -> Pending {
-        Pending {
-            changed: Instant::now(),
-            incomplete: None,
         }
     }
 }
@@ -250,16 +215,6 @@ impl FileStamp {
             modified: meta.modified().ok(),
         })
     }
-}
-
-/// Whether a file event is a change of content or name. Reading a file raises
-/// access events of its own, which must not trigger another reload.
-pub fn is_change(event: &notify::Event) -> bool {
-    use notify::EventKind;
-    matches!(
-        event.kind,
-        EventKind::Create(_) | EventKind::Modify(_) | EventKind::Remove(_)
-    )
 }
 
 /// `NAME` of a `NAME.wasm` path; hidden files (editors', copies in progress) are not plugins.

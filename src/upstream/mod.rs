@@ -145,3 +145,135 @@ pub enum ExchangeError {
     #[error("{0}")]
     Unsendable(&'static str),
 }
+
+#[cfg(test)]
+mod tests {
+    //! The seam with a second connector: in-memory streams to a backend that
+    //! is a task, not a socket.
+
+    use super::*;
+    use crate::backend::BackendState;
+    use crate::http::h1::parse_request;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+
+    impl Transport for DuplexStream {
+        fn is_quiet(&self) -> bool {
+            true
+        }
+    }
+
+    /// Connects to a backend task over an in-memory pipe; remembers how many
+    /// connections it made and each request head the backend read.
+    #[derive(Default)]
+    struct PipeConnector {
+        connections: AtomicUsize,
+        heads: Arc<Mutex<Vec<String>>>,
+    }
+
+    impl Connector for PipeConnector {
+        fn connect(&self, _addr: SocketAddr, _timeout: Duration) -> connect::Connecting<'_> {
+            self.connections.fetch_add(1, Ordering::Relaxed);
+            let (near, mut far) = tokio::io::duplex(16 * 1024);
+            let heads = self.heads.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 4096];
+                    match far.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        heads
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello";
+                        if far.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            Box::pin(async move { Ok(Box::new(near) as Box<dyn Transport>) })
+        }
+    }
+
+    /// No request body.
+    struct NoBody;
+
+    impl BodySource for NoBody {
+        fn framing(&self) -> Framing {
+            Framing::Empty
+        }
+
+        async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
+            Ok(None)
+        }
+
+        fn received(&self) -> u64 {
+            0
+        }
+    }
+
+    #[tokio::test]
+    async fn any_connector_carries_the_exchange_and_the_pool_reuses_its_connections() {
+        let connector = Arc::new(PipeConnector::default());
+        let limits = PoolLimits {
+            max_idle: 4,
+            idle_timeout: Duration::from_secs(60),
+        };
+        let upstream = Upstream::new(vec![Arc::default()], connector.clone(), limits, Duration::from_secs(1));
+        let state = Arc::new(BackendState::default());
+        let mut raw = bytes::BytesMut::from("GET /a?b=1 HTTP/1.1\r\nHost: shop.example\r\n\r\n");
+        let head = parse_request(&mut raw).expect("valid").expect("complete");
+        let client = ClientAddr::new("192.0.2.1:5000".parse().expect("addr"));
+        let addr: SocketAddr = "192.0.2.80:80".parse().expect("addr");
+        for round in 0..3 {
+            let conn = upstream.checkout(0, addr).await.expect("connected");
+            assert_eq!(conn.reused(), round > 0, "round {round}");
+            let mut encoded = Vec::new();
+            let request = UpstreamRequest {
+                head: &head,
+                client: &client,
+                framing: Framing::Empty,
+                fallback_host: "unused",
+                encoded: &mut encoded,
+            };
+            let (response, mut body) = conn
+                .exchange(
+                    request,
+                    Outgoing::<NoBody>::Held(&Bytes::new()),
+                    state.start_request(),
+                    Duration::from_secs(1),
+                )
+                .await
+                .expect("exchanged");
+            assert_eq!(response.status, http::StatusCode::OK);
+            assert_eq!(body.chunk().await.expect("body").as_deref(), Some(&b"hello"[..]));
+            assert_eq!(body.chunk().await.expect("end"), None);
+            assert_eq!(state.in_flight(), 0, "the request ends with its body");
+            assert_eq!(
+                upstream.idle_count(0),
+                1,
+                "read to the end, the connection is idle again"
+            );
+        }
+        assert_eq!(
+            connector.connections.load(Ordering::Relaxed),
+            1,
+            "one connection served all three"
+        );
+        let heads = connector.heads.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        assert_eq!(heads.len(), 3);
+        assert!(
+            heads[0].starts_with("GET /a?b=1 HTTP/1.1\r\nhost: shop.example\r\n"),
+            "{}",
+            heads[0]
+        );
+        assert!(heads[0].contains("x-forwarded-for: 192.0.2.1\r\n"), "{}", heads[0]);
+    }
+}

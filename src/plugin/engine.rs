@@ -1,27 +1,16 @@
-//! The wasmtime side of the plugin host: engine, linker, generated bindings,
-//! per-store state and the host functions plugins import.
-//!
-//! Nothing outside `plugin` sees a wasmtime type; `plugin::mod` wraps this in
-//! a plain Rust API.
+//! The engine every plugin shares: wasmtime's engine and epoch ticker, the
+//! one linker (every world's imports and a confined WASI), compilation, and
+//! the per-store host state with its limits and log output.
 
+use super::request_view::LentRequest;
 use crate::backend::BackendList;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Engine, Store, StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::p2::{DynOutputStream, OutputStream, Pollable, StreamResult};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
-
-wasmtime::component::bindgen!({
-    path: "wit",
-    world: "balancer",
-});
-
-use self::fulcrum::plugin::host::Level;
-use crate::http::request::visible_text;
-pub use exports::fulcrum::plugin::policy::Backend as WitBackend;
 
 /// How often the epoch ticks; a call's deadline is counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
@@ -30,32 +19,12 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const TICKET_SLOTS: usize = 16;
 pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
-/// The request a plugin call is about: its head and the client's address.
-pub struct CurrentRequest {
-    pub head: crate::http::request::RequestHead,
-    pub client: SocketAddr,
-}
-
-/// The current request as the store sees it: a pointer set for the length of
-/// one call and cleared after, so the request is lent to the plugin without
-/// being copied or moved.
-pub struct LentRequest(*const CurrentRequest);
-
-// SAFETY: the pointer is only dereferenced by host functions running inside
-// the call that lent it, on the lending thread, while the lender's borrow lives.
-unsafe impl Send for LentRequest {}
-unsafe impl Sync for LentRequest {}
-
-impl LentRequest {
-    const NONE: LentRequest = LentRequest(std::ptr::null());
-}
-
 /// Per-store (per-instance) host state.
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub limits: StoreLimits,
-    current: LentRequest,
+    pub(super) current: LentRequest,
     /// The backend list last pushed with `set-backends`; ids index it.
     pub backends: BackendList,
     pub tickets: Tickets,
@@ -412,41 +381,6 @@ impl tokio::io::AsyncWrite for LineLogger {
     }
 }
 
-impl StoreState {
-    /// Runs `f` with `request` as the current request of this store. The
-    /// pointer is cleared by a guard, so it never outlives the borrow, even
-    /// when `f` unwinds.
-    pub fn with_request<R>(
-        store: &mut Store<StoreState>,
-        request: &CurrentRequest,
-        f: impl FnOnce(&mut Store<StoreState>) -> R,
-    ) -> R {
-        /// Clears the lent request when dropped.
-        struct Lent<'a>(&'a mut Store<StoreState>);
-        impl Drop for Lent<'_> {
-            fn drop(&mut self) {
-                self.0.data_mut().current = LentRequest::NONE;
-            }
-        }
-        store.data_mut().current = LentRequest(request);
-        let lent = Lent(store);
-        f(lent.0)
-    }
-
-    fn request(&self) -> Option<&CurrentRequest> {
-        // SAFETY: non-null only inside `with_request`, whose borrow outlives the call.
-        unsafe { self.current.0.as_ref() }
-    }
-
-    fn head(&self) -> Option<&crate::http::request::RequestHead> {
-        self.request().map(|r| &r.head)
-    }
-
-    fn client(&self) -> Option<SocketAddr> {
-        self.request().map(|r| r.client)
-    }
-}
-
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
@@ -454,98 +388,6 @@ impl WasiView for StoreState {
             table: &mut self.table,
         }
     }
-}
-
-impl self::fulcrum::plugin::host::Host for StoreState {
-    fn in_flight_all(&mut self) -> Vec<u32> {
-        self.backends.iter().map(|b| b.state.in_flight()).collect()
-    }
-
-    fn in_flight_four(&mut self, first: u32) -> (u32, u32, u32, u32) {
-        let backends = &self.backends;
-        let count = |i: u32| {
-            backends
-                .get(first.saturating_add(i) as usize)
-                .map_or(0, |b| b.state.in_flight())
-        };
-        (count(0), count(1), count(2), count(3))
-    }
-
-    fn in_flight(&mut self, id: u32) -> u32 {
-        self.backends.get(id as usize).map_or(0, |b| b.state.in_flight())
-    }
-
-    fn next_ticket(&mut self, slot: u32) -> u64 {
-        self.tickets
-            .get(slot as usize)
-            .map_or(0, |counter| counter.fetch_add(1, Ordering::Relaxed))
-    }
-
-    fn log(&mut self, level: Level, message: String) {
-        let plugin = &*self.plugin_name;
-        match level {
-            Level::Trace => tracing::trace!(plugin, "{message}"),
-            Level::Debug => tracing::debug!(plugin, "{message}"),
-            Level::Info => tracing::info!(plugin, "{message}"),
-            Level::Warn => tracing::warn!(plugin, "{message}"),
-            Level::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-}
-
-impl self::fulcrum::plugin::request::Host for StoreState {
-    fn method(&mut self) -> String {
-        self.head().map_or_else(String::new, |h| h.method.as_str().to_owned())
-    }
-
-    fn path(&mut self) -> String {
-        self.head().map_or_else(String::new, |h| h.path().to_owned())
-    }
-
-    fn query(&mut self) -> String {
-        self.head().and_then(|h| h.query()).unwrap_or_default().to_owned()
-    }
-
-    fn authority(&mut self) -> String {
-        self.head().and_then(|h| h.host()).unwrap_or_default().to_owned()
-    }
-
-    fn header(&mut self, name: String) -> Option<String> {
-        let value = self.head()?.header(&name)?;
-        visible_text(value).map(str::to_owned)
-    }
-
-    fn headers(&mut self) -> Vec<(String, String)> {
-        let Some(head) = self.head() else {
-            return Vec::new();
-        };
-        head.headers()
-            .filter_map(|(name, value)| {
-                let name = std::str::from_utf8(name).ok()?.to_ascii_lowercase();
-                Some((name, visible_text(value)?.to_owned()))
-            })
-            .collect()
-    }
-
-    fn client_addr(&mut self) -> String {
-        self.client().map(|a| a.to_string()).unwrap_or_default()
-    }
-
-    fn client_ip_hash(&mut self) -> u64 {
-        let Some(client) = self.client() else {
-            return 0;
-        };
-        match client.ip() {
-            std::net::IpAddr::V4(v4) => fnv1a(&v4.octets()),
-            std::net::IpAddr::V6(v6) => fnv1a(&v6.octets()),
-        }
-    }
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |hash, &b| {
-        (hash ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
 }
 
 /// The engine and linker every plugin shares; built once per process.
@@ -568,7 +410,7 @@ impl Runtime {
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&config)?;
         let mut linker = Linker::new(&engine);
-        Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(&mut linker, |s| s)?;
+        super::balancer::add_to_linker(&mut linker)?;
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
         confine_wasi(&mut linker)?;
 
@@ -591,9 +433,9 @@ impl Runtime {
         Component::new(&self.engine, bytes)
     }
 
-    /// Checks a compiled component implements the balancer world and pre-links it.
-    pub fn link(&self, component: &Component) -> wasmtime::Result<BalancerPre<StoreState>> {
-        BalancerPre::new(self.linker.instantiate_pre(component)?)
+    /// Pre-links a compiled component against every import the host offers.
+    pub fn link(&self, component: &Component) -> wasmtime::Result<wasmtime::component::InstancePre<StoreState>> {
+        self.linker.instantiate_pre(component)
     }
 
     pub fn new_store(&self, state: StoreState) -> Store<StoreState> {
@@ -606,4 +448,16 @@ impl Runtime {
 /// Turns a `Duration` deadline into epoch ticks (at least one).
 pub fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros().div_ceil(EPOCH_TICK.as_micros())).max(1) as u64
+}
+
+/// A wasmtime error on one line: its chain of causes joined by `: `.
+pub fn one_line(e: &impl std::fmt::Debug) -> String {
+    // wasmtime errors carry a chain of causes; `{:?}` of an anyhow-style error
+    // prints them all, over several lines.
+    let text = format!("{e:?}");
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && *l != "Caused by:")
+        .collect::<Vec<_>>()
+        .join(": ")
 }

@@ -1,0 +1,441 @@
+//! What every plugin world shares, generic over the world: a compiled and
+//! linked [`Plugin`] version, the [`PluginSlot`] that hot-swaps versions, the
+//! per-thread cache of running instances, fault accounting and quarantine.
+//!
+//! A world (the balancer today, the filter next) says how to bind its
+//! component and start it ([`World`]); [`Binding::call`] runs one call on this
+//! thread's instance, starting it if needed. A trap, a deadline, the memory cap
+//! or a host panic discards the instance and counts a fault; so does an answer
+//! the world refuses. After [`QUARANTINE_AFTER`] faults in a row the version
+//! is quarantined until a new one is loaded.
+
+use super::engine::{Runtime, StoreState, deadline_ticks, one_line};
+use super::{Limits, PluginError, PluginSource, Tickets};
+use arc_swap::ArcSwap;
+use std::cell::RefCell;
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread::LocalKey;
+use wasmtime::Store;
+use wasmtime::component::{Component, InstancePre};
+
+/// Why a call ended in a caught panic of the host. No known cause is left
+/// (blocking WASI calls are answered without waiting: see `engine::confine_wasi`);
+/// the catch stays so that a host bug costs one request's decision, not a worker.
+const HOST_PANIC: &str = "the host panicked while serving the plugin";
+
+/// Consecutive faults after which a plugin version serves only by fallback.
+pub const QUARANTINE_AFTER: u32 = 10;
+
+/// The instances of one world cached on a thread, by binding id. A handful
+/// of entries per thread, so a scan beats hashing.
+pub type Cache<W> = RefCell<Vec<(u64, Live<W>)>>;
+
+/// A plugin world: how its components are bound, started and initialised.
+pub trait World: Sized + 'static {
+    /// The world's name in messages, e.g. `fulcrum:plugin/balancer`.
+    const NAME: &'static str;
+    /// The component bound to the world's exports, ready to instantiate.
+    type Pre: Send + Sync;
+    /// A running instance's handle to the world's exports.
+    type Instance;
+    /// What a cached instance keeps beside the instance itself.
+    type Local: Default;
+    /// Checks the component exports the world and binds it.
+    fn bind(pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre>;
+    fn instantiate(pre: &Self::Pre, store: &mut Store<StoreState>) -> wasmtime::Result<Self::Instance>;
+    /// Runs the world's `init` with the user's config.
+    fn init(
+        instance: &Self::Instance,
+        store: &mut Store<StoreState>,
+        config: &str,
+    ) -> wasmtime::Result<Result<(), String>>;
+    /// This thread's cache of the world's instances.
+    fn cache() -> &'static LocalKey<Cache<Self>>;
+}
+
+/// A compiled, linked plugin version.
+pub struct Plugin<W: World> {
+    pub name: Arc<str>,
+    pub source: PluginSource,
+    /// Hex SHA-256 of the component's bytes.
+    pub digest: String,
+    pre: W::Pre,
+    consecutive_faults: AtomicU32,
+    quarantined: AtomicBool,
+}
+
+impl<W: World> std::fmt::Debug for Plugin<W> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Plugin")
+            .field("name", &self.name)
+            .field("digest", &self.digest)
+            .finish()
+    }
+}
+
+impl<W: World> Plugin<W> {
+    /// Compiles `bytes` and links them against the world. Slow for large
+    /// components: call it off the request path.
+    pub fn load(name: &str, bytes: &[u8], source: PluginSource) -> Result<Arc<Plugin<W>>, PluginError> {
+        let runtime = Runtime::get();
+        let component: Component = runtime.compile(bytes).map_err(|e| PluginError::Compile {
+            name: name.into(),
+            reason: one_line(&e),
+        })?;
+        let pre = runtime
+            .link(&component)
+            .and_then(W::bind)
+            .map_err(|e| PluginError::WrongWorld {
+                name: name.into(),
+                world: W::NAME,
+                reason: one_line(&e),
+            })?;
+        Ok(Arc::new(Plugin {
+            name: name.into(),
+            source,
+            digest: digest(bytes),
+            pre,
+            consecutive_faults: AtomicU32::new(0),
+            quarantined: AtomicBool::new(false),
+        }))
+    }
+
+    /// Starts a throwaway instance and runs `init(config)`: the check a plugin
+    /// passes before it may serve.
+    pub fn check(&self, config: &str, limits: &Limits) -> Result<(), PluginError> {
+        self.start(config, limits, Tickets::default()).map(drop)
+    }
+
+    fn start(
+        &self,
+        config: &str,
+        limits: &Limits,
+        tickets: Tickets,
+    ) -> Result<(Store<StoreState>, W::Instance), PluginError> {
+        let runtime = Runtime::get();
+        let state = StoreState::new(self.name.clone(), limits.memory_limit, tickets);
+        let mut store = runtime.new_store(state);
+        store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
+        let instance = W::instantiate(&self.pre, &mut store).map_err(|e| PluginError::Instantiate {
+            name: self.name.to_string(),
+            reason: one_line(&e),
+        })?;
+        store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
+        W::init(&instance, &mut store, config)
+            .map_err(|e| PluginError::Init {
+                name: self.name.to_string(),
+                reason: one_line(&e),
+            })?
+            .map_err(|reason| PluginError::Init {
+                name: self.name.to_string(),
+                reason,
+            })?;
+        Ok((store, instance))
+    }
+
+    pub fn is_quarantined(&self) -> bool {
+        self.quarantined.load(Ordering::Relaxed)
+    }
+
+    fn record_fault(&self) {
+        let n = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
+        if n >= QUARANTINE_AFTER && !self.quarantined.swap(true, Ordering::Relaxed) {
+            tracing::error!(
+                plugin = %self.name,
+                digest = %self.digest,
+                faults = n,
+                "plugin quarantined after repeated faults: its pools are served by the fallback until a new version is loaded"
+            );
+        }
+    }
+
+    fn record_success(&self) {
+        if self.consecutive_faults.load(Ordering::Relaxed) != 0 {
+            self.consecutive_faults.store(0, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Hex SHA-256 of a component's bytes: a plugin version's identity.
+pub fn digest(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The version of a named plugin serving now.
+pub struct PluginSlot<W: World> {
+    pub name: String,
+    current: ArcSwap<Plugin<W>>,
+    /// Faults of every version of this plugin.
+    pub faults: AtomicU64,
+}
+
+impl<W: World> PluginSlot<W> {
+    pub fn new(plugin: Arc<Plugin<W>>) -> Arc<PluginSlot<W>> {
+        Arc::new(PluginSlot {
+            name: plugin.name.to_string(),
+            current: ArcSwap::new(plugin),
+            faults: AtomicU64::new(0),
+        })
+    }
+
+    pub fn current(&self) -> Arc<Plugin<W>> {
+        self.current.load_full()
+    }
+
+    /// Puts `plugin` in service; in-flight calls finish on the old version.
+    pub fn replace(&self, plugin: Arc<Plugin<W>>) {
+        self.current.store(plugin);
+    }
+}
+
+/// Why a call's answer was not the plugin's own.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// The call trapped, ran past its deadline or hit the memory cap.
+    Trap(String),
+    /// The plugin named a backend that is unknown, unhealthy, or already tried.
+    BadChoice(u32),
+    /// The plugin version is quarantined.
+    Quarantined,
+}
+
+/// One plugin instance cached on a worker thread.
+pub struct Live<W: World> {
+    plugin: Arc<Plugin<W>>,
+    pub store: Store<StoreState>,
+    pub instance: W::Instance,
+    /// The world's own per-instance state.
+    pub local: W::Local,
+    binding_alive: Weak<()>,
+}
+
+/// One use of a plugin (a pool's policy, a route's filter): its config, its
+/// shared counters and its instances, one per thread.
+pub struct Binding<W: World> {
+    id: u64,
+    slot: Arc<PluginSlot<W>>,
+    config: Arc<str>,
+    tickets: Tickets,
+    pub limits: Limits,
+    /// Lets thread caches notice this binding is gone.
+    alive: Arc<()>,
+}
+
+impl<W: World> Binding<W> {
+    pub fn new(slot: Arc<PluginSlot<W>>, config: &str, limits: Limits, tickets: Tickets) -> Binding<W> {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        Binding {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            slot,
+            config: config.into(),
+            tickets,
+            limits,
+            alive: Arc::new(()),
+        }
+    }
+
+    pub fn slot(&self) -> &Arc<PluginSlot<W>> {
+        &self.slot
+    }
+
+    /// Runs `call` on this thread's instance of the version serving now and
+    /// lets `accept` judge its answer. Any fault (quarantine, trap, deadline,
+    /// memory cap, host panic, refused answer) is counted and returned; the
+    /// instance that trapped is discarded.
+    pub fn call<R>(
+        &self,
+        call: impl FnOnce(&mut Live<W>) -> wasmtime::Result<R>,
+        accept: impl FnOnce(&R) -> Result<(), Fault>,
+    ) -> Result<R, Fault> {
+        let plugin = self.slot.current.load();
+        let result = if plugin.is_quarantined() {
+            Err(Fault::Quarantined)
+        } else {
+            match self.call_instance(&plugin, call) {
+                Ok(answer) => match accept(&answer) {
+                    Ok(()) => {
+                        plugin.record_success();
+                        return Ok(answer);
+                    }
+                    Err(fault) => Err(fault),
+                },
+                Err(reason) => {
+                    tracing::warn!(plugin = %plugin.name, %reason, "plugin call failed; using the fallback");
+                    Err(Fault::Trap(reason))
+                }
+            }
+        };
+        if !matches!(result, Err(Fault::Quarantined)) {
+            plugin.record_fault();
+        }
+        self.slot.faults.fetch_add(1, Ordering::Relaxed);
+        result
+    }
+
+    fn call_instance<R>(
+        &self,
+        plugin: &Arc<Plugin<W>>,
+        call: impl FnOnce(&mut Live<W>) -> wasmtime::Result<R>,
+    ) -> Result<R, String> {
+        W::cache().with(|live| {
+            let mut live = live.borrow_mut();
+            let found = live.iter().position(|(id, _)| *id == self.id);
+            let index = match found {
+                Some(i) if Arc::ptr_eq(&live[i].1.plugin, plugin) => i,
+                _ => {
+                    if let Some(i) = found {
+                        live.swap_remove(i);
+                    }
+                    live.retain(|(_, l)| l.binding_alive.strong_count() > 0);
+                    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        plugin.start(&self.config, &self.limits, self.tickets.clone())
+                    }));
+                    let (store, instance) = match started {
+                        Ok(started) => started.map_err(|e| e.to_string())?,
+                        Err(_) => return Err(HOST_PANIC.into()),
+                    };
+                    let entry = Live {
+                        plugin: plugin.clone(),
+                        store,
+                        instance,
+                        local: W::Local::default(),
+                        binding_alive: Arc::downgrade(&self.alive),
+                    };
+                    live.push((self.id, entry));
+                    live.len() - 1
+                }
+            };
+            let entry = &mut live[index].1;
+            let result = std::panic::catch_unwind(AssertUnwindSafe(|| call(entry)));
+            match result {
+                Ok(Ok(answer)) => Ok(answer),
+                Ok(Err(e)) => {
+                    live.swap_remove(index);
+                    Err(one_line(&e))
+                }
+                Err(_) => {
+                    live.swap_remove(index);
+                    Err(HOST_PANIC.into())
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! A second, test-only world through the same cache, faults and
+    //! quarantine as the balancer's. Its component is `tests/plugins/counter`.
+
+    use super::*;
+    use std::time::Duration;
+
+    mod bindings {
+        wasmtime::component::bindgen!({
+            inline: "package test:counter;
+                     world counter {
+                         export init: func(config: string) -> result<_, string>;
+                         export next: func(trap: bool) -> u32;
+                     }",
+            world: "counter",
+        });
+    }
+    use bindings::{Counter, CounterPre};
+
+    thread_local! {
+        static COUNTERS: Cache<CounterWorld> = const { RefCell::new(Vec::new()) };
+    }
+
+    struct CounterWorld;
+
+    impl World for CounterWorld {
+        const NAME: &'static str = "test:counter/counter";
+        type Pre = CounterPre<StoreState>;
+        type Instance = Counter;
+        type Local = ();
+
+        fn bind(pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
+            CounterPre::new(pre)
+        }
+
+        fn instantiate(pre: &Self::Pre, store: &mut Store<StoreState>) -> wasmtime::Result<Counter> {
+            pre.instantiate(store)
+        }
+
+        fn init(
+            instance: &Counter,
+            store: &mut Store<StoreState>,
+            config: &str,
+        ) -> wasmtime::Result<Result<(), String>> {
+            instance.call_init(store, config)
+        }
+
+        fn cache() -> &'static LocalKey<Cache<Self>> {
+            &COUNTERS
+        }
+    }
+
+    const LIMITS: Limits = Limits {
+        call_timeout: Duration::from_millis(50),
+        memory_limit: 16 << 20,
+    };
+
+    fn counter() -> Arc<Plugin<CounterWorld>> {
+        let wasm = std::fs::read(concat!(env!("FULCRUM_PLUGIN_WASM_DIR"), "/counter.wasm")).expect("counter.wasm");
+        Plugin::load("counter", &wasm, PluginSource::Builtin).expect("the counter component loads")
+    }
+
+    fn next(binding: &Binding<CounterWorld>, trap: bool) -> Result<u32, Fault> {
+        binding.call(
+            |live| {
+                live.store.set_epoch_deadline(deadline_ticks(LIMITS.call_timeout));
+                live.instance.call_next(&mut live.store, trap)
+            },
+            |_| Ok(()),
+        )
+    }
+
+    #[test]
+    fn a_second_world_shares_the_cache_faults_and_quarantine() {
+        let plugin = counter();
+        assert!(matches!(plugin.check("refuse", &LIMITS), Err(PluginError::Init { .. })));
+        let slot = PluginSlot::new(plugin.clone());
+        let binding = Binding::new(slot.clone(), "{}", LIMITS, Tickets::default());
+
+        // One instance per thread, kept between calls.
+        assert_eq!(next(&binding, false), Ok(1));
+        assert_eq!(next(&binding, false), Ok(2));
+
+        // A trap is a fault and discards the instance: the next call starts afresh.
+        assert!(matches!(next(&binding, true), Err(Fault::Trap(reason)) if reason.contains("unreachable")));
+        assert_eq!(next(&binding, false), Ok(1));
+        assert_eq!(slot.faults.load(Ordering::Relaxed), 1);
+
+        // An answer the world refuses is a fault too, without losing the instance.
+        let refused = binding.call(
+            |live| live.instance.call_next(&mut live.store, false),
+            |&n| Err(Fault::BadChoice(n)),
+        );
+        assert_eq!(refused, Err(Fault::BadChoice(2)));
+
+        // Faults in a row quarantine the version; a new version serves again.
+        for _ in 1..QUARANTINE_AFTER {
+            let _ = next(&binding, true);
+        }
+        assert!(plugin.is_quarantined());
+        assert_eq!(next(&binding, false), Err(Fault::Quarantined));
+        slot.replace(counter());
+        assert_eq!(next(&binding, false), Ok(1), "the new version runs in a new instance");
+    }
+
+    #[test]
+    fn a_component_of_another_world_is_refused_with_the_world_named() {
+        let wasm =
+            std::fs::read(concat!(env!("FULCRUM_PLUGIN_WASM_DIR"), "/wrong_world.wasm")).expect("wrong_world.wasm");
+        let error = Plugin::<CounterWorld>::load("greeter", &wasm, PluginSource::Builtin).expect_err("refused");
+        assert!(error.to_string().contains("test:counter/counter"), "{error}");
+    }
+}

@@ -1,0 +1,151 @@
+//! A [`Snapshot`]: everything a request needs (config, pools with their
+//! backends, policies and upstreams, routes), immutable once built, and the
+//! state [`Kept`] across snapshots so a reload finds it again.
+
+use crate::backend::{Backend, BackendList, BackendState};
+use crate::config::{Config, ConfigError, PoolConfig};
+use crate::plugin::registry::Registry;
+use crate::plugin::{Limits, Plugin, PluginError, Policy, PolicyCounters};
+use crate::router::Router;
+use crate::upstream::{IdleConns, PoolLimits, TcpConnector, Upstream};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// One pool as the request path sees it.
+pub struct Pool {
+    pub name: String,
+    pub config: PoolConfig,
+    pub backends: BackendList,
+    pub policy: Policy,
+    /// The way to the backends: connector and idle connections.
+    pub upstream: Upstream,
+}
+
+/// Everything a request needs, immutable once built.
+pub struct Snapshot {
+    pub config: Config,
+    pub pools: Vec<Pool>,
+    pub router: Router,
+}
+
+/// State that outlives snapshots, keyed so a reload finds it again.
+#[derive(Default)]
+pub struct Kept {
+    /// By (pool, address).
+    backends: HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>)>,
+    /// By pool.
+    counters: HashMap<String, PolicyCounters>,
+}
+
+impl Snapshot {
+    /// A snapshot with no pools, to stand in before the first is built.
+    pub fn empty(config: Config) -> Snapshot {
+        Snapshot {
+            config,
+            pools: Vec::new(),
+            router: Router::new(&[], |_| None),
+        }
+    }
+}
+
+/// Builds the snapshot for `config`: each pool's policy from `registry`
+/// (checked with the pool's config), its backends with the state `kept` for
+/// them, its upstream, and the routes. Forgets kept state of backends and
+/// pools the config no longer has.
+pub fn build(config: Config, registry: &Registry, kept: &mut Kept) -> Result<Snapshot, ConfigError> {
+    let limits = plugin_limits(&config);
+    let mut pools = Vec::with_capacity(config.pools.len());
+    for (name, pool) in &config.pools {
+        let key = format!("pools.{name}.policy");
+        let slot = registry.slot(&pool.policy).ok_or_else(|| {
+            let dir = config
+                .plugins
+                .dir
+                .as_ref()
+                .map_or("no [plugins] dir is set".to_string(), |d| {
+                    format!("no {}.wasm in {}", pool.policy, d.display())
+                });
+            invalid(
+                &config,
+                &key,
+                format!("unknown policy `{}`: not built in, and {dir}", pool.policy),
+            )
+        })?;
+        slot.current()
+            .check(&pool.policy_config, &limits)
+            .map_err(|e| invalid(&config, &format!("pools.{name}.policy_config"), e.to_string()))?;
+        let (backends, idle): (Vec<Arc<Backend>>, Vec<Arc<IdleConns>>) = pool
+            .backends
+            .iter()
+            .map(|b| {
+                let (state, idle) = kept
+                    .backends
+                    .entry((name.clone(), b.address.clone()))
+                    .or_default()
+                    .clone();
+                let backend = Arc::new(Backend {
+                    address: b.address.clone(),
+                    socket: b.socket,
+                    weight: b.weight,
+                    state,
+                });
+                (backend, idle)
+            })
+            .unzip();
+        let counters = kept.counters.entry(name.clone()).or_default().clone();
+        pools.push(Pool {
+            name: name.clone(),
+            config: pool.clone(),
+            backends: backends.into(),
+            policy: Policy::new(slot, &pool.policy_config, limits, counters),
+            upstream: Upstream::new(
+                idle,
+                Arc::new(TcpConnector),
+                PoolLimits {
+                    max_idle: pool.max_idle_per_backend,
+                    idle_timeout: pool.upstream_idle_timeout,
+                },
+                pool.connect_timeout,
+            ),
+        });
+    }
+    // Forget state of backends no longer configured.
+    kept.backends.retain(|(pool, address), _| {
+        config
+            .pools
+            .get(pool)
+            .is_some_and(|p| p.backends.iter().any(|b| &b.address == address))
+    });
+    kept.counters.retain(|pool, _| config.pools.contains_key(pool));
+    let names: Vec<&String> = config.pools.keys().collect();
+    let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));
+    Ok(Snapshot { config, pools, router })
+}
+
+pub fn plugin_limits(config: &Config) -> Limits {
+    Limits {
+        call_timeout: config.plugins.call_timeout,
+        memory_limit: config.plugins.memory_limit,
+    }
+}
+
+pub fn invalid(config: &Config, key: &str, reason: String) -> ConfigError {
+    ConfigError::Invalid {
+        file: config.source.clone(),
+        key: key.to_string(),
+        reason,
+    }
+}
+
+/// Runs `init` of `plugin` with the config of every pool that uses `name`.
+pub fn check_against<'a>(
+    plugin: &Plugin,
+    name: &str,
+    pools: impl Iterator<Item = &'a PoolConfig>,
+    limits: &Limits,
+) -> Result<(), PluginError> {
+    for pool in pools.filter(|p| p.policy == name) {
+        plugin.check(&pool.policy_config, limits)?;
+    }
+    Ok(())
+}
