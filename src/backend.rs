@@ -4,7 +4,7 @@
 //! atomics so the request path never takes a lock. The state is kept across
 //! config reloads for as long as the same pool lists the same address, so a
 //! reload does not reset least-conn's view of the load (the pool keeps the
-//! backend's idle connections the same way: [`crate::upstream::Upstream`]).
+//! backend's idle connections the same way, in its upstream).
 
 use std::net::SocketAddr;
 use std::sync::Arc;

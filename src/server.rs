@@ -8,7 +8,6 @@
 //! wake-ups and thread-local plugin instances and connection pools.
 
 use crate::app::App;
-use crate::http::ClientAddr;
 use crate::shutdown::Shutdown;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -102,11 +101,7 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let open = shutdown.open();
-        tokio::spawn(async move {
-            crate::frontend::serve_connection(&app, stream, ClientAddr::new(client), open.shutdown()).await;
-        });
+        tokio::spawn(crate::frontend::serve_connection(app.clone(), stream, client, shutdown.open()));
     }
 
     drop(listener);

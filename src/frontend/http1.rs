@@ -18,6 +18,7 @@ use crate::snapshot::Snapshot;
 use crate::upstream::{ResponseBody, Transport};
 use bytes::{Bytes, BytesMut};
 use http::{StatusCode, Version};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::Poll;
@@ -48,9 +49,10 @@ pub async fn serve<S: ClientStream>(
     mut stream: S,
     mut buf: BytesMut,
     mut timer: Pin<Box<Sleep>>,
-    client: ClientAddr,
+    peer: SocketAddr,
     shutdown: &Shutdown,
 ) {
+    let client = ClientAddr::new(peer);
     let mut deadline = timer.deadline();
     // Timers per connection, moved on rather than re-created: one for the
     // request head's deadline, one for the backend's response. Each deadline

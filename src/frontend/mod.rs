@@ -10,7 +10,8 @@ pub mod http2;
 use crate::app::App;
 use crate::buffers;
 use crate::http::ClientAddr;
-use crate::shutdown::Shutdown;
+use crate::shutdown::Open;
+use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
 use std::pin::Pin;
@@ -18,7 +19,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 
 /// The HTTP/2 connection preface (RFC 9113 3.4): a client that opens with it
 /// speaks HTTP/2 with prior knowledge.
@@ -49,19 +50,28 @@ enum Protocol {
 }
 
 /// Serves one client connection to its end: chooses the protocol, then runs
-/// that front end.
-pub async fn serve_connection<S: ClientStream>(app: &Arc<App>, mut stream: S, client: ClientAddr, shutdown: &Shutdown) {
-    let deadline = Instant::now() + app.snapshot().config.server.header_read_timeout;
+/// that front end. `open` counts the connection while it lives.
+///
+/// Every argument stays in the connection's future for its whole life, idle
+/// or not (rustc keeps an async fn's arguments apart from its later states),
+/// so they are kept few and small: the peer's address as 32 bytes, its text
+/// form made by the front end.
+pub async fn serve_connection<S: ClientStream>(app: Arc<App>, mut stream: S, peer: SocketAddr, open: Open) {
     // The first request head's deadline: HTTP/1 goes on with this timer.
-    let mut timer = Box::pin(tokio::time::sleep_until(deadline));
-    match choose_protocol(&mut stream, timer.as_mut()).await {
-        Protocol::Http1(buf) => http1::serve(app, stream, buf, timer, client, shutdown).await,
-        Protocol::Http2(buf) => {
-            // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
-            let io = Rewind::new(buf.freeze(), stream);
-            Box::pin(http2::serve(app.clone(), io, client, shutdown)).await;
-        }
-        Protocol::Closed => {}
+    let mut timer = Box::pin(tokio::time::sleep(app.snapshot().config.server.header_read_timeout));
+    // Taken out of the match before the front end runs: a value matched on
+    // would live (and take room) for the connection's whole life.
+    let (buf, http2) = match choose_protocol(&mut stream, timer.as_mut()).await {
+        Protocol::Http1(buf) => (buf, false),
+        Protocol::Http2(buf) => (buf, true),
+        Protocol::Closed => return,
+    };
+    if http2 {
+        // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
+        let io = Rewind::new(buf.freeze(), stream);
+        Box::pin(http2::serve(app.clone(), io, ClientAddr::new(peer), open.shutdown())).await;
+    } else {
+        http1::serve(&app, stream, buf, timer, peer, open.shutdown()).await;
     }
 }
 
@@ -196,11 +206,8 @@ mod tests {
     fn connect(app: &Arc<App>) -> (DuplexStream, tokio::task::JoinHandle<()>) {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let app = app.clone();
-        let task = tokio::spawn(async move {
-            let shutdown = Shutdown::default();
-            let addr = ClientAddr::new(CLIENT.parse().expect("addr"));
-            serve_connection(&app, server, addr, &shutdown).await;
-        });
+        let shutdown = Arc::new(crate::shutdown::Shutdown::default());
+        let task = tokio::spawn(serve_connection(app, server, CLIENT.parse().expect("addr"), shutdown.open()));
         (client, task)
     }
 
