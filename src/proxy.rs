@@ -5,9 +5,10 @@
 //! [`LocalReply`]. Once the answer is written the front end calls [`finish`],
 //! which builds the one end-of-request [`RequestRecord`].
 //!
-//! Routing happens in [`route`] and nowhere else; every local reply is made
-//! here by [`LocalReply::new`] with its [`Termination`], and each front end
-//! renders it in one function of its own.
+//! Routing happens in [`route`] and nowhere else. A local reply is one shape,
+//! [`LocalReply`], always with its [`Termination`]: made here, or by a front
+//! end for a request it refuses before the pipeline (a malformed head); each
+//! front end renders it in one function of its own.
 
 use crate::backend::Backend;
 use crate::health::{self, Outcome};

@@ -101,7 +101,12 @@ pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Outpu
             () = &mut stop => break,
         };
         let _ = stream.set_nodelay(true);
-        tokio::spawn(crate::frontend::serve_connection(app.clone(), stream, client, shutdown.open()));
+        tokio::spawn(crate::frontend::serve_connection(
+            app.clone(),
+            stream,
+            client,
+            shutdown.open(),
+        ));
     }
 
     drop(listener);

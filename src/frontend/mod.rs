@@ -11,9 +11,9 @@ use crate::app::App;
 use crate::buffers;
 use crate::http::ClientAddr;
 use crate::shutdown::Open;
-use std::net::SocketAddr;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -207,7 +207,12 @@ mod tests {
         let (client, server) = tokio::io::duplex(64 * 1024);
         let app = app.clone();
         let shutdown = Arc::new(crate::shutdown::Shutdown::default());
-        let task = tokio::spawn(serve_connection(app, server, CLIENT.parse().expect("addr"), shutdown.open()));
+        let task = tokio::spawn(serve_connection(
+            app,
+            server,
+            CLIENT.parse().expect("addr"),
+            shutdown.open(),
+        ));
         (client, task)
     }
 

@@ -3,14 +3,13 @@
 //! the one call the request path makes. When the plugin cannot answer, the
 //! fallback (round robin over healthy backends) does.
 
-use super::engine::{StoreState, deadline_ticks};
+use super::engine::{CurrentRequest, Runtime, StoreState, deadline_ticks};
 use super::instances::{Binding, Cache, Fault, Live, PluginSlot, World};
-use super::request_view::CurrentRequest;
 use super::{Limits, Tickets};
 use crate::backend::{BackendList, health_epoch};
 use std::cell::RefCell;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::thread::LocalKey;
 use wasmtime::Store;
 use wasmtime::component::{HasSelf, InstancePre, Linker};
@@ -20,13 +19,8 @@ wasmtime::component::bindgen!({
     world: "balancer",
 });
 
-use exports::fulcrum::plugin::policy::Backend as WitBackend;
-use fulcrum::plugin::host::Level;
-
-/// Adds the balancer world's imports (`host`, `request`) to the linker.
-pub fn add_to_linker(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
-    Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s)
-}
+use self::exports::fulcrum::plugin::policy::Backend as WitBackend;
+use self::fulcrum::plugin::host::Level;
 
 /// The balancer world as the instance cache sees it.
 pub struct BalancerWorld;
@@ -56,6 +50,15 @@ impl World for BalancerWorld {
     type Pre = BalancerPre<StoreState>;
     type Instance = Balancer;
     type Local = Pushed;
+
+    fn linker() -> &'static Linker<StoreState> {
+        static LINKER: OnceLock<Linker<StoreState>> = OnceLock::new();
+        LINKER.get_or_init(|| {
+            Runtime::get()
+                .linker(|linker| Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s))
+                .unwrap_or_else(|e| panic!("the balancer world's imports cannot be linked: {e:#}"))
+        })
+    }
 
     fn bind(pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
         BalancerPre::new(pre)
@@ -196,7 +199,7 @@ pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64) -> 
         .find(|&i| backends[i].state.is_healthy() && !tried.contains(&i))
 }
 
-impl fulcrum::plugin::host::Host for StoreState {
+impl self::fulcrum::plugin::host::Host for StoreState {
     fn in_flight_all(&mut self) -> Vec<u32> {
         self.backends.iter().map(|b| b.state.in_flight()).collect()
     }

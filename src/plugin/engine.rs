@@ -1,9 +1,10 @@
-//! The engine every plugin shares: wasmtime's engine and epoch ticker, the
-//! one linker (every world's imports and a confined WASI), compilation, and
-//! the per-store host state with its limits and log output.
+//! The engine every plugin shares: wasmtime's engine and epoch ticker,
+//! compilation, the linker every world starts from (a confined WASI), and the
+//! per-store host state: limits, log output and the request lent for a call.
 
-use super::request_view::LentRequest;
 use crate::backend::BackendList;
+use crate::http::request::RequestHead;
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
@@ -19,12 +20,67 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const TICKET_SLOTS: usize = 16;
 pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
+/// The request a plugin call is about: its head and the client's address.
+pub struct CurrentRequest {
+    pub head: RequestHead,
+    pub client: SocketAddr,
+}
+
+/// The current request as the store sees it: a pointer set for the length of
+/// one call and cleared after, so the request is lent to the plugin without
+/// being copied or moved.
+pub struct LentRequest(*const CurrentRequest);
+
+// SAFETY: the pointer is only dereferenced by host functions running inside
+// the call that lent it, on the lending thread, while the lender's borrow lives.
+unsafe impl Send for LentRequest {}
+unsafe impl Sync for LentRequest {}
+
+impl LentRequest {
+    const NONE: LentRequest = LentRequest(std::ptr::null());
+}
+
+impl StoreState {
+    /// Runs `f` with `request` as the current request of this store. The
+    /// pointer is cleared by a guard, so it never outlives the borrow, even
+    /// when `f` unwinds.
+    pub fn with_request<R>(
+        store: &mut Store<StoreState>,
+        request: &CurrentRequest,
+        f: impl FnOnce(&mut Store<StoreState>) -> R,
+    ) -> R {
+        /// Clears the lent request when dropped.
+        struct Lent<'a>(&'a mut Store<StoreState>);
+        impl Drop for Lent<'_> {
+            fn drop(&mut self) {
+                self.0.data_mut().current = LentRequest::NONE;
+            }
+        }
+        store.data_mut().current = LentRequest(request);
+        let lent = Lent(store);
+        f(lent.0)
+    }
+
+    pub(super) fn request(&self) -> Option<&CurrentRequest> {
+        // SAFETY: non-null only inside `with_request`, whose borrow outlives the call.
+        unsafe { self.current.0.as_ref() }
+    }
+
+    pub(super) fn head(&self) -> Option<&RequestHead> {
+        self.request().map(|r| &r.head)
+    }
+
+    pub(super) fn client(&self) -> Option<SocketAddr> {
+        self.request().map(|r| r.client)
+    }
+}
+
 /// Per-store (per-instance) host state.
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
     pub limits: StoreLimits,
-    pub(super) current: LentRequest,
+    current: LentRequest,
     /// The backend list last pushed with `set-backends`; ids index it.
     pub backends: BackendList,
     pub tickets: Tickets,
@@ -390,10 +446,9 @@ impl WasiView for StoreState {
     }
 }
 
-/// The engine and linker every plugin shares; built once per process.
+/// The engine every plugin shares; built once per process.
 pub struct Runtime {
     pub engine: Engine,
-    pub linker: Linker<StoreState>,
 }
 
 impl Runtime {
@@ -409,10 +464,6 @@ impl Runtime {
         config.epoch_interruption(true);
         config.cranelift_opt_level(wasmtime::OptLevel::Speed);
         let engine = Engine::new(&config)?;
-        let mut linker = Linker::new(&engine);
-        super::balancer::add_to_linker(&mut linker)?;
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-        confine_wasi(&mut linker)?;
 
         let ticker = engine.weak();
         std::thread::Builder::new()
@@ -425,7 +476,7 @@ impl Runtime {
                 }
             })
             .map_err(wasmtime::Error::msg)?;
-        Ok(Runtime { engine, linker })
+        Ok(Runtime { engine })
     }
 
     /// Compiles a component (seconds for large guests: never on the request path).
@@ -433,9 +484,17 @@ impl Runtime {
         Component::new(&self.engine, bytes)
     }
 
-    /// Pre-links a compiled component against every import the host offers.
-    pub fn link(&self, component: &Component) -> wasmtime::Result<wasmtime::component::InstancePre<StoreState>> {
-        self.linker.instantiate_pre(component)
+    /// A linker with a confined WASI and the imports `add` puts in: a
+    /// world's own (each world builds one, once).
+    pub fn linker(
+        &self,
+        add: impl FnOnce(&mut Linker<StoreState>) -> wasmtime::Result<()>,
+    ) -> wasmtime::Result<Linker<StoreState>> {
+        let mut linker = Linker::new(&self.engine);
+        add(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        confine_wasi(&mut linker)?;
+        Ok(linker)
     }
 
     pub fn new_store(&self, state: StoreState) -> Store<StoreState> {

@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::LocalKey;
 use wasmtime::Store;
-use wasmtime::component::{Component, InstancePre};
+use wasmtime::component::{Component, InstancePre, Linker};
 
 /// Why a call ended in a caught panic of the host. No known cause is left
 /// (blocking WASI calls are answered without waiting: see `engine::confine_wasi`);
@@ -42,6 +42,8 @@ pub trait World: Sized + 'static {
     type Instance;
     /// What a cached instance keeps beside the instance itself.
     type Local: Default;
+    /// The linker with the world's imports (built once).
+    fn linker() -> &'static Linker<StoreState>;
     /// Checks the component exports the world and binds it.
     fn bind(pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre>;
     fn instantiate(pre: &Self::Pre, store: &mut Store<StoreState>) -> wasmtime::Result<Self::Instance>;
@@ -84,8 +86,8 @@ impl<W: World> Plugin<W> {
             name: name.into(),
             reason: one_line(&e),
         })?;
-        let pre = runtime
-            .link(&component)
+        let pre = W::linker()
+            .instantiate_pre(&component)
             .and_then(W::bind)
             .map_err(|e| PluginError::WrongWorld {
                 name: name.into(),
@@ -356,6 +358,11 @@ mod tests {
         type Pre = CounterPre<StoreState>;
         type Instance = Counter;
         type Local = ();
+
+        fn linker() -> &'static Linker<StoreState> {
+            static LINKER: std::sync::OnceLock<Linker<StoreState>> = std::sync::OnceLock::new();
+            LINKER.get_or_init(|| Runtime::get().linker(|_| Ok(())).expect("the counter world links"))
+        }
 
         fn bind(pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
             CounterPre::new(pre)

@@ -7,10 +7,10 @@
 //! - [`Policy`]: a pool's use of a plugin (its config and shared counters);
 //!   [`Policy::choose`] is the one call the request path makes.
 //!
-//! Inside, by job: `engine` (wasmtime engine, linker, confined WASI, store
-//! state), `instances` (per-thread instance cache, faults, quarantine and hot
-//! swap, generic over the world), `request_view` (the current request as
-//! plugins read it), `balancer` (the balancer world on top) and [`registry`]
+//! Inside, by job: `engine` (wasmtime engine, confined WASI, store state, the
+//! request lent for a call), `instances` (per-thread instance cache, faults, quarantine and hot
+//! swap, generic over the world), `request_view` (the `request` interface
+//! plugins read the current request through), `balancer` (the balancer world on top) and [`registry`]
 //! (built-ins and the plugin directory).
 //!
 //! Instances live in a per-thread cache, one per policy and worker thread, so a
@@ -28,9 +28,9 @@ mod request_view;
 use std::time::Duration;
 
 pub use balancer::{BalancerWorld, Choice, Policy, PolicyCounters, fallback};
+pub use engine::CurrentRequest;
 pub use engine::{TICKET_SLOTS, Tickets};
 pub use instances::{Fault, QUARANTINE_AFTER, digest};
-pub use request_view::CurrentRequest;
 
 /// A compiled, linked balancer plugin version.
 pub type Plugin = instances::Plugin<BalancerWorld>;

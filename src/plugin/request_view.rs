@@ -1,66 +1,10 @@
-//! The current request as plugins see it: lent to the store for the length of
-//! one call, read in place through the `request` interface.
+//! The current request as plugins see it: the `request` interface, read in
+//! place from the request lent to the store for one call
+//! ([`StoreState::with_request`]).
 
 use super::balancer::fulcrum::plugin::request::Host;
 use super::engine::StoreState;
-use crate::http::request::{RequestHead, visible_text};
-use std::net::SocketAddr;
-use wasmtime::Store;
-
-/// The request a plugin call is about: its head and the client's address.
-pub struct CurrentRequest {
-    pub head: RequestHead,
-    pub client: SocketAddr,
-}
-
-/// The current request as the store sees it: a pointer set for the length of
-/// one call and cleared after, so the request is lent to the plugin without
-/// being copied or moved.
-pub struct LentRequest(*const CurrentRequest);
-
-// SAFETY: the pointer is only dereferenced by host functions running inside
-// the call that lent it, on the lending thread, while the lender's borrow lives.
-unsafe impl Send for LentRequest {}
-unsafe impl Sync for LentRequest {}
-
-impl LentRequest {
-    pub(super) const NONE: LentRequest = LentRequest(std::ptr::null());
-}
-
-impl StoreState {
-    /// Runs `f` with `request` as the current request of this store. The
-    /// pointer is cleared by a guard, so it never outlives the borrow, even
-    /// when `f` unwinds.
-    pub fn with_request<R>(
-        store: &mut Store<StoreState>,
-        request: &CurrentRequest,
-        f: impl FnOnce(&mut Store<StoreState>) -> R,
-    ) -> R {
-        /// Clears the lent request when dropped.
-        struct Lent<'a>(&'a mut Store<StoreState>);
-        impl Drop for Lent<'_> {
-            fn drop(&mut self) {
-                self.0.data_mut().current = LentRequest::NONE;
-            }
-        }
-        store.data_mut().current = LentRequest(request);
-        let lent = Lent(store);
-        f(lent.0)
-    }
-
-    fn request(&self) -> Option<&CurrentRequest> {
-        // SAFETY: non-null only inside `with_request`, whose borrow outlives the call.
-        unsafe { self.current.0.as_ref() }
-    }
-
-    fn head(&self) -> Option<&RequestHead> {
-        self.request().map(|r| &r.head)
-    }
-
-    fn client(&self) -> Option<SocketAddr> {
-        self.request().map(|r| r.client)
-    }
-}
+use crate::http::request::visible_text;
 
 impl Host for StoreState {
     fn method(&mut self) -> String {
