@@ -1,22 +1,35 @@
-//! The admin listener (`server.admin`): read-only status for now.
+//! The admin listener (`server.admin`): status, metrics, readiness and
+//! reload, for operators and their tools.
 //!
-//! `GET /status` answers JSON: per pool, its policy, the plugin's fault count,
-//! and each backend's health and counters. (Metrics and runtime changes to
-//! backends come with the observability work.)
+//! - `GET /status`: JSON, every pool with its policy and backends.
+//! - `GET /metrics`: the Prometheus text exposition ([`crate::metrics`]).
+//! - `GET /ready`: 200 while Fulcrum takes traffic, 503 once `POST /ready/fail`
+//!   says to drain it out of an outer load balancer; `POST /ready/ok` undoes it.
+//! - `POST /reload`: reads the config file again; the answer says applied,
+//!   unchanged, or refused with the file, key and reason.
+//!
+//! With `server.admin_token` set, every endpoint but `GET /ready` answers 401
+//! without `Authorization: Bearer <token>` (a token is required when the
+//! listener is not on a loopback address). A change (`POST`) must also carry a
+//! JSON `Content-Type` and a `Host` naming the admin listener, so that a page
+//! in an operator's browser cannot make one (no form posts, no DNS rebinding).
 
 use crate::app::App;
+use crate::config::ConfigError;
 use bytes::Bytes;
-use http::{Response, StatusCode};
+use http::{HeaderMap, Method, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 
 /// Serves the admin API on `listener` until the task is dropped.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    let local = listener.local_addr().ok();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
@@ -25,7 +38,10 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
         tokio::spawn(async move {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let app = app.clone();
-                async move { Ok::<_, Infallible>(route(&app, request.method(), request.uri().path())) }
+                async move {
+                    let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
+                    Ok::<_, Infallible>(handle(&app, local, method, path, headers).await)
+                }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                 .serve_connection(TokioIo::new(stream), service)
@@ -34,13 +50,157 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-fn route(app: &App, method: &http::Method, path: &str) -> Response<Full<Bytes>> {
+/// Answers one admin request (the body is never needed yet).
+async fn handle(
+    app: &Arc<App>,
+    local: Option<SocketAddr>,
+    method: &Method,
+    path: &str,
+    headers: &HeaderMap,
+) -> Response<Full<Bytes>> {
+    if *method == Method::GET && path == "/ready" {
+        return if app.is_ready() {
+            text(StatusCode::OK, "ready\n")
+        } else {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+        };
+    }
+    let snapshot = app.snapshot();
+    if let Some(token) = &snapshot.config.server.admin_token
+        && !bearer_matches(headers, token)
+    {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "authorization",
+            "a valid `Authorization: Bearer <token>` is required",
+        );
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    if *method == Method::POST
+        && let Some(refusal) = refuse_change(headers, local)
+    {
+        return refusal;
+    }
     match (method.as_str(), path) {
         ("GET", "/status") => json(StatusCode::OK, status(app)),
-        _ => json(
+        ("GET", "/metrics") => {
+            let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(&snapshot))));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                http::HeaderValue::from_static(crate::metrics::CONTENT_TYPE),
+            );
+            response
+        }
+        ("POST", "/ready/fail") => {
+            app.set_ready(false);
+            json(StatusCode::OK, serde_json::json!({ "ready": false }))
+        }
+        ("POST", "/ready/ok") => {
+            app.set_ready(true);
+            json(StatusCode::OK, serde_json::json!({ "ready": true }))
+        }
+        ("POST", "/reload") => {
+            // A reload runs plugins' init: off the runtime's thread.
+            let app = app.clone();
+            tokio::task::spawn_blocking(move || reload(&app))
+                .await
+                .unwrap_or_else(|_| error(StatusCode::INTERNAL_SERVER_ERROR, "reload", "the reload panicked"))
+        }
+        _ => error(
             StatusCode::NOT_FOUND,
-            serde_json::json!({ "error": format!("no admin endpoint {method} {path}") }),
+            "path",
+            &format!("no admin endpoint {method} {path}"),
         ),
+    }
+}
+
+/// `POST /reload`: the config file read and applied, or the reason it was not.
+fn reload(app: &App) -> Response<Full<Bytes>> {
+    match app.reload_file() {
+        Ok(true) => json(StatusCode::OK, serde_json::json!({ "result": "applied" })),
+        Ok(false) => json(StatusCode::OK, serde_json::json!({ "result": "unchanged" })),
+        Err(refusal) => {
+            let (file, key, reason) = match &refusal {
+                ConfigError::Read { file, reason } => (file, "", reason.as_str()),
+                ConfigError::Invalid { file, key, reason } => (file, key.as_str(), reason.as_str()),
+            };
+            json(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                serde_json::json!({
+                    "result": "refused",
+                    "file": file.display().to_string(),
+                    "key": key,
+                    "reason": reason,
+                    "error": refusal.to_string(),
+                }),
+            )
+        }
+    }
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in
+/// time that does not depend on where the first difference is.
+fn bearer_matches(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let (given, token) = (given.trim().as_bytes(), token.as_bytes());
+    given.len() == token.len() && given.iter().zip(token).fold(0u8, |diff, (a, b)| diff | (a ^ b)) == 0
+}
+
+/// The refusal of a change that does not say it is JSON (a browser form
+/// cannot) or does not name the admin listener as its host (a rebinding DNS
+/// name cannot); `None` for a change that may go on.
+fn refuse_change(headers: &HeaderMap, local: Option<SocketAddr>) -> Option<Response<Full<Bytes>>> {
+    let json_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json_type {
+        return Some(error(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type",
+            "a change needs `Content-Type: application/json`",
+        ));
+    }
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    if !local.is_some_and(|local| names_listener(host, local)) {
+        return Some(error(
+            StatusCode::FORBIDDEN,
+            "host",
+            "a change needs a `Host` naming the admin listener",
+        ));
+    }
+    None
+}
+
+/// Whether `host` (a `Host` header) names `local`: its address and port, or
+/// `localhost` with its port when it is a loopback address.
+fn names_listener(host: &str, local: SocketAddr) -> bool {
+    let Some((name, port)) = host.rsplit_once(':') else {
+        return false;
+    };
+    if port.parse::<u16>().ok() != Some(local.port()) {
+        return false;
+    }
+    let name = name.trim_start_matches('[').trim_end_matches(']');
+    match name.parse::<std::net::IpAddr>() {
+        Ok(ip) => ip == local.ip() || (local.ip().is_unspecified() && !ip.is_unspecified()),
+        Err(_) => name.eq_ignore_ascii_case("localhost") && local.ip().is_loopback(),
     }
 }
 
@@ -81,15 +241,29 @@ pub fn status(app: &App) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "pools": pools })
+    serde_json::json!({ "pools": pools, "ready": app.is_ready() })
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     *response.status_mut() = status;
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
+}
+
+/// A JSON error naming what was wrong (`field`) and why.
+fn error(status: StatusCode, field: &str, reason: &str) -> Response<Full<Bytes>> {
+    json(status, serde_json::json!({ "error": reason, "field": field }))
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *response.status_mut() = status;
     response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
     response
 }

@@ -21,6 +21,7 @@ pub struct App {
     kept: Mutex<Kept>,
     watcher: Mutex<Option<FileWatcher>>,
     checks: Mutex<Checks>,
+    not_ready: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -52,10 +53,46 @@ impl App {
             kept: Mutex::new(Kept::default()),
             watcher: Mutex::new(None),
             checks: Mutex::new(Checks::default()),
+            not_ready: std::sync::atomic::AtomicBool::new(false),
         });
         let snapshot = app.build(config)?;
         app.snapshot.store(Arc::new(snapshot));
+        crate::metrics::events().stamp();
         Ok(app)
+    }
+
+    /// Whether `GET /ready` says ready: true unless an operator failed it
+    /// (to drain Fulcrum out of an outer load balancer before a stop).
+    pub fn is_ready(&self) -> bool {
+        !self.not_ready.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    pub fn set_ready(&self, ready: bool) {
+        self.not_ready.store(!ready, std::sync::atomic::Ordering::Relaxed);
+        tracing::warn!(ready, "readiness set by the admin API");
+    }
+
+    /// Reads the config file again and applies it if it changed (the file
+    /// watcher, `POST /reload` and SIGHUP all come here). Returns whether a
+    /// new config was applied; on error the running config stays.
+    pub fn reload_file(&self) -> Result<bool, ConfigError> {
+        let source = self.snapshot().config.source.clone();
+        let result = Config::load(&source).and_then(|config| {
+            if config == self.snapshot().config {
+                return Ok(false);
+            }
+            self.reload(config).map(|()| true)
+        });
+        let events = crate::metrics::events();
+        match &result {
+            Ok(true) => events.reloaded(),
+            Ok(false) => {}
+            Err(error) => {
+                events.refused();
+                tracing::error!(%error, "config reload refused; the running config stays");
+            }
+        }
+        result
     }
 
     /// The snapshot serving now.
@@ -125,7 +162,6 @@ impl App {
         let config_file = ConfigFile {
             app: Arc::downgrade(self),
             file,
-            source: path.to_path_buf(),
         };
         watcher.watch(&folder, Box::new(config_file))?;
         if let Some(dir) = &self.snapshot().config.plugins.dir {
@@ -152,8 +188,6 @@ struct ConfigFile {
     app: Weak<App>,
     /// The file, canonical, as the watcher reports it.
     file: PathBuf,
-    /// The path as given, for messages and relative paths.
-    source: PathBuf,
 }
 
 impl Handler for ConfigFile {
@@ -162,17 +196,9 @@ impl Handler for ConfigFile {
     }
 
     fn settled(&mut self, _path: &Path, _quiet: Duration) -> Settled {
-        let Some(app) = self.app.upgrade() else {
-            return Settled::Done;
-        };
-        let result = Config::load(&self.source).and_then(|config| {
-            if config == app.snapshot().config {
-                return Ok(());
-            }
-            app.reload(config)
-        });
-        if let Err(e) = result {
-            tracing::error!(error = %e, "config reload refused; the running config stays");
+        if let Some(app) = self.app.upgrade() {
+            // Refusals are logged and counted there.
+            let _ = app.reload_file();
         }
         Settled::Done
     }

@@ -26,6 +26,9 @@ pub fn health_epoch() -> u64 {
 /// reads one atomic.
 #[derive(Debug)]
 pub struct BackendState {
+    /// Unique for the process's life, never reused: the backend's key in the
+    /// metrics shards, which outlive it by a scrape.
+    pub id: u64,
     in_flight: AtomicU32,
     healthy: AtomicBool,
     /// Set by active health checks; true until a check says otherwise.
@@ -50,11 +53,18 @@ pub struct BackendState {
     /// task, so a config reload (which restarts the tasks) forgets nothing.
     pub check_successes: AtomicU32,
     pub check_failures: AtomicU32,
+    /// Active checks passed and failed, ever.
+    pub checks_passed: AtomicU64,
+    pub checks_failed: AtomicU64,
+    /// Passive ejections, ever.
+    pub ejections_total: AtomicU64,
 }
 
 impl Default for BackendState {
     fn default() -> Self {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         BackendState {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             in_flight: AtomicU32::new(0),
             healthy: AtomicBool::new(true),
             up: AtomicBool::new(true),
@@ -67,6 +77,9 @@ impl Default for BackendState {
             ejection_generation: AtomicU64::new(0),
             check_successes: AtomicU32::new(0),
             check_failures: AtomicU32::new(0),
+            checks_passed: AtomicU64::new(0),
+            checks_failed: AtomicU64::new(0),
+            ejections_total: AtomicU64::new(0),
         }
     }
 }

@@ -27,6 +27,8 @@ pub enum ConfigError {
 pub struct Config {
     /// The file this was read from (for messages and reloads).
     pub source: PathBuf,
+    /// SHA-256 of the file's text.
+    pub digest: TextDigest,
     pub server: ServerConfig,
     pub plugins: PluginsConfig,
     /// Pools by name, sorted.
@@ -34,10 +36,25 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
 }
 
+/// The hex SHA-256 of a config file's text: which file serves (the
+/// `fulcrum_config_info` metric). Not part of what the config means: two
+/// configs that differ only in comments or layout are equal.
+#[derive(Debug, Clone, Default)]
+pub struct TextDigest(pub String);
+
+impl PartialEq for TextDigest {
+    fn eq(&self, _other: &TextDigest) -> bool {
+        true
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
     pub admin: Option<SocketAddr>,
+    /// The bearer token the admin API asks for; required when `admin` is not
+    /// a loopback address.
+    pub admin_token: Option<String>,
     /// How long a client may take to send a request head.
     pub header_read_timeout: Duration,
     /// How long an idle keep-alive client connection is kept open.
@@ -165,6 +182,7 @@ struct RawConfig {
 struct RawServer {
     listen: String,
     admin: Option<String>,
+    admin_token: Option<String>,
     header_read_timeout: Option<String>,
     client_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
@@ -277,6 +295,7 @@ impl Config {
             .map_err(|(key, reason)| invalid(key, reason))
             .map(|mut c| {
                 c.source = path.to_path_buf();
+                c.digest = TextDigest(crate::plugin::digest(text.as_bytes()));
                 c
             })
     }
@@ -347,14 +366,32 @@ fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
 }
 
 fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
+    let admin = raw
+        .server
+        .admin
+        .as_deref()
+        .map(|a| socket("server.admin", a))
+        .transpose()?;
+    let admin_token = raw.server.admin_token.clone();
+    if admin_token
+        .as_deref()
+        .is_some_and(|t| t.trim().is_empty() || t.chars().any(|c| c.is_whitespace()))
+    {
+        return Err(("server.admin_token".into(), "must be non-empty, without spaces".into()));
+    }
+    if let Some(admin) = admin
+        && !admin.ip().is_loopback()
+        && admin_token.is_none()
+    {
+        return Err((
+            "server.admin_token".into(),
+            format!("required: server.admin ({admin}) is not a loopback address, and the admin API changes what runs"),
+        ));
+    }
     let server = ServerConfig {
         listen: socket("server.listen", &raw.server.listen)?,
-        admin: raw
-            .server
-            .admin
-            .as_deref()
-            .map(|a| socket("server.admin", a))
-            .transpose()?,
+        admin,
+        admin_token,
         header_read_timeout: duration(
             "server.header_read_timeout",
             raw.server.header_read_timeout.as_deref(),
@@ -528,6 +565,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
 
     Ok(Config {
         source: PathBuf::new(),
+        digest: TextDigest::default(),
         server,
         plugins,
         pools,

@@ -120,6 +120,7 @@ pub fn record_check(
     let state = &backend.state;
     match result {
         Ok(()) => {
+            state.checks_passed.fetch_add(1, Ordering::Relaxed);
             state.check_failures.store(0, Ordering::Relaxed);
             let good = state.check_successes.fetch_add(1, Ordering::Relaxed).saturating_add(1);
             if good < health.rise {
@@ -134,6 +135,7 @@ pub fn record_check(
             }
         }
         Err(reason) => {
+            state.checks_failed.fetch_add(1, Ordering::Relaxed);
             state.check_successes.store(0, Ordering::Relaxed);
             let bad = state.check_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
             if bad >= health.fall && state.is_up() && state.set_up(false) {
@@ -216,6 +218,7 @@ pub fn record(pool: &str, backends: &BackendList, backend: &Arc<Backend>, outcom
     if !state.set_ejected(true) {
         return;
     }
+    state.ejections_total.fetch_add(1, Ordering::Relaxed);
     let generation = state.ejection_generation.fetch_add(1, Ordering::AcqRel) + 1;
     // Checks count afresh: `rise` passes after the ejection end it.
     state.check_successes.store(0, Ordering::Relaxed);

@@ -14,6 +14,7 @@ pub mod frontend;
 pub mod health;
 pub mod http;
 pub mod memory;
+pub mod metrics;
 pub mod plugin;
 pub mod proxy;
 pub mod root;

@@ -35,6 +35,8 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         })
         .transpose()?;
     let app = App::new(config)?;
+    // Calibrates the request records' clock now rather than on the first request.
+    let _ = quanta::Instant::now();
 
     // The control runtime: signals, admin API, health checks. Requests are
     // served by the workers' runtimes.
@@ -52,6 +54,7 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         }
         app.watch(path)
             .context("cannot watch the config file and the plugin directory")?;
+        tokio::spawn(reload_on_sighup(Arc::clone(&app)));
 
         let listeners = sockets
             .into_iter()
@@ -73,6 +76,22 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         }
         Ok(())
     })
+}
+
+/// Reloads the config file on every SIGHUP, as the file watcher and
+/// `POST /reload` do (refusals are logged there).
+async fn reload_on_sighup(app: Arc<App>) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::warn!("cannot listen for SIGHUP; reload through the file or the admin API");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        tracing::info!("SIGHUP received: reloading the config file");
+        let app = app.clone();
+        // A reload runs plugins' init: off the control runtime's thread.
+        let _ = tokio::task::spawn_blocking(move || app.reload_file()).await;
+    }
 }
 
 /// SIGTERM or SIGINT.

@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 /// One pool as the request path sees it.
 pub struct Pool {
+    /// Unique for the process's life and kept across reloads by name: the
+    /// pool's key in the metrics shards.
+    pub id: u64,
     pub name: String,
     pub config: PoolConfig,
     pub backends: BackendList,
@@ -35,6 +38,8 @@ pub struct Kept {
     backends: HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>)>,
     /// By pool.
     counters: HashMap<String, PolicyCounters>,
+    /// Pool ids by name.
+    pool_ids: HashMap<String, u64>,
 }
 
 impl Snapshot {
@@ -93,7 +98,13 @@ pub fn build(config: Config, registry: &Registry, kept: &mut Kept) -> Result<Sna
             })
             .unzip();
         let counters = kept.counters.entry(name.clone()).or_default().clone();
+        static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let id = *kept
+            .pool_ids
+            .entry(name.clone())
+            .or_insert_with(|| NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         pools.push(Pool {
+            id,
             name: name.clone(),
             config: pool.clone(),
             backends: backends.into(),
@@ -117,6 +128,7 @@ pub fn build(config: Config, registry: &Registry, kept: &mut Kept) -> Result<Sna
             .is_some_and(|p| p.backends.iter().any(|b| &b.address == address))
     });
     kept.counters.retain(|pool, _| config.pools.contains_key(pool));
+    kept.pool_ids.retain(|pool, _| config.pools.contains_key(pool));
     let names: Vec<&String> = config.pools.keys().collect();
     let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));
     Ok(Snapshot { config, pools, router })
