@@ -18,7 +18,7 @@ use crate::app::App;
 use crate::config::ConfigError;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::convert::Infallible;
@@ -39,8 +39,15 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let app = app.clone();
                 async move {
-                    let (method, path, headers) = (request.method(), request.uri().path(), request.headers());
-                    Ok::<_, Infallible>(handle(&app, local, method, path, headers).await)
+                    let (parts, body) = request.into_parts();
+                    // Bodies are small JSON documents; more is refused unread.
+                    let body = match http_body_util::Limited::new(body, MAX_BODY).collect().await {
+                        Ok(collected) => collected.to_bytes(),
+                        Err(_) => Bytes::new(),
+                    };
+                    Ok::<_, Infallible>(
+                        handle(&app, local, &parts.method, parts.uri.path(), &parts.headers, &body).await,
+                    )
                 }
             });
             let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
@@ -50,13 +57,17 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
     }
 }
 
-/// Answers one admin request (the body is never needed yet).
+/// The largest admin request body read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// Answers one admin request.
 async fn handle(
     app: &Arc<App>,
     local: Option<SocketAddr>,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
+    body: &Bytes,
 ) -> Response<Full<Bytes>> {
     if *method == Method::GET && path == "/ready" {
         return if app.is_ready() {
@@ -79,10 +90,13 @@ async fn handle(
             .insert(header::WWW_AUTHENTICATE, http::HeaderValue::from_static("Bearer"));
         return response;
     }
-    if *method == Method::POST
+    if matches!(*method, Method::POST | Method::PUT | Method::DELETE)
         && let Some(refusal) = refuse_change(headers, local)
     {
         return refusal;
+    }
+    if let Some(rest) = path.strip_prefix("/pools/") {
+        return backends(app, method, rest, body).await;
     }
     match (method.as_str(), path) {
         ("GET", "/status") => json(StatusCode::OK, status(app)),
@@ -115,6 +129,129 @@ async fn handle(
             &format!("no admin endpoint {method} {path}"),
         ),
     }
+}
+
+/// `/pools/{pool}/backends...`: runtime changes to a pool's backends.
+async fn backends(app: &Arc<App>, method: &Method, rest: &str, body: &Bytes) -> Response<Full<Bytes>> {
+    let segments: Vec<String> = rest.split('/').map(percent_decode).collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let result = match (method.as_str(), segments.as_slice()) {
+        ("POST", [pool, "backends"]) => match serde_json::from_slice::<NewBackend>(body) {
+            Ok(new) => app
+                .add_backend(pool, &new.address, new.weight.unwrap_or(1))
+                .map(|()| (pool.to_string(), new.address)),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body",
+                    &format!("expected {{\"address\": \"host:port\", \"weight\": N}}: {e}"),
+                );
+            }
+        },
+        ("POST", [pool, "backends", address, "drain"]) => app
+            .set_drained(pool, address, true)
+            .map(|()| (pool.to_string(), address.to_string())),
+        ("POST", [pool, "backends", address, "enable"]) => app
+            .set_drained(pool, address, false)
+            .map(|()| (pool.to_string(), address.to_string())),
+        ("PUT", [pool, "backends", address]) => match serde_json::from_slice::<Weight>(body) {
+            Ok(weight) => app
+                .set_weight(pool, address, weight.weight)
+                .map(|()| (pool.to_string(), address.to_string())),
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "body",
+                    &format!("expected {{\"weight\": N}}: {e}"),
+                );
+            }
+        },
+        ("DELETE", [pool, "backends", address]) => {
+            let wait = app.snapshot().config.server.shutdown_grace;
+            match app.remove_backend(pool, address, wait).await {
+                Ok(()) => {
+                    return json(
+                        StatusCode::OK,
+                        serde_json::json!({ "pool": pool, "address": address, "state": "removed" }),
+                    );
+                }
+                Err(e) => Err(e),
+            }
+        }
+        _ => {
+            return error(
+                StatusCode::NOT_FOUND,
+                "path",
+                &format!("no admin endpoint {method} /pools/{rest}"),
+            );
+        }
+    };
+    match result {
+        Ok((pool, address)) => json(StatusCode::OK, backend_view(app, &pool, &address)),
+        Err(refused) => error(
+            StatusCode::from_u16(refused.status).unwrap_or(StatusCode::BAD_REQUEST),
+            refused.field,
+            &refused.reason,
+        ),
+    }
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewBackend {
+    address: String,
+    weight: Option<u32>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Weight {
+    weight: u32,
+}
+
+/// A backend as `/status` shows it.
+fn backend_view(app: &App, pool: &str, address: &str) -> serde_json::Value {
+    let snapshot = app.snapshot();
+    let found = snapshot
+        .pools
+        .iter()
+        .find(|p| p.name == pool)
+        .and_then(|p| p.backends.iter().find(|b| b.address == address));
+    match found {
+        Some(b) => serde_json::json!({
+            "pool": pool,
+            "address": b.address,
+            "weight": b.weight,
+            "state": b.state.describe(),
+            "in_flight": b.state.in_flight(),
+        }),
+        None => serde_json::json!({ "pool": pool, "address": address }),
+    }
+}
+
+/// `%XX` escapes in a path segment decoded (an IPv6 address's brackets).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        match (
+            bytes[i],
+            bytes.get(i + 1).copied().and_then(hex),
+            bytes.get(i + 2).copied().and_then(hex),
+        ) {
+            (b'%', Some(high), Some(low)) => {
+                out.push((high * 16 + low) as u8);
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `POST /reload`: the config file read and applied, or the reason it was not.
@@ -221,6 +358,7 @@ pub fn status(app: &App) -> serde_json::Value {
                     serde_json::json!({
                         "address": b.address,
                         "weight": b.weight,
+                        "state": b.state.describe(),
                         "healthy": b.state.is_healthy(),
                         "up": b.state.is_up(),
                         "ejected": b.state.is_ejected(),

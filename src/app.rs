@@ -3,7 +3,8 @@
 //! reloads that building a snapshot needs; the health checks and the file
 //! watcher that follow the snapshot.
 
-use crate::config::{Config, ConfigError, PoolConfig};
+use crate::changes::{Added, Changes, PoolChanges};
+use crate::config::{BackendConfig, Config, ConfigError, PoolConfig};
 use crate::health::Checks;
 use crate::plugin::Plugin;
 use crate::plugin::registry::{PluginDir, Registry, Validator};
@@ -22,12 +23,38 @@ pub struct App {
     watcher: Mutex<Option<FileWatcher>>,
     checks: Mutex<Checks>,
     not_ready: std::sync::atomic::AtomicBool,
+    /// The operator's runtime changes to pools.
+    changes: Mutex<Changes>,
+}
+
+/// Why a runtime change was refused: the HTTP status it answers with, the
+/// field at fault and the reason.
+#[derive(Debug)]
+pub struct ChangeError {
+    pub status: u16,
+    pub field: &'static str,
+    pub reason: String,
+}
+
+impl ChangeError {
+    fn new(status: u16, field: &'static str, reason: impl Into<String>) -> ChangeError {
+        ChangeError {
+            status,
+            field,
+            reason: reason.into(),
+        }
+    }
 }
 
 impl App {
     /// Loads the built-in and drop-in plugins a config needs and builds the
     /// first snapshot. Does not start the file watcher (see [`App::watch`]).
     pub fn new(config: Config) -> Result<Arc<App>, ConfigError> {
+        // Runtime changes saved before a restart apply from the first snapshot on.
+        let changes = match &config.admin.state_file {
+            Some(path) => Changes::load(path).map_err(|reason| invalid(&config, "admin.state_file", reason))?,
+            None => Changes::default(),
+        };
         let registry = Arc::new(Registry::with_builtins().map_err(|e| invalid(&config, "plugins", e.to_string()))?);
         if let Some(dir) = &config.plugins.dir {
             let limits = plugin_limits(&config);
@@ -54,8 +81,9 @@ impl App {
             watcher: Mutex::new(None),
             checks: Mutex::new(Checks::default()),
             not_ready: std::sync::atomic::AtomicBool::new(false),
+            changes: Mutex::new(changes),
         });
-        let snapshot = app.build(config)?;
+        let snapshot = app.build_with(config, &app.changes.lock().unwrap_or_else(|p| p.into_inner()).clone())?;
         app.snapshot.store(Arc::new(snapshot));
         crate::metrics::events().stamp();
         Ok(app)
@@ -133,11 +161,197 @@ impl App {
                 tracing::warn!(key, old = %old, new = %new, "this setting takes effect at the next restart");
             }
         }
-        let snapshot = Arc::new(self.build(config)?);
+        // Runtime changes survive unless the reload touches their pool.
+        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let mut kept_changes = changes.clone();
+        kept_changes.pools.retain(|name, _| {
+            let same = current.config.pools.get(name) == config.pools.get(name);
+            if !same {
+                tracing::warn!(pool = %name, "the reloaded config changes this pool: its runtime changes are dropped");
+            }
+            same
+        });
+        let snapshot = Arc::new(self.build_with(config, &kept_changes)?);
+        if kept_changes != *changes {
+            *changes = kept_changes;
+            self.save_changes(&changes, &snapshot);
+        }
+        drop(changes);
         self.snapshot.store(snapshot.clone());
         self.checks.lock().unwrap_or_else(|p| p.into_inner()).restart(&snapshot);
         tracing::info!("config reloaded");
         Ok(())
+    }
+
+    /// Applies one runtime change to `pool`: `change` edits the pool's
+    /// changes, given the pool's backends as they run now; the snapshot is
+    /// rebuilt, checks follow, and the state file is written. `prepare` sees
+    /// the new snapshot before it serves.
+    fn change(
+        &self,
+        pool: &str,
+        change: impl FnOnce(&[BackendConfig], &mut PoolChanges) -> Result<(), ChangeError>,
+        prepare: impl FnOnce(&Snapshot),
+    ) -> Result<(), ChangeError> {
+        let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.snapshot();
+        let Some(configured) = current.config.pools.get(pool) else {
+            return Err(ChangeError::new(404, "pool", format!("no pool `{pool}`")));
+        };
+        let running = changes.apply(pool, configured);
+        let mut next = changes.clone();
+        change(&running.backends, next.of(pool))?;
+        next.tidy();
+        let snapshot = Arc::new(
+            self.build_with(current.config.clone(), &next)
+                .map_err(|e| ChangeError::new(500, "pool", e.to_string()))?,
+        );
+        prepare(&snapshot);
+        *changes = next;
+        self.save_changes(&changes, &snapshot);
+        drop(changes);
+        self.snapshot.store(snapshot.clone());
+        self.checks.lock().unwrap_or_else(|p| p.into_inner()).restart(&snapshot);
+        Ok(())
+    }
+
+    fn save_changes(&self, changes: &Changes, snapshot: &Snapshot) {
+        if let Some(path) = &snapshot.config.admin.state_file
+            && let Err(error) = changes.save(path)
+        {
+            tracing::error!(path = %path.display(), %error, "cannot write the state file; runtime changes will not survive a restart");
+        }
+    }
+
+    /// Adds a backend to `pool` (`POST /pools/{pool}/backends`). It takes
+    /// traffic at once, or after its first good check when the pool has checks.
+    pub fn add_backend(&self, pool: &str, address: &str, weight: u32) -> Result<(), ChangeError> {
+        check_weight(weight)?;
+        let socket = crate::config::resolve(address).map_err(|reason| ChangeError::new(400, "address", reason))?;
+        self.change(
+            pool,
+            |running, changes| {
+                if running.iter().any(|b| b.address == address) {
+                    return Err(ChangeError::new(
+                        409,
+                        "address",
+                        format!("{address} is already in pool `{pool}`"),
+                    ));
+                }
+                changes.removed.remove(address);
+                changes.added.retain(|a| a.address != address);
+                changes.drained.remove(address);
+                changes.added.push(Added {
+                    address: address.to_string(),
+                    socket,
+                    weight,
+                });
+                changes.weights.insert(address.to_string(), weight);
+                Ok(())
+            },
+            |snapshot| {
+                let Some(pool) = snapshot.pools.iter().find(|p| p.name == pool) else {
+                    return;
+                };
+                if pool.config.health.is_some()
+                    && let Some(backend) = pool.backends.iter().find(|b| b.address == address)
+                    && backend.state.check_successes.load(std::sync::atomic::Ordering::Relaxed) == 0
+                {
+                    // Not before its first good check.
+                    backend.state.set_up(false);
+                }
+            },
+        )?;
+        tracing::info!(%pool, backend = %address, weight, "backend added by the admin API");
+        Ok(())
+    }
+
+    /// Drains (`drain = true`) or enables a backend of `pool`. A drained
+    /// backend takes no new request; its in-flight ones finish, and its idle
+    /// connections are closed.
+    pub fn set_drained(&self, pool: &str, address: &str, drain: bool) -> Result<(), ChangeError> {
+        self.change(
+            pool,
+            |running, changes| {
+                known(running, pool, address)?;
+                if drain {
+                    changes.drained.insert(address.to_string());
+                } else {
+                    changes.drained.remove(address);
+                }
+                Ok(())
+            },
+            |_| {},
+        )?;
+        if drain {
+            self.close_idle(pool, address);
+        }
+        tracing::info!(%pool, backend = %address, drained = drain, "backend {} by the admin API", if drain { "drained" } else { "enabled" });
+        Ok(())
+    }
+
+    /// Sets the weight of a backend of `pool`.
+    pub fn set_weight(&self, pool: &str, address: &str, weight: u32) -> Result<(), ChangeError> {
+        check_weight(weight)?;
+        self.change(
+            pool,
+            |running, changes| {
+                known(running, pool, address)?;
+                changes.weights.insert(address.to_string(), weight);
+                Ok(())
+            },
+            |_| {},
+        )?;
+        tracing::info!(%pool, backend = %address, weight, "backend weight set by the admin API");
+        Ok(())
+    }
+
+    /// Takes a backend out of `pool` once drained (no request of it still in
+    /// flight, or `wait` over).
+    pub async fn remove_backend(&self, pool: &str, address: &str, wait: Duration) -> Result<(), ChangeError> {
+        self.set_drained(pool, address, true)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        while self.in_flight(pool, address) > 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        self.change(
+            pool,
+            |running, changes| {
+                known(running, pool, address)?;
+                let added = changes.added.iter().any(|a| a.address == address);
+                changes.added.retain(|a| a.address != address);
+                if !added {
+                    changes.removed.insert(address.to_string());
+                }
+                changes.drained.remove(address);
+                changes.weights.remove(address);
+                Ok(())
+            },
+            |_| {},
+        )?;
+        tracing::info!(%pool, backend = %address, "backend removed by the admin API");
+        Ok(())
+    }
+
+    /// Requests in flight at `address` of `pool` now.
+    pub fn in_flight(&self, pool: &str, address: &str) -> u32 {
+        let snapshot = self.snapshot();
+        snapshot
+            .pools
+            .iter()
+            .find(|p| p.name == pool)
+            .and_then(|p| p.backends.iter().find(|b| b.address == address))
+            .map_or(0, |b| b.state.in_flight())
+    }
+
+    /// Closes the idle connections held to `address` of `pool`.
+    pub fn close_idle(&self, pool: &str, address: &str) {
+        let snapshot = self.snapshot();
+        if let Some(pool) = snapshot.pools.iter().find(|p| p.name == pool)
+            && let Some(index) = pool.backends.iter().position(|b| b.address == address)
+        {
+            pool.upstream.close_idle(index);
+        }
     }
 
     /// Starts active health checks on `runtime`; reloads restart them there.
@@ -147,9 +361,9 @@ impl App {
         checks.restart(&self.snapshot());
     }
 
-    fn build(&self, config: Config) -> Result<Snapshot, ConfigError> {
+    fn build_with(&self, config: Config, changes: &Changes) -> Result<Snapshot, ConfigError> {
         let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
-        snapshot::build(config, &self.registry, &mut kept)
+        snapshot::build(config, changes, &self.registry, &mut kept)
     }
 
     /// Reloads the config whenever the file at `path` changes, and plugins as
@@ -180,6 +394,27 @@ impl App {
         }
         *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         Ok(())
+    }
+}
+
+/// Weights as the config file allows them.
+fn check_weight(weight: u32) -> Result<(), ChangeError> {
+    if weight == 0 {
+        return Err(ChangeError::new(400, "weight", "must be at least 1"));
+    }
+    Ok(())
+}
+
+/// `address` must be a running backend of `pool`.
+fn known(running: &[BackendConfig], pool: &str, address: &str) -> Result<(), ChangeError> {
+    if running.iter().any(|b| b.address == address) {
+        Ok(())
+    } else {
+        Err(ChangeError::new(
+            404,
+            "address",
+            format!("no backend {address} in pool `{pool}`"),
+        ))
     }
 }
 

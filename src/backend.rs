@@ -21,8 +21,8 @@ pub fn health_epoch() -> u64 {
 
 /// Live, shared state of one backend.
 ///
-/// A backend is healthy when active checks say it is up and passive ejection
-/// has not taken it out. `healthy` caches that conjunction so the request path
+/// A backend is healthy (takes new requests) when active checks say it is up,
+/// passive ejection has not taken it out and no operator drains it. `healthy` caches that conjunction so the request path
 /// reads one atomic.
 #[derive(Debug)]
 pub struct BackendState {
@@ -35,6 +35,8 @@ pub struct BackendState {
     up: AtomicBool,
     /// Set while passive ejection keeps the backend out.
     ejected: AtomicBool,
+    /// Set while an operator drains the backend (admin API).
+    drained: AtomicBool,
     /// Requests sent to this backend.
     pub requests: AtomicU64,
     /// Requests that failed at this backend (connect error, reset, timeout, 5xx).
@@ -69,6 +71,7 @@ impl Default for BackendState {
             healthy: AtomicBool::new(true),
             up: AtomicBool::new(true),
             ejected: AtomicBool::new(false),
+            drained: AtomicBool::new(false),
             requests: AtomicU64::new(0),
             failures: AtomicU64::new(0),
             consecutive_failures: AtomicU32::new(0),
@@ -109,6 +112,31 @@ impl BackendState {
         changed
     }
 
+    pub fn is_drained(&self) -> bool {
+        self.drained.load(Ordering::Acquire)
+    }
+
+    /// Drains the backend (no new requests) or puts it back in rotation;
+    /// true when it changed.
+    pub fn set_drained(&self, drained: bool) -> bool {
+        let changed = self.drained.swap(drained, Ordering::AcqRel) != drained;
+        self.refresh_health();
+        changed
+    }
+
+    /// The state an operator reads: `up`, `down` (by checks), `ejected` or `drained`.
+    pub fn describe(&self) -> &'static str {
+        if self.is_drained() {
+            "drained"
+        } else if !self.is_up() {
+            "down"
+        } else if self.is_ejected() {
+            "ejected"
+        } else {
+            "up"
+        }
+    }
+
     /// Ejects or readmits the backend; true when it changed.
     pub fn set_ejected(&self, ejected: bool) -> bool {
         let changed = self.ejected.swap(ejected, Ordering::AcqRel) != ejected;
@@ -117,7 +145,7 @@ impl BackendState {
     }
 
     fn refresh_health(&self) {
-        let healthy = self.is_up() && !self.is_ejected();
+        let healthy = self.is_up() && !self.is_ejected() && !self.is_drained();
         if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
             HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
         }

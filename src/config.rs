@@ -31,6 +31,7 @@ pub struct Config {
     pub digest: TextDigest,
     pub server: ServerConfig,
     pub plugins: PluginsConfig,
+    pub admin: AdminConfig,
     /// Pools by name, sorted.
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
@@ -63,6 +64,13 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+}
+
+/// What the admin API keeps (its listener and token are in `[server]`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct AdminConfig {
+    /// Where runtime changes to pools are saved, to survive a restart.
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -172,6 +180,8 @@ struct RawConfig {
     server: RawServer,
     #[serde(default)]
     plugins: RawPlugins,
+    #[serde(default)]
+    admin: RawAdmin,
     pools: BTreeMap<String, RawPool>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -187,6 +197,12 @@ struct RawServer {
     client_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     workers: Option<usize>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    state_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -347,6 +363,11 @@ fn size(key: &str, value: Option<&str>, default: usize) -> Result<usize, KeyErro
                 )
             }),
     }
+}
+
+/// `text` (`host:port`) resolved to a socket address, or why not.
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    socket("address", text).map_err(|(_, reason)| reason)
 }
 
 fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
@@ -566,6 +587,9 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
     Ok(Config {
         source: PathBuf::new(),
         digest: TextDigest::default(),
+        admin: AdminConfig {
+            state_file: raw.admin.state_file.map(|f| folder.join(f)),
+        },
         server,
         plugins,
         pools,

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod app;
 pub mod backend;
 pub mod buffers;
+pub mod changes;
 pub mod config;
 pub mod demo;
 pub mod frontend;

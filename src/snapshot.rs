@@ -3,12 +3,13 @@
 //! state [`Kept`] across snapshots so a reload finds it again.
 
 use crate::backend::{Backend, BackendList, BackendState};
+use crate::changes::Changes;
 use crate::config::{Config, ConfigError, PoolConfig};
 use crate::plugin::registry::Registry;
 use crate::plugin::{Limits, Plugin, PluginError, Policy, PolicyCounters};
 use crate::router::Router;
 use crate::upstream::{IdleConns, PoolLimits, TcpConnector, Upstream};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 /// One pool as the request path sees it.
@@ -53,14 +54,21 @@ impl Snapshot {
     }
 }
 
-/// Builds the snapshot for `config`: each pool's policy from `registry`
-/// (checked with the pool's config), its backends with the state `kept` for
-/// them, its upstream, and the routes. Forgets kept state of backends and
-/// pools the config no longer has.
-pub fn build(config: Config, registry: &Registry, kept: &mut Kept) -> Result<Snapshot, ConfigError> {
+/// Builds the snapshot for `config` with the operator's runtime `changes`
+/// on top: each pool's policy from `registry` (checked with the pool's
+/// config), its backends with the state `kept` for them (drained as
+/// `changes` say), its upstream, and the routes. Forgets kept state of
+/// backends and pools that are gone.
+pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut Kept) -> Result<Snapshot, ConfigError> {
     let limits = plugin_limits(&config);
     let mut pools = Vec::with_capacity(config.pools.len());
-    for (name, pool) in &config.pools {
+    // Each pool as it runs: the file's, with the runtime changes applied.
+    let running: BTreeMap<&String, PoolConfig> = config
+        .pools
+        .iter()
+        .map(|(name, pool)| (name, changes.apply(name, pool)))
+        .collect();
+    for (&name, pool) in &running {
         let key = format!("pools.{name}.policy");
         let slot = registry.slot(&pool.policy).ok_or_else(|| {
             let dir = config
@@ -88,6 +96,7 @@ pub fn build(config: Config, registry: &Registry, kept: &mut Kept) -> Result<Sna
                     .entry((name.clone(), b.address.clone()))
                     .or_default()
                     .clone();
+                state.set_drained(changes.is_drained(name, &b.address));
                 let backend = Arc::new(Backend {
                     address: b.address.clone(),
                     socket: b.socket,
@@ -120,10 +129,9 @@ pub fn build(config: Config, registry: &Registry, kept: &mut Kept) -> Result<Sna
             ),
         });
     }
-    // Forget state of backends no longer configured.
+    // Forget state of backends no longer running.
     kept.backends.retain(|(pool, address), _| {
-        config
-            .pools
+        running
             .get(pool)
             .is_some_and(|p| p.backends.iter().any(|b| &b.address == address))
     });

@@ -53,6 +53,13 @@ impl Upstream {
         self.idle.get(index).map_or(0, |idle| idle.count())
     }
 
+    /// Closes the idle connections held for the backend at `index`.
+    pub fn close_idle(&self, index: usize) {
+        if let Some(idle) = self.idle.get(index) {
+            idle.clear();
+        }
+    }
+
     /// A connection to the backend at `index` (reached at `addr`) ready to
     /// send: a warm idle one, else a new one.
     pub async fn checkout(&self, index: usize, addr: SocketAddr) -> Result<Conn, ConnectError> {

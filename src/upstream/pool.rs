@@ -96,6 +96,13 @@ impl IdleConns {
         }
     }
 
+    /// Closes every idle connection (a drained backend keeps none).
+    pub fn clear(&self) {
+        for shard in &self.idle {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+    }
+
     /// Keeps `stream` for a later request, if this worker's share has room.
     pub fn put(&self, stream: Box<dyn Transport>, limits: PoolLimits) {
         let mut idle = self.lock();

@@ -56,14 +56,7 @@ impl Fulcrum {
             .replace("{admin}", &admin.to_string());
         std::fs::write(&path, config).expect("write config");
         let log = dir.path().join("fulcrum.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_fulcrum"))
-            .args(["run", "--config"])
-            .arg(&path)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("log file"))
-            .spawn()
-            .expect("start fulcrum");
+        let child = spawn(&path, &log);
         let mut fulcrum = Fulcrum {
             child,
             addr,
@@ -141,6 +134,18 @@ impl Fulcrum {
         rss_of(self.pid())
     }
 
+    /// Stops the balancer (SIGTERM) and starts it again on the same config
+    /// file, appending to the same log.
+    pub fn restart(&mut self) {
+        assert!(
+            self.signal_and_wait(libc::SIGTERM, Duration::from_secs(10)).is_some(),
+            "fulcrum did not stop:\n{}",
+            self.log()
+        );
+        self.child = spawn(&self.config_path(), &self.log);
+        self.wait_listening();
+    }
+
     /// Sends a signal and waits (bounded) for the exit status.
     pub fn signal_and_wait(&mut self, signal: i32, within: Duration) -> Option<std::process::ExitStatus> {
         unsafe {
@@ -155,6 +160,23 @@ impl Fulcrum {
         }
         None
     }
+}
+
+/// Runs `fulcrum run` on the config at `path`, its log appended to `log`.
+fn spawn(path: &Path, log: &Path) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("log file");
+    Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["run", "--config"])
+        .arg(path)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("start fulcrum")
 }
 
 impl Drop for Fulcrum {
