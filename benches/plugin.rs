@@ -119,8 +119,16 @@ fn host_work(c: &mut Criterion) {
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {
             head.clear();
-            fulcrum::http::h1::encode_request_head(&request, &client, Framing::Empty, "10.0.0.1:80", false, &mut head)
-                .expect("encodes");
+            fulcrum::http::h1::encode_request_head(
+                &request,
+                &client,
+                Framing::Empty,
+                "10.0.0.1:80",
+                false,
+                None,
+                &mut head,
+            )
+            .expect("encodes");
             black_box(head.len())
         })
     });

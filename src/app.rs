@@ -74,10 +74,21 @@ impl App {
                 tracing::warn!(path = %path.display(), %error, "plugin refused");
             }
         }
+        let mut kept = Kept::default();
+        if let Some(log) = &config.access_log {
+            let started = crate::access_log::AccessLog::start(log).map_err(|e| {
+                let path = log
+                    .path
+                    .as_ref()
+                    .map_or("stdout".to_string(), |p| p.display().to_string());
+                invalid(&config, "access_log.path", format!("cannot open {path}: {e}"))
+            })?;
+            kept.access_log = Some(started);
+        }
         let app = Arc::new(App {
             snapshot: ArcSwap::from_pointee(Snapshot::empty(config.clone())),
             registry,
-            kept: Mutex::new(Kept::default()),
+            kept: Mutex::new(kept),
             watcher: Mutex::new(None),
             checks: Mutex::new(Checks::default()),
             not_ready: std::sync::atomic::AtomicBool::new(false),
@@ -155,6 +166,11 @@ impl App {
                 "server.workers",
                 current.config.server.workers.to_string(),
                 config.server.workers.to_string(),
+            ),
+            (
+                "access_log",
+                format!("{:?}", current.config.access_log),
+                format!("{:?}", config.access_log),
             ),
         ] {
             if old != new {

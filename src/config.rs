@@ -32,6 +32,8 @@ pub struct Config {
     pub server: ServerConfig,
     pub plugins: PluginsConfig,
     pub admin: AdminConfig,
+    /// `[access_log]`; off when absent.
+    pub access_log: Option<AccessLogConfig>,
     /// Pools by name, sorted.
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
@@ -64,6 +66,23 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+}
+
+/// The access log's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AccessLogConfig {
+    /// The file, resolved; `None` for stdout (`path = "-"`).
+    pub path: Option<PathBuf>,
+    pub format: AccessLogFormat,
+}
+
+/// How access log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AccessLogFormat {
+    /// One JSON object a line.
+    Json,
+    /// The Apache/nginx combined format, then Fulcrum's fields as `key=value`.
+    Combined,
 }
 
 /// What the admin API keeps (its listener and token are in `[server]`).
@@ -182,6 +201,7 @@ struct RawConfig {
     plugins: RawPlugins,
     #[serde(default)]
     admin: RawAdmin,
+    access_log: Option<RawAccessLog>,
     pools: BTreeMap<String, RawPool>,
     #[serde(default)]
     routes: Vec<RawRoute>,
@@ -197,6 +217,13 @@ struct RawServer {
     client_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     workers: Option<usize>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccessLog {
+    path: String,
+    format: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -387,6 +414,26 @@ fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
 }
 
 fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
+    let access_log = match &raw.access_log {
+        None => None,
+        Some(log) => Some(AccessLogConfig {
+            path: match log.path.as_str() {
+                "" => return Err(("access_log.path".into(), "a file, or \"-\" for stdout".into())),
+                "-" => None,
+                path => Some(folder.join(path)),
+            },
+            format: match log.format.as_deref() {
+                None | Some("json") => AccessLogFormat::Json,
+                Some("combined") => AccessLogFormat::Combined,
+                Some(other) => {
+                    return Err((
+                        "access_log.format".into(),
+                        format!("`{other}` is not a format: \"json\" or \"combined\""),
+                    ));
+                }
+            },
+        }),
+    };
     let admin = raw
         .server
         .admin
@@ -590,6 +637,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         admin: AdminConfig {
             state_file: raw.admin.state_file.map(|f| folder.join(f)),
         },
+        access_log,
         server,
         plugins,
         pools,

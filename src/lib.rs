@@ -4,6 +4,7 @@
 //! The binary (`src/main.rs`) is a thin CLI over this library; tests and
 //! benchmarks use the same modules.
 
+pub mod access_log;
 pub mod admin;
 pub mod app;
 pub mod backend;
@@ -18,6 +19,7 @@ pub mod memory;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod record;
 pub mod root;
 pub mod router;
 pub mod server;

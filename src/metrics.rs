@@ -12,7 +12,7 @@
 //! with the `prometheus` crate's text encoder (format 0.0.4, which Prometheus
 //! scrapes and `promtool check metrics` lints).
 
-use crate::proxy::{RequestRecord, Termination};
+use crate::record::{RequestRecord, Termination};
 use crate::snapshot::Snapshot;
 use prometheus::proto::{LabelPair, Metric, MetricFamily, MetricType};
 use std::collections::HashMap;
@@ -259,10 +259,15 @@ pub fn render(snapshot: &Snapshot) -> String {
         pools: fold(snapshot),
         snapshot: SnapshotView::of(snapshot),
     };
-    // Writing to a String cannot fail, nor can the families built here be refused.
+    // The encoder refuses a family without samples: those are left out.
+    let mut families = scrape.families();
+    families.retain(|family| !family.get_metric().is_empty());
     prometheus::TextEncoder::new()
-        .encode_to_string(&scrape.families())
-        .unwrap_or_default()
+        .encode_to_string(&families)
+        .unwrap_or_else(|error| {
+            tracing::error!(%error, "cannot encode the metrics");
+            String::new()
+        })
 }
 
 /// The exposition's content type.
@@ -274,6 +279,7 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 struct SnapshotView {
     pools: Vec<PoolView>,
     config_hash: String,
+    access_log_dropped: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -333,6 +339,10 @@ impl SnapshotView {
         SnapshotView {
             pools,
             config_hash: snapshot.config.digest.0.clone(),
+            access_log_dropped: snapshot
+                .access_log
+                .as_ref()
+                .map(|log| log.dropped.load(std::sync::atomic::Ordering::Relaxed)),
         }
     }
 }
@@ -612,6 +622,11 @@ impl Scrape {
                 "fulcrum_config_last_reload_success_timestamp_seconds",
                 "When the serving config was loaded, in Unix seconds.",
                 [(Vec::new(), events.config_loaded_at.load(Relaxed) as f64)],
+            ),
+            counters(
+                "fulcrum_access_log_dropped_total",
+                "Access log lines dropped because the writer fell behind.",
+                self.snapshot.access_log_dropped.map(|n| (Vec::new(), n)),
             ),
             gauges(
                 "fulcrum_config_info",

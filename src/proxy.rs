@@ -15,6 +15,7 @@ use crate::health::{self, Outcome};
 use crate::http::h1::ResponseHead;
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use crate::plugin::CurrentRequest;
+pub use crate::record::{RequestRecord, Termination};
 use crate::snapshot::{Pool, Snapshot};
 use crate::upstream::{ExchangeError, Outgoing, ResponseBody, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
@@ -25,50 +26,6 @@ use std::time::Duration;
 // The record's clock: the CPU's time-stamp counter, calibrated, read in a
 // fraction of what the OS clock costs (five reads per request).
 use quanta::Instant;
-
-/// Why a request ended the way it did: the cause behind its status, for the
-/// log and (with the observability work) a metric label.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Termination {
-    /// The backend's whole response reached the client.
-    Completed,
-    /// The client's request was refused before routing (malformed, too large, too slow).
-    BadRequest,
-    /// No route matches the request.
-    NoRoute,
-    /// No backend of the pool was available.
-    NoBackend,
-    /// No connection could be made to the chosen backend.
-    ConnectFailed,
-    /// The backend did not answer within `response_timeout`.
-    ResponseTimeout,
-    /// The backend failed before or while sending its response head.
-    BackendFailed,
-    /// The backend failed in the middle of its response body.
-    BackendBodyFailed,
-    /// The client's request body could not be read.
-    ClientBodyFailed,
-    /// The client went away before its answer was written.
-    ClientClosed,
-}
-
-impl Termination {
-    /// The name in logs and metric labels.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Termination::Completed => "completed",
-            Termination::BadRequest => "bad_request",
-            Termination::NoRoute => "no_route",
-            Termination::NoBackend => "no_backend",
-            Termination::ConnectFailed => "connect_failed",
-            Termination::ResponseTimeout => "response_timeout",
-            Termination::BackendFailed => "backend_failed",
-            Termination::BackendBodyFailed => "backend_body_failed",
-            Termination::ClientBodyFailed => "client_body_failed",
-            Termination::ClientClosed => "client_closed",
-        }
-    }
-}
 
 /// An answer the balancer gives itself, with a one-line plain-text body.
 #[derive(Debug)]
@@ -107,9 +64,16 @@ pub enum Answer {
 
 /// What the pipeline learned about one request, kept by the front end until
 /// the answer is written and [`finish`] turns it into a [`RequestRecord`].
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Trace {
     started: Instant,
+    /// The request's head, kept for the access log.
+    head: Option<RequestHead>,
+    client: std::net::SocketAddr,
+    /// The request id Fulcrum made, when the access log is on and the client sent none.
+    made_id: Option<RequestId>,
+    /// How long making a new backend connection took.
+    connect: Option<Duration>,
     /// Index of the routed pool in the snapshot.
     pool: Option<usize>,
     /// Index of the backend that answered (or the last one tried).
@@ -127,9 +91,13 @@ pub struct Trace {
 }
 
 impl Trace {
-    fn start() -> Trace {
+    fn start(client: std::net::SocketAddr) -> Trace {
         Trace {
             started: Instant::now(),
+            head: None,
+            client,
+            made_id: None,
+            connect: None,
             pool: None,
             backend: None,
             status: StatusCode::OK,
@@ -141,9 +109,9 @@ impl Trace {
         }
     }
 
-    /// The trace of a request refused before it could be routed.
-    pub fn refused(reply: &LocalReply) -> Trace {
-        let mut trace = Trace::start();
+    /// The trace of a request from `client` refused before it could be routed.
+    pub fn refused(reply: &LocalReply, client: std::net::SocketAddr) -> Trace {
+        let mut trace = Trace::start(client);
         trace.answered_locally(reply);
         trace
     }
@@ -168,23 +136,6 @@ pub enum Delivery {
     ClientGone,
     /// The backend's body failed mid-way, as [`crate::upstream::ResponseBodyError::what`] says.
     BackendFailed(&'static str),
-}
-
-/// One request, start to end: what the observability work feeds to metrics
-/// and the access log. Built only by [`finish`].
-pub struct RequestRecord<'a> {
-    pub status: StatusCode,
-    pub termination: Termination,
-    pub pool: Option<&'a Pool>,
-    pub backend: Option<&'a Backend>,
-    /// The name of the pool's policy.
-    pub policy: Option<&'a str>,
-    pub decision: Duration,
-    pub retries: u32,
-    pub bytes_in: u64,
-    pub bytes_out: u64,
-    pub to_response_head: Option<Duration>,
-    pub duration: Duration,
 }
 
 /// Ends a request: builds its record from `trace` and what the front end
@@ -222,13 +173,20 @@ pub fn finish(snapshot: &Snapshot, trace: &Trace, delivery: Delivery, bytes_out:
         bytes_out,
         to_response_head: trace.to_response_head,
         duration: trace.started.elapsed(),
+        head: trace.head.as_ref(),
+        client: trace.client,
+        request_id: trace.request_id(),
+        connect: trace.connect,
     };
-    observe(&record);
+    observe(snapshot, &record);
 }
 
 /// Where records go. For now a debug line; metrics and the access log will
 /// read them here.
-fn observe(record: &RequestRecord<'_>) {
+fn observe(snapshot: &Snapshot, record: &RequestRecord<'_>) {
+    if let Some(log) = &snapshot.access_log {
+        log.log(record);
+    }
     tracing::debug!(
         status = record.status.as_u16(),
         termination = record.termination.as_str(),
@@ -263,8 +221,15 @@ pub async fn serve<B: BodySource>(
     source: &mut B,
     timer: Pin<&mut tokio::time::Sleep>,
 ) -> (Answer, Trace) {
-    let mut trace = Trace::start();
-    let answer = match route(snapshot, &head) {
+    let mut trace = Trace::start(client.addr);
+    if snapshot.access_log.is_some() && request_id_of(&head).is_none() {
+        trace.made_id = Some(RequestId::new());
+    }
+    let current = CurrentRequest {
+        head,
+        client: client.addr,
+    };
+    let answer = match route(snapshot, &current.head) {
         None => Answer::Local(LocalReply::new(
             StatusCode::NOT_FOUND,
             Termination::NoRoute,
@@ -272,7 +237,7 @@ pub async fn serve<B: BodySource>(
         )),
         Some((index, pool)) => {
             trace.pool = Some(index);
-            match forward(pool, client, head, source, timer, &mut trace).await {
+            match forward(pool, client, &current, source, timer, &mut trace).await {
                 Ok(forwarded) => {
                     trace.status = forwarded.head.status;
                     Answer::Backend(forwarded)
@@ -285,7 +250,70 @@ pub async fn serve<B: BodySource>(
         trace.answered_locally(reply);
     }
     trace.bytes_in = source.received();
+    trace.head = Some(current.head);
     (answer, trace)
+}
+
+/// The client's `X-Request-Id`, if it is one a log line can carry.
+fn request_id_of(head: &RequestHead) -> Option<&str> {
+    head.header("x-request-id")
+        .filter(|id| !id.is_empty() && id.len() <= 200)
+        .and_then(crate::http::request::visible_text)
+}
+
+/// A request id Fulcrum makes: 128 random bits as 32 hex digits, as nginx's
+/// `$request_id`.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId([u8; 32]);
+
+impl RequestId {
+    fn new() -> RequestId {
+        thread_local! {
+            static STATE: std::cell::Cell<u64> = std::cell::Cell::new(seed());
+        }
+        /// Different per thread and per process start.
+        fn seed() -> u64 {
+            use std::hash::{BuildHasher, Hasher};
+            let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+            hasher.write_u64(
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_nanos() as u64),
+            );
+            hasher.finish() | 1
+        }
+        // splitmix64: cheap, and unique enough for ids (not a secret).
+        let next = || {
+            STATE.with(|state| {
+                let mut z = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+                state.set(z);
+                z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+                z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+                z ^ (z >> 31)
+            })
+        };
+        let value = (u128::from(next()) << 64) | u128::from(next());
+        let mut text = [0u8; 32];
+        for (i, digit) in text.iter_mut().enumerate() {
+            *digit = b"0123456789abcdef"[((value >> (124 - 4 * i)) & 0xf) as usize];
+        }
+        RequestId(text)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Hex digits only.
+        std::str::from_utf8(&self.0).unwrap_or_default()
+    }
+}
+
+impl Trace {
+    /// The request id to log: the client's, or the one Fulcrum made.
+    fn request_id(&self) -> Option<&str> {
+        match &self.made_id {
+            Some(id) => Some(id.as_str()),
+            None => self.head.as_ref().and_then(request_id_of),
+        }
+    }
 }
 
 /// How the request body can be sent, and sent again.
@@ -335,18 +363,15 @@ async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize
 async fn forward<B: BodySource>(
     pool: &Pool,
     client: &ClientAddr,
-    request: RequestHead,
+    current: &CurrentRequest,
     source: &mut B,
     mut timer: Pin<&mut tokio::time::Sleep>,
     trace: &mut Trace,
 ) -> Result<Forwarded, LocalReply> {
-    let mut body = prepare_body(&request.method, source, pool.config.retry_buffer).await?;
-    let may_replay = is_idempotent(&request.method);
+    let mut body = prepare_body(&current.head.method, source, pool.config.retry_buffer).await?;
+    let may_replay = is_idempotent(&current.head.method);
     let framing = source.framing();
-    let current = CurrentRequest {
-        head: request,
-        client: client.addr,
-    };
+    let made_id = trace.made_id;
     // Encoded at the first try, for whichever backend gets the request.
     let mut encoded = crate::buffers::take_write();
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
@@ -357,7 +382,7 @@ async fn forward<B: BodySource>(
 
     loop {
         let deciding = Instant::now();
-        let choice = pool.policy.choose(&current, &pool.backends, &tried);
+        let choice = pool.policy.choose(current, &pool.backends, &tried);
         trace.decision += deciding.elapsed();
         let Some(index) = choice.backend else {
             return Err(if tried.is_empty() {
@@ -397,6 +422,7 @@ async fn forward<B: BodySource>(
             }
         };
         let reused = conn.reused();
+        trace.connect = conn.connect_time();
 
         let streamed = matches!(body, BodyState::Stream);
         let (outgoing, out_framing) = match &body {
@@ -416,6 +442,7 @@ async fn forward<B: BodySource>(
             client,
             framing: out_framing,
             fallback_host: &backend.address,
+            request_id: made_id.as_ref().map(RequestId::as_str),
             encoded: &mut encoded,
         };
 

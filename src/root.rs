@@ -55,6 +55,7 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         app.watch(path)
             .context("cannot watch the config file and the plugin directory")?;
         tokio::spawn(reload_on_sighup(Arc::clone(&app)));
+        tokio::spawn(reopen_log_on_sigusr1());
 
         let listeners = sockets
             .into_iter()
@@ -91,6 +92,18 @@ async fn reload_on_sighup(app: Arc<App>) {
         let app = app.clone();
         // A reload runs plugins' init: off the control runtime's thread.
         let _ = tokio::task::spawn_blocking(move || app.reload_file()).await;
+    }
+}
+
+/// Reopens the access log on every SIGUSR1 (after `mv`, for rotation).
+async fn reopen_log_on_sigusr1() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
+        tracing::warn!("cannot listen for SIGUSR1; the access log reopens only when its file is moved away");
+        return;
+    };
+    while usr1.recv().await.is_some() {
+        crate::access_log::reopen();
     }
 }
 

@@ -2,6 +2,7 @@
 //! backends, policies and upstreams, routes), immutable once built, and the
 //! state [`Kept`] across snapshots so a reload finds it again.
 
+use crate::access_log::AccessLog;
 use crate::backend::{Backend, BackendList, BackendState};
 use crate::changes::Changes;
 use crate::config::{Config, ConfigError, PoolConfig};
@@ -28,6 +29,8 @@ pub struct Pool {
 /// Everything a request needs, immutable once built.
 pub struct Snapshot {
     pub config: Config,
+    /// Where request records are logged, when `[access_log]` is set.
+    pub access_log: Option<Arc<AccessLog>>,
     pub pools: Vec<Pool>,
     pub router: Router,
 }
@@ -41,6 +44,8 @@ pub struct Kept {
     counters: HashMap<String, PolicyCounters>,
     /// Pool ids by name.
     pool_ids: HashMap<String, u64>,
+    /// The access log, opened once at start.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Snapshot {
@@ -48,6 +53,7 @@ impl Snapshot {
     pub fn empty(config: Config) -> Snapshot {
         Snapshot {
             config,
+            access_log: None,
             pools: Vec::new(),
             router: Router::new(&[], |_| None),
         }
@@ -139,7 +145,12 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
     kept.pool_ids.retain(|pool, _| config.pools.contains_key(pool));
     let names: Vec<&String> = config.pools.keys().collect();
     let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));
-    Ok(Snapshot { config, pools, router })
+    Ok(Snapshot {
+        config,
+        access_log: kept.access_log.clone(),
+        pools,
+        router,
+    })
 }
 
 pub fn plugin_limits(config: &Config) -> Limits {

@@ -108,6 +108,12 @@ async fn metrics_count_every_request_and_drop_a_removed_backend() {
     };
     let both = format!("\"{}\", \"{}\"", backends[0].addr, backends[1].addr);
     let fulcrum = Fulcrum::start(&config(&both), &[]);
+    let idle = scrape(fulcrum.admin).await;
+    assert!(
+        idle.contains("fulcrum_config_info{"),
+        "a scrape before any request has the live figures:\n{idle}"
+    );
+    assert!(promtool(&idle).0, "{idle}");
     let sent = 40;
     for _ in 0..sent {
         let request = http::Request::get("/hello")

@@ -97,7 +97,7 @@ pub async fn serve<S: ClientStream>(
         deadline = Instant::now() + header_read_timeout;
     };
     buffers::give(buf);
-    let trace = Trace::refused(&refusal);
+    let trace = Trace::refused(&refusal, peer);
     let (_, delivery, bytes_out) = write_local(&mut stream, refusal, false, false).await;
     proxy::finish(&app.snapshot(), &trace, delivery, bytes_out);
 }

@@ -61,7 +61,7 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
         Ok(head) => head,
         Err(error) => {
             let reply = LocalReply::new(error.status(), proxy::Termination::BadRequest, error.to_string());
-            return local_response(&snapshot, Trace::refused(&reply), reply);
+            return local_response(&snapshot, Trace::refused(&reply, client.addr), reply);
         }
     };
     // Sized by the pool's response_timeout inside the pipeline.

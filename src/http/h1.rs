@@ -588,12 +588,15 @@ fn rewritten_upstream(name: &[u8]) -> bool {
 /// client's host kept (an HTTP/2 `:authority` or absolute-form target becomes
 /// `Host`; with none, `fallback_host`), framed by `framing`. `upgrade`: the
 /// client asks to switch protocols, and its `Upgrade` is passed on.
+/// `request_id`: an `X-Request-Id` Fulcrum made, added (a client's own is
+/// passed on as it came).
 pub fn encode_request_head(
     request: &RequestHead,
     client: &ClientAddr,
     framing: Framing,
     fallback_host: &str,
     upgrade: bool,
+    request_id: Option<&str>,
     out: &mut Vec<u8>,
 ) -> Result<(), &'static str> {
     if request.method == Method::CONNECT {
@@ -630,6 +633,11 @@ pub fn encode_request_head(
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    if let Some(id) = request_id {
+        out.extend_from_slice(b"x-request-id: ");
+        out.extend_from_slice(id.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     if upgrade && let Some(protocol) = request.header("upgrade") {
         out.extend_from_slice(b"connection: upgrade\r\nupgrade: ");
         out.extend_from_slice(protocol);
@@ -666,7 +674,7 @@ mod tests {
         let request = parse_request(&mut buf).expect("valid").expect("complete");
         let client = ClientAddr::new("127.0.0.9:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(&request, &client, request.body, "backend:1", false, &mut out).expect("encodes");
+        encode_request_head(&request, &client, request.body, "backend:1", false, None, &mut out).expect("encodes");
         assert_eq!(
             String::from_utf8_lossy(&out),
             "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nAccept: */*\r\n\
@@ -681,10 +689,20 @@ mod tests {
         let request = RequestHead::from_parts(&parts, Framing::Chunked).expect("fits");
         let client = ClientAddr::new("[::1]:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(&request, &client, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
+        encode_request_head(
+            &request,
+            &client,
+            Framing::Chunked,
+            "10.0.0.2:80",
+            false,
+            Some("abc"),
+            &mut out,
+        )
+        .expect("encodes");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
         assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");
+        assert!(text.contains("x-request-id: abc\r\n"), "{text}");
         assert!(text.ends_with("transfer-encoding: chunked\r\n\r\n"), "{text}");
     }
 

@@ -33,6 +33,8 @@ pub struct Conn {
     pub(super) limits: PoolLimits,
     /// Whether it served earlier requests (a stale keep-alive is retried at no cost).
     pub reused: bool,
+    /// How long making it took, when it was made for this request.
+    pub(super) connected_in: Option<Duration>,
 }
 
 impl Conn {
@@ -55,6 +57,7 @@ impl Conn {
                 request.framing,
                 request.fallback_host,
                 upgrade,
+                request.request_id,
                 request.encoded,
             )
             .map_err(ExchangeError::Unsendable)?;
@@ -291,12 +294,14 @@ impl ResponseBody {
     }
 
     /// The body has ended: the connection goes back to its pool if it can carry
-    /// another request, and the request stops counting as in flight.
+    /// another request (and its backend is not drained), and the request stops
+    /// counting as in flight.
     fn finish(&mut self) {
         self.quiet = None;
-        self.in_flight = None;
+        // A drained backend keeps no idle connection.
+        let drained = self.in_flight.take().is_some_and(|f| f.backend().is_drained());
         if let Some(ExchangedConn { conn, buf }) = self.conn.take() {
-            if self.reusable && buf.is_empty() {
+            if self.reusable && buf.is_empty() && !drained {
                 conn.idle.put(conn.stream, conn.limits);
             }
             buffers::give(buf);

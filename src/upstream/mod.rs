@@ -70,14 +70,17 @@ impl Upstream {
                 idle,
                 limits: self.limits,
                 reused: true,
+                connected_in: None,
             }));
         }
+        let connecting = quanta::Instant::now();
         let stream = self.connector.connect(addr, self.connect_timeout).await?;
         Ok(Conn::Http1(h1::Conn {
             stream,
             idle,
             limits: self.limits,
             reused: false,
+            connected_in: Some(connecting.elapsed()),
         }))
     }
 }
@@ -90,6 +93,8 @@ pub struct UpstreamRequest<'a> {
     pub framing: Framing,
     /// The `Host` to send when the request names none (the backend's address).
     pub fallback_host: &'a str,
+    /// An `X-Request-Id` to add (one Fulcrum made).
+    pub request_id: Option<&'a str>,
     /// The head as written for the wire: encoded at the first try, reused by the others.
     pub encoded: &'a mut Vec<u8>,
 }
@@ -104,6 +109,13 @@ impl Conn {
     pub fn reused(&self) -> bool {
         match self {
             Conn::Http1(conn) => conn.reused,
+        }
+    }
+
+    /// How long making this connection took; `None` for a pooled one.
+    pub fn connect_time(&self) -> Option<Duration> {
+        match self {
+            Conn::Http1(conn) => conn.connected_in,
         }
     }
 
@@ -248,6 +260,7 @@ mod tests {
                 client: &client,
                 framing: Framing::Empty,
                 fallback_host: "unused",
+                request_id: None,
                 encoded: &mut encoded,
             };
             let (response, mut body) = conn

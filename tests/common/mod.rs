@@ -43,43 +43,62 @@ impl Fulcrum {
     /// `fulcrum.toml` in a new temp dir, creates `plugins.d` there, copies the
     /// given plugin files in, and starts the balancer.
     pub fn start(config: &str, plugins: &[(&str, &Path)]) -> Fulcrum {
-        let dir = tempfile::tempdir().expect("temp dir");
+        let mut dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir(dir.path().join("plugins.d")).expect("plugins.d");
         for (name, source) in plugins {
             std::fs::copy(source, dir.path().join("plugins.d").join(name)).expect("copy plugin");
         }
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
         let path = dir.path().join("fulcrum.toml");
-        let config = config
-            .replace("{listen}", &addr.to_string())
-            .replace("{admin}", &admin.to_string());
-        std::fs::write(&path, config).expect("write config");
         let log = dir.path().join("fulcrum.log");
-        let child = spawn(&path, &log);
-        let mut fulcrum = Fulcrum {
-            child,
-            addr,
-            admin,
-            dir,
-            log,
-        };
-        fulcrum.wait_listening();
-        fulcrum
+        // A port found free can be taken by another test before the balancer
+        // binds it: then it starts again on other ports.
+        for attempt in 1.. {
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+            let text = config
+                .replace("{listen}", &addr.to_string())
+                .replace("{admin}", &admin.to_string());
+            std::fs::write(&path, text).expect("write config");
+            let _ = std::fs::remove_file(&log);
+            let child = spawn(&path, &log);
+            let mut fulcrum = Fulcrum {
+                child,
+                addr,
+                admin,
+                dir,
+                log: log.clone(),
+            };
+            match fulcrum.wait_listening() {
+                Ok(()) => return fulcrum,
+                Err(log_text) if attempt < 3 && log_text.contains("Address already in use") => {
+                    dir = std::mem::replace(&mut fulcrum.dir, tempfile::tempdir().expect("temp dir"));
+                }
+                Err(log_text) => panic!("fulcrum did not start:\n{log_text}"),
+            }
+        }
+        unreachable!("the loop returns or panics")
     }
 
-    fn wait_listening(&mut self) {
+    /// Waits for the listener; on failure, the log.
+    fn wait_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("fulcrum exited with {status} before listening:\n{}", self.log());
+                return Err(format!(
+                    "fulcrum exited with {status} before listening:\n{}",
+                    self.log()
+                ));
             }
             if std::net::TcpStream::connect(self.addr).is_ok() {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        panic!("fulcrum did not listen on {} within 30 s:\n{}", self.addr, self.log());
+        Err(format!(
+            "fulcrum did not listen on {} within 30 s:\n{}",
+            self.addr,
+            self.log()
+        ))
     }
 
     /// `GET /status` of the admin API, parsed.
@@ -143,7 +162,9 @@ impl Fulcrum {
             self.log()
         );
         self.child = spawn(&self.config_path(), &self.log);
-        self.wait_listening();
+        if let Err(log) = self.wait_listening() {
+            panic!("{log}");
+        }
     }
 
     /// Sends a signal and waits (bounded) for the exit status.

@@ -1,0 +1,79 @@
+//! The end-of-request record: what one request did, start to end, as the
+//! pipeline ([`crate::proxy::finish`]) builds it once its answer is written,
+//! for metrics ([`crate::metrics`]) and, next, the access log.
+
+use crate::backend::Backend;
+use crate::http::RequestHead;
+use crate::snapshot::Pool;
+use http::StatusCode;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Why a request ended the way it did: the cause behind its status, for the
+/// log and (with the observability work) a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Termination {
+    /// The backend's whole response reached the client.
+    Completed,
+    /// The client's request was refused before routing (malformed, too large, too slow).
+    BadRequest,
+    /// No route matches the request.
+    NoRoute,
+    /// No backend of the pool was available.
+    NoBackend,
+    /// No connection could be made to the chosen backend.
+    ConnectFailed,
+    /// The backend did not answer within `response_timeout`.
+    ResponseTimeout,
+    /// The backend failed before or while sending its response head.
+    BackendFailed,
+    /// The backend failed in the middle of its response body.
+    BackendBodyFailed,
+    /// The client's request body could not be read.
+    ClientBodyFailed,
+    /// The client went away before its answer was written.
+    ClientClosed,
+}
+
+impl Termination {
+    /// The name in logs and metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Termination::Completed => "completed",
+            Termination::BadRequest => "bad_request",
+            Termination::NoRoute => "no_route",
+            Termination::NoBackend => "no_backend",
+            Termination::ConnectFailed => "connect_failed",
+            Termination::ResponseTimeout => "response_timeout",
+            Termination::BackendFailed => "backend_failed",
+            Termination::BackendBodyFailed => "backend_body_failed",
+            Termination::ClientBodyFailed => "client_body_failed",
+            Termination::ClientClosed => "client_closed",
+        }
+    }
+}
+
+/// One request, start to end: what the observability work feeds to metrics
+/// and the access log. Built only by [`crate::proxy::finish`].
+pub struct RequestRecord<'a> {
+    pub status: StatusCode,
+    pub termination: Termination,
+    pub pool: Option<&'a Pool>,
+    pub backend: Option<&'a Backend>,
+    /// The name of the pool's policy.
+    pub policy: Option<&'a str>,
+    pub decision: Duration,
+    pub retries: u32,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    pub to_response_head: Option<Duration>,
+    pub duration: Duration,
+    /// The request's head; `None` for one refused before it parsed.
+    pub head: Option<&'a RequestHead>,
+    /// Where the request came from.
+    pub client: SocketAddr,
+    /// `X-Request-Id` as the client sent it or as Fulcrum made it (with the access log on).
+    pub request_id: Option<&'a str>,
+    /// How long making a new connection to the backend took (`None`: a pooled one).
+    pub connect: Option<Duration>,
+}
