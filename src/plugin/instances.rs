@@ -247,6 +247,7 @@ impl<W: World> Binding<W> {
     /// lets `accept` judge its answer. Any fault (quarantine, trap, deadline,
     /// memory cap, host panic, refused answer) is counted and returned; the
     /// instance that trapped is discarded.
+    #[inline]
     pub fn call<R>(
         &self,
         call: impl FnOnce(&mut Live<W>) -> wasmtime::Result<R>,
@@ -277,6 +278,7 @@ impl<W: World> Binding<W> {
         result
     }
 
+    #[inline]
     fn call_instance<R>(
         &self,
         plugin: &Arc<Plugin<W>>,
