@@ -8,7 +8,7 @@
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum::backend::{Backend, BackendList, BackendState, InFlight};
 use fulcrum::config::RouteConfig;
-use fulcrum::http::Framing;
+use fulcrum::http::{Framing, RequestHead};
 use fulcrum::plugin::registry::Registry;
 use fulcrum::plugin::{CurrentRequest, Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters};
 use fulcrum::router::Router;
@@ -41,15 +41,20 @@ fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
     (list.into(), in_flight)
 }
 
-fn request(headers: usize) -> CurrentRequest {
+/// A request head with `headers` header fields.
+fn request(headers: usize) -> RequestHead {
     let mut text = String::from("GET /api/users/42?page=2 HTTP/1.1\r\nhost: shop.example\r\nx-user: alice\r\n");
     for i in 0..headers.saturating_sub(2) {
         text.push_str(&format!("x-extra-{i}: some value of typical length\r\n"));
     }
     text.push_str("\r\n");
-    let head = fulcrum::http::h1::parse_request(&mut bytes::BytesMut::from(text.as_str()))
+    fulcrum::http::h1::parse_request(&mut bytes::BytesMut::from(text.as_str()))
         .expect("valid")
-        .expect("complete");
+        .expect("complete")
+}
+
+/// `head` as the policy sees it, from a client at 192.0.2.7.
+fn current(head: &RequestHead) -> CurrentRequest<'_> {
     CurrentRequest {
         head,
         client: "192.0.2.7:51000".parse().expect("client"),
@@ -68,7 +73,8 @@ fn decisions(c: &mut Criterion) {
         for n in [3, 100, 1000] {
             let policy = policy(slot.clone(), "{}");
             let (list, _load) = backends(n);
-            let current = request(3);
+            let head = request(3);
+            let current = current(&head);
             assert!(
                 policy.choose(&current, &list, &[]).fault.is_none(),
                 "{name} decides without fault"
@@ -84,7 +90,8 @@ fn decisions(c: &mut Criterion) {
     for headers in [3, 50] {
         let policy = policy(slot.clone(), r#"{"header":"x-user"}"#);
         let (list, _load) = backends(3);
-        let current = request(headers);
+        let head = request(headers);
+        let current = current(&head);
         assert!(policy.choose(&current, &list, &[]).fault.is_none());
         group.bench_function(BenchmarkId::new("header-hash/3-backends/headers", headers), |b| {
             b.iter(|| black_box(policy.choose(&current, &list, &[])))
@@ -114,7 +121,7 @@ fn host_work(c: &mut Criterion) {
         b.iter(|| black_box(router.pool_for(Some("shop.example:8080"), "/api/users/42")))
     });
     let client = fulcrum::http::ClientAddr::new("192.0.2.7:51000".parse().expect("client"));
-    let request = request(10).head;
+    let request = request(10);
     let mut head = Vec::with_capacity(1024);
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {
@@ -158,6 +165,29 @@ fn host_work(c: &mut Criterion) {
             head.write_for_client(&mut out, false, false, false);
             black_box(out.len())
         })
+    });
+    // What the metrics cost a request: one record into this thread's shard.
+    let (list, _load) = backends(1);
+    let head = crate::request(3);
+    let record = fulcrum::record::RequestRecord {
+        status: http::StatusCode::OK,
+        termination: fulcrum::record::Termination::Completed,
+        pool: None,
+        backend: Some(&list[0]),
+        policy: Some("round-robin"),
+        decision: Duration::from_nanos(180),
+        retries: 0,
+        bytes_in: 0,
+        bytes_out: 6,
+        to_response_head: Some(Duration::from_micros(90)),
+        duration: Duration::from_micros(120),
+        head: Some(&head),
+        client: "192.0.2.7:51000".parse().expect("client"),
+        request_id: None,
+        connect: None,
+    };
+    group.bench_function("metrics-record", |b| {
+        b.iter(|| fulcrum::metrics::record(black_box(&record)))
     });
     group.finish();
 }

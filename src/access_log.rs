@@ -184,38 +184,74 @@ fn header_text<'a>(record: &'a RequestRecord<'_>, name: &str) -> &'a str {
         .unwrap_or("-")
 }
 
-fn seconds(duration: Option<std::time::Duration>) -> Option<f64> {
-    duration.map(|d| d.as_secs_f64())
+/// One JSON object, written straight into one string: a request's line costs
+/// one allocation, not a tree of values.
+fn json_line(record: &RequestRecord<'_>) -> String {
+    use std::fmt::Write as _;
+    let (method, path, protocol) = request_parts(record);
+    let mut line = String::with_capacity(512);
+    let text = |line: &mut String, key: &str, value: Option<&str>| {
+        let _ = write!(line, "\"{key}\":");
+        match value {
+            Some(value) => json_string(line, value),
+            None => line.push_str("null"),
+        }
+        line.push(',');
+    };
+    line.push('{');
+    text(&mut line, "time", Some(&rfc3339(SystemTime::now())));
+    text(&mut line, "request_id", record.request_id);
+    text(&mut line, "client", Some(&record.client.ip().to_string()));
+    text(&mut line, "method", Some(method));
+    text(&mut line, "path", Some(path));
+    text(&mut line, "query", record.head.and_then(|h| h.query()));
+    text(&mut line, "protocol", Some(protocol));
+    text(&mut line, "host", record.head.and_then(|h| h.host()));
+    text(&mut line, "pool", record.pool.map(|p| p.name.as_str()));
+    text(&mut line, "backend", record.backend.map(|b| b.address.as_str()));
+    text(&mut line, "policy", record.policy);
+    text(&mut line, "termination", Some(record.termination.as_str()));
+    let agent = record
+        .head
+        .and_then(|h| h.header("user-agent"))
+        .and_then(crate::http::request::visible_text);
+    text(&mut line, "user_agent", agent);
+    let seconds = |d: Option<std::time::Duration>| d.map_or("null".to_string(), |d| format!("{:.6}", d.as_secs_f64()));
+    let _ = writeln!(
+        line,
+        "\"status\":{},\"bytes_in\":{},\"bytes_out\":{},\"duration\":{:.6},\"time_to_first_byte\":{},\
+         \"connect\":{},\"decision\":{:.9},\"retries\":{}}}",
+        record.status.as_u16(),
+        record.bytes_in,
+        record.bytes_out,
+        record.duration.as_secs_f64(),
+        seconds(record.to_response_head),
+        seconds(record.connect),
+        record.decision.as_secs_f64(),
+        record.retries,
+    );
+    line
 }
 
-fn json_line(record: &RequestRecord<'_>) -> String {
-    let (method, path, protocol) = request_parts(record);
-    let mut line = serde_json::json!({
-        "time": rfc3339(SystemTime::now()),
-        "request_id": record.request_id,
-        "client": record.client.ip().to_string(),
-        "method": method,
-        "path": path,
-        "query": record.head.and_then(|h| h.query()),
-        "protocol": protocol,
-        "host": record.head.and_then(|h| h.host()),
-        "status": record.status.as_u16(),
-        "bytes_in": record.bytes_in,
-        "bytes_out": record.bytes_out,
-        "duration": record.duration.as_secs_f64(),
-        "time_to_first_byte": seconds(record.to_response_head),
-        "connect": seconds(record.connect),
-        "pool": record.pool.map(|p| p.name.as_str()),
-        "backend": record.backend.map(|b| b.address.as_str()),
-        "policy": record.policy,
-        "decision": record.decision.as_secs_f64(),
-        "retries": record.retries,
-        "termination": record.termination.as_str(),
-        "user_agent": record.head.and_then(|h| h.header("user-agent")).and_then(crate::http::request::visible_text),
-    })
-    .to_string();
-    line.push('\n');
-    line
+/// `value` as a JSON string: quoted, with quotes, backslashes and control
+/// characters escaped.
+fn json_string(out: &mut String, value: &str) {
+    use std::fmt::Write as _;
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 fn combined_line(record: &RequestRecord<'_>) -> String {
@@ -301,6 +337,15 @@ fn clf_time(time: SystemTime) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_strings_are_escaped() {
+        let mut out = String::new();
+        json_string(&mut out, "a\"b\\c\nd\u{1}é");
+        assert_eq!(out, "\"a\\\"b\\\\c\\nd\\u0001é\"");
+        let parsed: String = serde_json::from_str(&out).expect("valid JSON");
+        assert_eq!(parsed, "a\"b\\c\nd\u{1}é");
+    }
 
     #[test]
     fn times_are_written_in_utc() {

@@ -50,8 +50,8 @@ pub fn start_trimmer() {
     });
 }
 
-/// Open and busy client connections over every worker.
-fn totals() -> (usize, usize) {
+/// Open and busy client connections over every worker (also a metric).
+pub fn totals() -> (usize, usize) {
     let workers = WORKERS.lock().unwrap_or_else(|p| p.into_inner());
     workers
         .iter()

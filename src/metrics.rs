@@ -30,6 +30,21 @@ pub const DECISION_BUCKETS: [f64; 13] = [
     1e-7, 2e-7, 5e-7, 1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3,
 ];
 
+/// The same bounds in nanoseconds, for the request path (integer compares).
+const DURATION_BOUNDS_NS: [u64; 14] = nanos(DURATION_BUCKETS);
+const DECISION_BOUNDS_NS: [u64; 13] = nanos(DECISION_BUCKETS);
+
+const fn nanos<const N: usize>(seconds: [f64; N]) -> [u64; N] {
+    let mut out = [0; N];
+    let mut i = 0;
+    while i < N {
+        // Rounded: 1e-7 s is 100 ns, not 99.
+        out[i] = (seconds[i] * 1e9 + 0.5) as u64;
+        i += 1;
+    }
+    out
+}
+
 /// A histogram as a shard keeps it: counts per bucket (not cumulative; the
 /// last is +Inf), the sum in nanoseconds and the count.
 #[derive(Debug, Clone)]
@@ -52,13 +67,13 @@ impl<const N: usize> Default for Buckets<N> {
 }
 
 impl<const N: usize> Buckets<N> {
-    fn observe(&mut self, value: Duration, bounds: &[f64; N]) {
-        let seconds = value.as_secs_f64();
-        match bounds.iter().position(|&bound| seconds <= bound) {
+    fn observe(&mut self, value: Duration, bounds_ns: &[u64; N]) {
+        let ns = value.as_nanos() as u64;
+        match bounds_ns.iter().position(|&bound| ns <= bound) {
             Some(i) => self.counts[i] += 1,
             None => self.over += 1,
         }
-        self.sum_ns = self.sum_ns.saturating_add(value.as_nanos() as u64);
+        self.sum_ns = self.sum_ns.saturating_add(ns);
         self.count += 1;
     }
 
@@ -174,9 +189,9 @@ pub fn record(record: &RequestRecord<'_>) {
         let mut pools = shard.pools.lock().unwrap_or_else(|p| p.into_inner());
         let entry = pools.entry(pool).or_default();
         *entry.requests.entry(key).or_default() += 1;
-        entry.duration.observe(record.duration, &DURATION_BUCKETS);
+        entry.duration.observe(record.duration, &DURATION_BOUNDS_NS);
         if record.backend.is_some() || record.termination == Termination::NoBackend {
-            entry.decision.observe(record.decision, &DECISION_BUCKETS);
+            entry.decision.observe(record.decision, &DECISION_BOUNDS_NS);
         }
         entry.bytes_in += record.bytes_in;
         entry.bytes_out += record.bytes_out;
@@ -191,6 +206,9 @@ pub struct Events {
     pub config_reloads_failed: std::sync::atomic::AtomicU64,
     /// Unix seconds of the last successful (re)load.
     pub config_loaded_at: std::sync::atomic::AtomicU64,
+    /// Plugin files loaded and refused by the plugin directory's watcher.
+    pub plugin_reloads_ok: std::sync::atomic::AtomicU64,
+    pub plugin_reloads_refused: std::sync::atomic::AtomicU64,
 }
 
 impl Events {
@@ -287,7 +305,7 @@ struct PoolView {
     id: u64,
     name: String,
     plugin: String,
-    plugin_faults: u64,
+    plugin_faults: [u64; 3],
     plugin_quarantined: bool,
     backends: Vec<BackendView>,
 }
@@ -316,7 +334,7 @@ impl SnapshotView {
                     id: pool.id,
                     name: pool.name.clone(),
                     plugin: pool.policy.plugin_name().to_string(),
-                    plugin_faults: slot.faults.load(Relaxed),
+                    plugin_faults: [0, 1, 2].map(|i| slot.faults_by_kind[i].load(Relaxed)),
                     plugin_quarantined: slot.current().is_quarantined(),
                     backends: pool
                         .backends
@@ -517,6 +535,7 @@ impl Scrape {
             }
         }
         let events = events();
+        let client_connections = crate::memory::totals();
         use std::sync::atomic::Ordering::Relaxed;
 
         vec![
@@ -589,10 +608,37 @@ impl Scrape {
             ),
             counters(
                 "fulcrum_plugin_faults_total",
-                "Plugin calls served by the fallback (trap, deadline, memory cap, bad answer, quarantine).",
-                plugins
-                    .iter()
-                    .map(|p| (vec![("plugin", p.plugin.clone())], p.plugin_faults)),
+                "Plugin calls served by the fallback, by kind: trap (also deadline, memory cap), bad answer, quarantined.",
+                plugins.iter().flat_map(|p| {
+                    crate::plugin::Fault::KINDS
+                        .iter()
+                        .zip(p.plugin_faults)
+                        .map(|(kind, n)| (vec![("plugin", p.plugin.clone()), ("kind", kind.to_string())], n))
+                }),
+            ),
+            counters(
+                "fulcrum_plugin_reloads_total",
+                "Plugin files from the plugin directory, by result: loaded or refused.",
+                [
+                    (
+                        vec![("result", "loaded".to_string())],
+                        events.plugin_reloads_ok.load(Relaxed),
+                    ),
+                    (
+                        vec![("result", "refused".to_string())],
+                        events.plugin_reloads_refused.load(Relaxed),
+                    ),
+                ],
+            ),
+            gauges(
+                "fulcrum_client_connections",
+                "Client connections open.",
+                [(Vec::new(), client_connections.0 as f64)],
+            ),
+            gauges(
+                "fulcrum_client_connections_busy",
+                "Client connections with a request in flight (and HTTP/2 connections).",
+                [(Vec::new(), client_connections.1 as f64)],
             ),
             gauges(
                 "fulcrum_plugin_quarantined",

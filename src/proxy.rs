@@ -67,8 +67,6 @@ pub enum Answer {
 #[derive(Debug)]
 pub struct Trace {
     started: Instant,
-    /// The request's head, kept for the access log.
-    head: Option<RequestHead>,
     client: std::net::SocketAddr,
     /// The request id Fulcrum made, when the access log is on and the client sent none.
     made_id: Option<RequestId>,
@@ -94,7 +92,6 @@ impl Trace {
     fn start(client: std::net::SocketAddr) -> Trace {
         Trace {
             started: Instant::now(),
-            head: None,
             client,
             made_id: None,
             connect: None,
@@ -141,7 +138,7 @@ pub enum Delivery {
 /// Ends a request: builds its record from `trace` and what the front end
 /// delivered, reports a backend that failed mid-body to passive health, and
 /// hands the record on.
-pub fn finish(snapshot: &Snapshot, trace: &Trace, delivery: Delivery, bytes_out: u64) {
+pub fn finish(snapshot: &Snapshot, trace: &Trace, head: Option<&RequestHead>, delivery: Delivery, bytes_out: u64) {
     let pool = trace.pool.and_then(|index| snapshot.pools.get(index));
     let backend = pool
         .zip(trace.backend)
@@ -173,9 +170,12 @@ pub fn finish(snapshot: &Snapshot, trace: &Trace, delivery: Delivery, bytes_out:
         bytes_out,
         to_response_head: trace.to_response_head,
         duration: trace.started.elapsed(),
-        head: trace.head.as_ref(),
+        head,
         client: trace.client,
-        request_id: trace.request_id(),
+        request_id: match &trace.made_id {
+            Some(id) => Some(id.as_str()),
+            None => head.and_then(request_id_of),
+        },
         connect: trace.connect,
     };
     observe(snapshot, &record);
@@ -217,19 +217,19 @@ pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<(usize, &
 pub async fn serve<B: BodySource>(
     snapshot: &Snapshot,
     client: &ClientAddr,
-    head: RequestHead,
+    head: &RequestHead,
     source: &mut B,
     timer: Pin<&mut tokio::time::Sleep>,
 ) -> (Answer, Trace) {
     let mut trace = Trace::start(client.addr);
-    if snapshot.access_log.is_some() && request_id_of(&head).is_none() {
+    if snapshot.access_log.is_some() && request_id_of(head).is_none() {
         trace.made_id = Some(RequestId::new());
     }
     let current = CurrentRequest {
         head,
         client: client.addr,
     };
-    let answer = match route(snapshot, &current.head) {
+    let answer = match route(snapshot, current.head) {
         None => Answer::Local(LocalReply::new(
             StatusCode::NOT_FOUND,
             Termination::NoRoute,
@@ -250,7 +250,6 @@ pub async fn serve<B: BodySource>(
         trace.answered_locally(reply);
     }
     trace.bytes_in = source.received();
-    trace.head = Some(current.head);
     (answer, trace)
 }
 
@@ -306,16 +305,6 @@ impl RequestId {
     }
 }
 
-impl Trace {
-    /// The request id to log: the client's, or the one Fulcrum made.
-    fn request_id(&self) -> Option<&str> {
-        match &self.made_id {
-            Some(id) => Some(id.as_str()),
-            None => self.head.as_ref().and_then(request_id_of),
-        }
-    }
-}
-
 /// How the request body can be sent, and sent again.
 enum BodyState {
     /// The client's body, streamed: it can be sent once.
@@ -363,7 +352,7 @@ async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize
 async fn forward<B: BodySource>(
     pool: &Pool,
     client: &ClientAddr,
-    current: &CurrentRequest,
+    current: &CurrentRequest<'_>,
     source: &mut B,
     mut timer: Pin<&mut tokio::time::Sleep>,
     trace: &mut Trace,
@@ -438,7 +427,7 @@ async fn forward<B: BodySource>(
             }
         };
         let upstream_request = UpstreamRequest {
-            head: &current.head,
+            head: current.head,
             client,
             framing: out_framing,
             fallback_host: &backend.address,

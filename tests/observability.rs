@@ -295,3 +295,81 @@ async fn the_admin_api_asks_for_its_token_and_refuses_changes_a_browser_could_fo
     assert_eq!(send(fulcrum.admin, ok).await.expect("answer").status, 200);
     assert_eq!(get(fulcrum.admin, "/ready").await.expect("ready").status, 200);
 }
+
+/// Every metric the example dashboard charts is one Fulcrum exports, and the
+/// example scrape config is one Prometheus accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_monitoring_examples_match_what_fulcrum_exports() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let (ok, said) = {
+        let output = std::process::Command::new("promtool")
+            .args(["check", "config"])
+            .arg(root.join("examples/monitoring/prometheus.yml"))
+            .output()
+            .expect("promtool");
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).into_owned() + &String::from_utf8_lossy(&output.stderr),
+        )
+    };
+    assert!(ok, "{said}");
+
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n[pools.web]\nbackends = [\"{}\"]\n",
+        backends[0].addr
+    );
+    let fulcrum = Fulcrum::start(&config, &[]);
+    assert_eq!(get(fulcrum.addr, "/").await.expect("answer").status, 200);
+    let exported = scrape(fulcrum.admin).await;
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("examples/monitoring/grafana-dashboard.json")).expect("dashboard"),
+    )
+    .expect("the dashboard is JSON");
+    let mut charted = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("expr");
+            for name in expr
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .filter(|w| w.starts_with("fulcrum_"))
+            {
+                charted += 1;
+                assert!(
+                    exported.contains(&format!("\n{name}")),
+                    "{name} (in {expr}) is not exported:\n{exported}"
+                );
+            }
+        }
+    }
+    assert!(charted >= 8, "the dashboard charts Fulcrum's metrics");
+}
+
+/// The example systemd unit passes `systemd-analyze verify` (run against the
+/// binary just built).
+#[test]
+fn the_systemd_unit_verifies() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("examples/deploy/fulcrum.service")).expect("unit");
+    assert!(
+        unit.contains("ExecReload=/bin/kill -HUP $MAINPID")
+            && unit.contains("AmbientCapabilities=CAP_NET_BIND_SERVICE")
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = dir.path().join("fulcrum.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/fulcrum", env!("CARGO_BIN_EXE_fulcrum")),
+    )
+    .expect("write");
+    let output = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .expect("systemd-analyze (Debian's `systemd` package; .ci/run installs it)");
+    let said = String::from_utf8_lossy(&output.stderr).into_owned() + &String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && said.trim().is_empty(),
+        "systemd-analyze verify: {said}"
+    );
+}

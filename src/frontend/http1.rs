@@ -99,7 +99,7 @@ pub async fn serve<S: ClientStream>(
     buffers::give(buf);
     let trace = Trace::refused(&refusal, peer);
     let (_, delivery, bytes_out) = write_local(&mut stream, refusal, false, false).await;
-    proxy::finish(&app.snapshot(), &trace, delivery, bytes_out);
+    proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
 }
 
 /// Reads until a whole request head is in `buf`, within the timer's deadline.
@@ -168,7 +168,7 @@ async fn serve_request<S: ClientStream>(
         read_timeout: snapshot.config.server.client_idle_timeout,
         received: 0,
     };
-    let (answer, trace) = proxy::serve(snapshot, client, head, &mut source, timer).await;
+    let (answer, trace) = proxy::serve(snapshot, client, &head, &mut source, timer).await;
     let keep = keep_alive && source.decoder.is_done();
     let (keep, delivery, bytes_out) = match answer {
         Answer::Local(reply) => write_local(stream, reply, keep, http10).await,
@@ -178,7 +178,7 @@ async fn serve_request<S: ClientStream>(
         }
         Answer::Backend(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
     };
-    proxy::finish(snapshot, &trace, delivery, bytes_out);
+    proxy::finish(snapshot, &trace, Some(&head), delivery, bytes_out);
     keep
 }
 

@@ -61,18 +61,19 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
         Ok(head) => head,
         Err(error) => {
             let reply = LocalReply::new(error.status(), proxy::Termination::BadRequest, error.to_string());
-            return local_response(&snapshot, Trace::refused(&reply, client.addr), reply);
+            return local_response(&snapshot, Trace::refused(&reply, client.addr), None, reply);
         }
     };
     // Sized by the pool's response_timeout inside the pipeline.
     let timer = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(timer);
-    let (answer, trace) = proxy::serve(&snapshot, client, head, &mut source, timer).await;
+    let (answer, trace) = proxy::serve(&snapshot, client, &head, &mut source, timer).await;
     match answer {
         Answer::Backend(forwarded) => {
             let mut response = Response::new(ProxyBody::Upstream(Upstream {
                 body: forwarded.body,
                 trace,
+                head,
                 snapshot,
                 sent: 0,
                 finished: false,
@@ -81,15 +82,20 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
             *response.headers_mut() = forwarded.head.header_map();
             response
         }
-        Answer::Local(reply) => local_response(&snapshot, trace, reply),
+        Answer::Local(reply) => local_response(&snapshot, trace, Some(&head), reply),
     }
 }
 
 /// The one place an HTTP/2 local reply is rendered. Its record is finished
 /// at once: hyper writes the few bytes on its own.
-fn local_response(snapshot: &Snapshot, trace: Trace, reply: LocalReply) -> Response<ProxyBody> {
+fn local_response(
+    snapshot: &Snapshot,
+    trace: Trace,
+    head: Option<&RequestHead>,
+    reply: LocalReply,
+) -> Response<ProxyBody> {
     let body = Bytes::from(format!("{}\n", reply.message));
-    proxy::finish(snapshot, &trace, Delivery::Whole, body.len() as u64);
+    proxy::finish(snapshot, &trace, head, Delivery::Whole, body.len() as u64);
     let mut response = Response::new(ProxyBody::Local(Full::new(body)));
     *response.status_mut() = reply.status;
     response.headers_mut().insert(
@@ -113,6 +119,7 @@ pub enum ProxyBody {
 pub struct Upstream {
     body: ResponseBody,
     trace: Trace,
+    head: RequestHead,
     snapshot: Arc<Snapshot>,
     sent: u64,
     finished: bool,
@@ -121,7 +128,7 @@ pub struct Upstream {
 impl Upstream {
     fn finish(&mut self, delivery: Delivery) {
         if !std::mem::replace(&mut self.finished, true) {
-            proxy::finish(&self.snapshot, &self.trace, delivery, self.sent);
+            proxy::finish(&self.snapshot, &self.trace, Some(&self.head), delivery, self.sent);
         }
     }
 }

@@ -117,7 +117,7 @@ impl Policy {
 
     /// Chooses a backend for `request` among `backends`, never one in `tried`
     /// and never an unhealthy one. The plugin reads `request` during the call.
-    pub fn choose(&self, request: &CurrentRequest, backends: &BackendList, tried: &[usize]) -> Choice {
+    pub fn choose(&self, request: &CurrentRequest<'_>, backends: &BackendList, tried: &[usize]) -> Choice {
         let limits = self.binding.limits;
         let answer = self.binding.call(
             |live| decide(live, request, backends, tried, &limits),
@@ -151,7 +151,7 @@ impl Policy {
 /// (or any backend's health) changed since the last push.
 fn decide(
     live: &mut Live<BalancerWorld>,
-    request: &CurrentRequest,
+    request: &CurrentRequest<'_>,
     backends: &BackendList,
     tried: &[usize],
     limits: &Limits,

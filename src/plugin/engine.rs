@@ -20,16 +20,17 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(1);
 pub const TICKET_SLOTS: usize = 16;
 pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
-/// The request a plugin call is about: its head and the client's address.
-pub struct CurrentRequest {
-    pub head: RequestHead,
+/// The request a plugin call is about: its head (borrowed from the front
+/// end, which keeps it for the access log) and the client's address.
+pub struct CurrentRequest<'a> {
+    pub head: &'a RequestHead,
     pub client: SocketAddr,
 }
 
 /// The current request as the store sees it: a pointer set for the length of
 /// one call and cleared after, so the request is lent to the plugin without
 /// being copied or moved.
-pub struct LentRequest(*const CurrentRequest);
+pub struct LentRequest(*const CurrentRequest<'static>);
 
 // SAFETY: the pointer is only dereferenced by host functions running inside
 // the call that lent it, on the lending thread, while the lender's borrow lives.
@@ -46,7 +47,7 @@ impl StoreState {
     /// when `f` unwinds.
     pub fn with_request<R>(
         store: &mut Store<StoreState>,
-        request: &CurrentRequest,
+        request: &CurrentRequest<'_>,
         f: impl FnOnce(&mut Store<StoreState>) -> R,
     ) -> R {
         /// Clears the lent request when dropped.
@@ -56,18 +57,19 @@ impl StoreState {
                 self.0.data_mut().current = LentRequest::NONE;
             }
         }
-        store.data_mut().current = LentRequest(request);
+        // The lifetime is erased here and the borrow's end is kept by the guard.
+        store.data_mut().current = LentRequest(std::ptr::from_ref(request).cast::<CurrentRequest<'static>>());
         let lent = Lent(store);
         f(lent.0)
     }
 
-    pub(super) fn request(&self) -> Option<&CurrentRequest> {
+    pub(super) fn request(&self) -> Option<&CurrentRequest<'_>> {
         // SAFETY: non-null only inside `with_request`, whose borrow outlives the call.
         unsafe { self.current.0.as_ref() }
     }
 
     pub(super) fn head(&self) -> Option<&RequestHead> {
-        self.request().map(|r| &r.head)
+        self.request().map(|r| r.head)
     }
 
     pub(super) fn client(&self) -> Option<SocketAddr> {

@@ -172,6 +172,9 @@ pub struct PluginSlot<W: World> {
     current: ArcSwap<Plugin<W>>,
     /// Faults of every version of this plugin.
     pub faults: AtomicU64,
+    /// The same faults by kind: trap (or deadline, memory cap, host panic),
+    /// bad answer, quarantined.
+    pub faults_by_kind: [AtomicU64; 3],
 }
 
 impl<W: World> PluginSlot<W> {
@@ -180,6 +183,7 @@ impl<W: World> PluginSlot<W> {
             name: plugin.name.to_string(),
             current: ArcSwap::new(plugin),
             faults: AtomicU64::new(0),
+            faults_by_kind: [const { AtomicU64::new(0) }; 3],
         })
     }
 
@@ -202,6 +206,19 @@ pub enum Fault {
     BadChoice(u32),
     /// The plugin version is quarantined.
     Quarantined,
+}
+
+impl Fault {
+    /// The kinds' names, in [`PluginSlot::faults_by_kind`]'s order.
+    pub const KINDS: [&'static str; 3] = ["trap", "bad_answer", "quarantined"];
+
+    fn kind_index(&self) -> usize {
+        match self {
+            Fault::Trap(_) => 0,
+            Fault::BadChoice(_) => 1,
+            Fault::Quarantined => 2,
+        }
+    }
 }
 
 /// One plugin instance cached on a worker thread.
@@ -275,6 +292,9 @@ impl<W: World> Binding<W> {
             plugin.record_fault();
         }
         self.slot.faults.fetch_add(1, Ordering::Relaxed);
+        if let Err(fault) = &result {
+            self.slot.faults_by_kind[fault.kind_index()].fetch_add(1, Ordering::Relaxed);
+        }
         result
     }
 
