@@ -22,7 +22,9 @@
 #                                   # the order turned each pair (base new base2, then new base2 base);
 #                                   # pinned unless MODES says otherwise; no idle, wave, burst or floor
 #                                   # rows. Prints every run, then medians and new ÷ base, base2 ÷ base
-#                                   # of the median CPU µs per request (A/A spread: |base2 ÷ base − 1|)
+#                                   # of the median CPU µs per request (A/A spread: |base2 ÷ base − 1|),
+#                                   # and the medians of the per-pair ratios (steadier when the machine
+#                                   # changes speed mid-run)
 #
 # Installs nginx, haproxy and wrk with apt-get when missing. Every process it
 # starts is stopped on exit, however it exits. Prints one table per mode:
@@ -297,6 +299,20 @@ to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
   awk -v v="$1" 'BEGIN{ if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; else print v }'
 }
 
+# Reads "base base2 new" CPU µs/request per pair on stdin; prints the medians of the
+# per-pair ratios new ÷ base, new ÷ base2 and base2 ÷ base (the A/A one).
+pair_ratios() {
+  awk -v c="$1" '
+    function median(a, n,   i, j, t) {
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+      return n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+    }
+    NF == 3 && $1 > 0 && $2 > 0 && $3 > 0 { n++; nb[n] = $3 / $1; n2[n] = $3 / $2; aa[n] = $2 / $1 }
+    END {
+      if (n) printf "- %s conns, medians of the %d per-pair ratios: new ÷ base %.3f, new ÷ base2 %.3f, A/A base2 ÷ base %.3f\n", c, n, median(nb, n), median(n2, n), median(aa, n)
+    }'
+}
+
 # Old against new (FULCRUM_BASE_BIN set): instead of the rows against nginx and HAProxy below.
 if [[ -n "$FULCRUM_BASE_BIN" ]]; then
   echo "# Fulcrum old-vs-new load benchmark — $(date -u +%Y-%m-%dT%H:%MZ), $(nproc) cores, policy $POLICY, $WORKERS worker(s) per proxy, ${DURATION}s per run, $PAIRS interleaved pairs per row"
@@ -310,7 +326,7 @@ if [[ -n "$FULCRUM_BASE_BIN" ]]; then
     echo
     echo "| conns | pair | order | binary | req/s | p50 ms | p99 ms | CPU µs/req | RSS MiB |"
     echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-    declare -A runs=()
+    declare -A runs=() pair_cpu=()
     for conns in $CONNS; do
       for pair in $(seq "$PAIRS"); do
         # The order turns each pair, so drift over the run favours neither binary.
@@ -321,6 +337,7 @@ if [[ -n "$FULCRUM_BASE_BIN" ]]; then
           line=$(measure "${AB_PORT[$bin]}" "${AB_PID[$bin]}" "$conns" "$REST_SET")
           runs["$conns $bin"]+="$line"$'\n'
           read -r rps p50 p99 cpu rss <<<"$line"
+          pair_cpu["$conns $pair $bin"]=$cpu
           echo "| $conns | $pair | $slot | $bin | $rps | $p50 | $p99 | $cpu | $rss |"
         done
       done
@@ -349,7 +366,16 @@ if [[ -n "$FULCRUM_BASE_BIN" ]]; then
         d = b ? (n / b - 1) * 100 : 0; s = b ? (a / b - 1) * 100 : 0; if (s < 0) s = -s
         printf "- %s conns: median CPU µs/req new %s, base %s: new ÷ base %.3f (%+.1f %%); A/A spread |base2 ÷ base − 1| %.1f %%\n", c, n, b, (b ? n/b : 0), d, s}'
     done
-    unset runs row
+    # The machine can change speed mid-run (every binary alike); a ratio taken
+    # within one pair is steadier than the ratio of the arms' medians.
+    for conns in $CONNS; do
+      ratios=""
+      for pair in $(seq "$PAIRS"); do
+        ratios+="${pair_cpu["$conns $pair base"]:-0} ${pair_cpu["$conns $pair base2"]:-0} ${pair_cpu["$conns $pair new"]:-0}"$'\n'
+      done
+      pair_ratios "$conns" <<<"$ratios"
+    done
+    unset runs row pair_cpu
     stop_all
   done
   exit 0
