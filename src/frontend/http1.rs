@@ -111,17 +111,8 @@ async fn next_head<S: ClientStream>(stream: &mut S, buf: &mut BytesMut, mut time
                 Ok(None) => {}
                 Err(error) => return NextHead::Refuse(error.status(), error.to_string()),
             }
-        } else {
-            // Idle: wait without a buffer.
-            tokio::select! {
-                biased;
-                ready = stream.wait_readable() => {
-                    if ready.is_err() {
-                        return NextHead::Close;
-                    }
-                }
-                () = timer.as_mut() => return NextHead::Close,
-            }
+        } else if !super::client_spoke(stream, timer.as_mut()).await {
+            return NextHead::Close;
         }
         if buf.capacity() == 0 {
             *buf = buffers::take();

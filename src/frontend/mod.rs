@@ -90,15 +90,8 @@ async fn choose_protocol<S: ClientStream>(stream: &mut S, mut timer: Pin<&mut Sl
                 return Protocol::Http2(buf);
             }
         } else {
-            // Nothing yet: wait without a buffer.
-            tokio::select! {
-                biased;
-                ready = stream.wait_readable() => {
-                    if ready.is_err() {
-                        return Protocol::Closed;
-                    }
-                }
-                () = timer.as_mut() => return Protocol::Closed,
+            if !client_spoke(stream, timer.as_mut()).await {
+                return Protocol::Closed;
             }
             buf = buffers::take();
         }
@@ -115,6 +108,17 @@ async fn choose_protocol<S: ClientStream>(stream: &mut S, mut timer: Pin<&mut Sl
             }
             Ok(_) => {}
         }
+    }
+}
+
+/// Waits for the client to send something, holding no buffer (an idle
+/// connection's whole cost is its socket and task); false when it closed or
+/// `timer` fired first.
+async fn client_spoke<S: ClientStream>(stream: &S, timer: Pin<&mut Sleep>) -> bool {
+    tokio::select! {
+        biased;
+        ready = stream.wait_readable() => ready.is_ok(),
+        () = timer => false,
     }
 }
 

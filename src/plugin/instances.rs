@@ -352,18 +352,15 @@ impl<W: World> Binding<W> {
 #[cfg(test)]
 mod tests {
     //! A second, test-only world through the same cache, faults and
-    //! quarantine as the balancer's. Its component is `tests/plugins/counter`.
+    //! quarantine as the balancer's. Its component is `tests/plugins/counter`
+    //! (WIT in `tests/plugins/counter/wit`).
 
     use super::*;
     use std::time::Duration;
 
     mod bindings {
         wasmtime::component::bindgen!({
-            inline: "package test:counter;
-                     world counter {
-                         export init: func(config: string) -> result<_, string>;
-                         export next: func(trap: bool) -> u32;
-                     }",
+            path: "tests/plugins/counter/wit",
             world: "counter",
         });
     }

@@ -1,15 +1,11 @@
-//! A component of the test-only `counter` world (the host's twin of this WIT
-//! is in `src/plugin/instances.rs`): it counts its calls, so a test can see
+//! A component of the test-only `counter` world (`wit/counter.wit`, which the
+//! host's test in `src/plugin/instances.rs` binds too): it counts its calls, so a test can see
 //! whether calls reach the same cached instance, and traps on request.
 // Only a Wasm component: there is nothing to build or test on the host.
 #![cfg(target_arch = "wasm32")]
 
 wit_bindgen::generate!({
-    inline: "package test:counter;
-             world counter {
-                 export init: func(config: string) -> result<_, string>;
-                 export next: func(trap: bool) -> u32;
-             }",
+    path: "wit",
     world: "counter",
 });
 
