@@ -106,10 +106,12 @@ impl Trace {
         }
     }
 
-    /// The trace of a request from `client` refused before it could be routed.
-    pub fn refused(reply: &LocalReply, client: std::net::SocketAddr) -> Trace {
+    /// The trace of a request from `client` refused before it could be
+    /// routed, with `status` for `cause`.
+    pub fn refused(status: StatusCode, cause: Termination, client: std::net::SocketAddr) -> Trace {
         let mut trace = Trace::start(client);
-        trace.answered_locally(reply);
+        trace.status = status;
+        trace.termination = cause;
         trace
     }
 

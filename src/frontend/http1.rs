@@ -97,8 +97,11 @@ pub async fn serve<S: ClientStream>(
         deadline = Instant::now() + header_read_timeout;
     };
     buffers::give(buf);
-    let trace = Trace::refused(&refusal, peer);
+    // The trace is made after the write: held across it, it would take room in
+    // every idle connection's state.
+    let (status, cause) = (refusal.status, refusal.cause);
     let (_, delivery, bytes_out) = write_local(&mut stream, refusal, false, false).await;
+    let trace = Trace::refused(status, cause, peer);
     proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
 }
 

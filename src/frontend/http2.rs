@@ -61,7 +61,12 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
         Ok(head) => head,
         Err(error) => {
             let reply = LocalReply::new(error.status(), proxy::Termination::BadRequest, error.to_string());
-            return local_response(&snapshot, Trace::refused(&reply, client.addr), None, reply);
+            return local_response(
+                &snapshot,
+                Trace::refused(reply.status, reply.cause, client.addr),
+                None,
+                reply,
+            );
         }
     };
     // Sized by the pool's response_timeout inside the pipeline.
