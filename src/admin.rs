@@ -366,6 +366,7 @@ pub fn status(app: &App) -> serde_json::Value {
                         "requests": b.state.requests.load(Ordering::Relaxed),
                         "failures": b.state.failures.load(Ordering::Relaxed),
                         "idle_connections": pool.upstream.idle_count(index),
+                        "last_error": b.state.last_error().as_deref(),
                     })
                 })
                 .collect();
@@ -375,6 +376,10 @@ pub fn status(app: &App) -> serde_json::Value {
                 "plugin_digest": plugin.digest,
                 "plugin_quarantined": plugin.is_quarantined(),
                 "plugin_faults": slot.faults.load(Ordering::Relaxed),
+                "policy_loaded_at": plugin
+                    .loaded_at
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs()),
                 "backends": backends,
             })
         })

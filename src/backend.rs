@@ -60,6 +60,8 @@ pub struct BackendState {
     pub checks_failed: AtomicU64,
     /// Passive ejections, ever.
     pub ejections_total: AtomicU64,
+    /// What went wrong last (a failed request or check), for `/status`.
+    last_error: std::sync::Mutex<Option<Arc<str>>>,
 }
 
 impl Default for BackendState {
@@ -83,6 +85,7 @@ impl Default for BackendState {
             checks_passed: AtomicU64::new(0),
             checks_failed: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
+            last_error: std::sync::Mutex::new(None),
         }
     }
 }
@@ -149,6 +152,17 @@ impl BackendState {
         if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
             HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// Remembers `error` as the last thing that went wrong (failures only: off
+    /// the path of a request that succeeds).
+    pub fn note_error(&self, error: &str) {
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(error.into());
+    }
+
+    /// The last thing that went wrong, if anything did.
+    pub fn last_error(&self) -> Option<Arc<str>> {
+        self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Counts a request as in flight until the guard drops.

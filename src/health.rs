@@ -136,6 +136,7 @@ pub fn record_check(
         }
         Err(reason) => {
             state.checks_failed.fetch_add(1, Ordering::Relaxed);
+            state.note_error(&format!("health check: {reason}"));
             state.check_successes.store(0, Ordering::Relaxed);
             let bad = state.check_failures.fetch_add(1, Ordering::Relaxed).saturating_add(1);
             if bad >= health.fall && state.is_up() && state.set_up(false) {

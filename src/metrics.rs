@@ -136,7 +136,8 @@ struct PoolShard {
     decision: Buckets<13>,
     bytes_in: u64,
     bytes_out: u64,
-    retries: u64,
+    /// By reason, in `proxy::Retry::NAMES` order.
+    retries: [u64; 3],
 }
 
 /// One worker's counts, by pool id.
@@ -195,7 +196,9 @@ pub fn record(record: &RequestRecord<'_>) {
         }
         entry.bytes_in += record.bytes_in;
         entry.bytes_out += record.bytes_out;
-        entry.retries += u64::from(record.retries);
+        for (sum, n) in entry.retries.iter_mut().zip(record.retry_reasons) {
+            *sum += u64::from(n);
+        }
     });
 }
 
@@ -265,7 +268,9 @@ fn fold(snapshot: &Snapshot) -> IdMap<u64, PoolShard> {
             sum.decision.add(&pool.decision);
             sum.bytes_in += pool.bytes_in;
             sum.bytes_out += pool.bytes_out;
-            sum.retries += pool.retries;
+            for (total, n) in sum.retries.iter_mut().zip(pool.retries) {
+                *total += n;
+            }
         }
     }
     total
@@ -564,8 +569,14 @@ impl Scrape {
             ),
             counters(
                 "fulcrum_retries_total",
-                "Tries of a request after its first, by pool.",
-                by_pool(|p| p.retries),
+                "Tries of a request on another backend, by pool and reason.",
+                pools.iter().flat_map(|(id, pool)| {
+                    let name = self.pool_name(**id);
+                    crate::proxy::Retry::NAMES
+                        .iter()
+                        .zip(pool.retries)
+                        .map(move |(reason, n)| (vec![("pool", name.clone()), ("reason", reason.to_string())], n))
+                }),
             ),
             histograms(
                 "fulcrum_plugin_decision_seconds",

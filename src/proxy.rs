@@ -84,6 +84,8 @@ pub struct Trace {
     to_response_head: Option<Duration>,
     /// Tries after the first.
     retries: u32,
+    /// Why the request went to another backend, by [`Retry`].
+    retry_reasons: [u16; 3],
     /// Request body bytes read from the client.
     bytes_in: u64,
 }
@@ -102,6 +104,7 @@ impl Trace {
             decision: Duration::ZERO,
             to_response_head: None,
             retries: 0,
+            retry_reasons: [0; 3],
             bytes_in: 0,
         }
     }
@@ -152,6 +155,7 @@ pub fn finish(snapshot: &Snapshot, trace: &Trace, head: Option<&RequestHead>, de
     };
     if let (Delivery::BackendFailed(what), Some(pool), Some(backend)) = (delivery, pool, backend) {
         tracing::warn!(pool = %pool.name, backend = %backend.address, "backend {what}; response cut off");
+        backend.state.note_error(&format!("backend {what}"));
         health::record(
             &pool.name,
             &pool.backends,
@@ -168,6 +172,7 @@ pub fn finish(snapshot: &Snapshot, trace: &Trace, head: Option<&RequestHead>, de
         policy: pool.map(|p| p.policy.plugin_name()),
         decision: trace.decision,
         retries: trace.retries,
+        retry_reasons: trace.retry_reasons,
         bytes_in: trace.bytes_in,
         bytes_out,
         to_response_head: trace.to_response_head,
@@ -401,6 +406,7 @@ async fn forward<B: BodySource>(
             Ok(conn) => conn,
             Err(error) => {
                 report(backend, Outcome::Failure);
+                backend.state.note_error(&error.to_string());
                 tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend unreachable");
                 if out_of_tries {
                     return Err(LocalReply::new(
@@ -409,6 +415,7 @@ async fn forward<B: BodySource>(
                         format!("backend {} is unreachable", backend.address),
                     ));
                 }
+                trace.retry_reasons[Retry::ConnectFailure as usize] += 1;
                 continue;
             }
         };
@@ -449,6 +456,7 @@ async fn forward<B: BodySource>(
         let error = match exchanged {
             Err(()) => {
                 report(backend, Outcome::Failure);
+                backend.state.note_error("no response within response_timeout");
                 tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
                 return Err(LocalReply::new(
                     StatusCode::GATEWAY_TIMEOUT,
@@ -496,7 +504,9 @@ async fn forward<B: BodySource>(
             }
             ExchangeError::NotSent(error) => {
                 report(backend, Outcome::Failure);
+                backend.state.note_error(&format!("request not sent: {error}"));
                 tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "request not sent");
+                trace.retry_reasons[Retry::NotSent as usize] += 1;
                 if out_of_tries {
                     return Err(LocalReply::new(
                         StatusCode::BAD_GATEWAY,
@@ -507,7 +517,9 @@ async fn forward<B: BodySource>(
             }
             error @ (ExchangeError::Failed(_) | ExchangeError::Stale) => {
                 report(backend, Outcome::Failure);
+                backend.state.note_error(&error.to_string());
                 if may_replay && replayable && !out_of_tries {
+                    trace.retry_reasons[Retry::Reset as usize] += 1;
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed an idempotent request; retrying elsewhere");
                 } else {
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
@@ -520,6 +532,22 @@ async fn forward<B: BodySource>(
             }
         }
     }
+}
+
+/// Why a request was tried again on another backend (the `reason` of
+/// `fulcrum_retries_total`).
+#[derive(Debug, Clone, Copy)]
+pub enum Retry {
+    /// No connection could be made.
+    ConnectFailure = 0,
+    /// The connection closed before the request was written.
+    NotSent = 1,
+    /// The backend failed an idempotent request (reset, closed, malformed answer).
+    Reset = 2,
+}
+
+impl Retry {
+    pub const NAMES: [&'static str; 3] = ["connect_failure", "not_sent", "reset"];
 }
 
 /// Stale pooled connections tolerated per request before a backend counts as failing.

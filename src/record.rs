@@ -64,6 +64,8 @@ pub struct RequestRecord<'a> {
     pub policy: Option<&'a str>,
     pub decision: Duration,
     pub retries: u32,
+    /// Retries by reason, in `proxy::Retry::NAMES` order.
+    pub retry_reasons: [u16; 3],
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub to_response_head: Option<Duration>,

@@ -375,3 +375,81 @@ fn the_systemd_unit_verifies() {
         "systemd-analyze verify: {said}"
     );
 }
+
+/// Retries are counted by reason, and `/status` says what went wrong last at
+/// a backend.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_are_counted_by_reason_and_status_shows_the_last_error() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let dead = format!("127.0.0.1:{}", free_port());
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
+         [pools.web]\npolicy = \"round-robin\"\nretries = 1\nbackends = [\"{dead}\", \"{}\"]\n",
+        backends[0].addr
+    );
+    let fulcrum = Fulcrum::start(&config, &[]);
+    for _ in 0..10 {
+        assert_eq!(
+            get(fulcrum.addr, "/").await.expect("answer").status,
+            200,
+            "retried on the live backend"
+        );
+    }
+    let metrics = parse(&scrape(fulcrum.admin).await);
+    let connect = sum(
+        &metrics,
+        "fulcrum_retries_total",
+        &[("pool", "web"), ("reason", "connect_failure")],
+    );
+    assert!(connect >= 1.0, "connect failures retried and counted: {connect}");
+    assert_eq!(
+        sum(
+            &metrics,
+            "fulcrum_retries_total",
+            &[("pool", "web"), ("reason", "reset")]
+        ),
+        0.0
+    );
+    let status = fulcrum.backend_status("web", &dead).await;
+    assert!(
+        status["last_error"].as_str().is_some_and(|e| e.contains("connect to")),
+        "{status}"
+    );
+    let live = fulcrum.backend_status("web", &backends[0].addr.to_string()).await;
+    assert!(live["last_error"].is_null(), "{live}");
+}
+
+/// SIGHUP reads the config file again, as `POST /reload` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_the_config() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
+         [pools.web]\nbackends = [\"{}\"]\n[[routes]]\npath_prefix = \"/app\"\npool = \"web\"\n",
+        backends[0].addr
+    );
+    let fulcrum = Fulcrum::start(&config, &[]);
+    assert_eq!(get(fulcrum.addr, "/other").await.expect("answer").status, 404);
+    let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
+    std::fs::write(
+        fulcrum.config_path(),
+        text.replace("path_prefix = \"/app\"", "path_prefix = \"/\""),
+    )
+    .expect("edit");
+    unsafe {
+        libc::kill(fulcrum.pid() as i32, libc::SIGHUP);
+    }
+    assert!(
+        fulcrum.wait_for_log("SIGHUP received", Duration::from_secs(3)),
+        "{}",
+        fulcrum.log()
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while get(fulcrum.addr, "/other").await.expect("answer").status != 200 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the edited route serves after SIGHUP"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -63,6 +63,8 @@ pub struct Plugin<W: World> {
     pub source: PluginSource,
     /// Hex SHA-256 of the component's bytes.
     pub digest: String,
+    /// When this version was compiled and linked.
+    pub loaded_at: std::time::SystemTime,
     pre: W::Pre,
     consecutive_faults: AtomicU32,
     quarantined: AtomicBool,
@@ -98,6 +100,7 @@ impl<W: World> Plugin<W> {
             name: name.into(),
             source,
             digest: digest(bytes),
+            loaded_at: std::time::SystemTime::now(),
             pre,
             consecutive_faults: AtomicU32::new(0),
             quarantined: AtomicBool::new(false),
