@@ -381,7 +381,8 @@ fn the_systemd_unit_verifies() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_are_counted_by_reason_and_status_shows_the_last_error() {
     let backends = start_backends(&[0], &[]).await.expect("backends");
-    let dead = format!("127.0.0.1:{}", free_port());
+    // Port 1: nothing listens there, and no other test's listener can take it.
+    let dead = "127.0.0.1:1".to_string();
     let config = format!(
         "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n\
          [pools.web]\npolicy = \"round-robin\"\nretries = 1\nbackends = [\"{dead}\", \"{}\"]\n",
