@@ -209,24 +209,33 @@ struct Weight {
     weight: u32,
 }
 
-/// A backend as `/status` shows it.
+/// A backend after a change, as `/status` shows it, with its pool's name.
 fn backend_view(app: &App, pool: &str, address: &str) -> serde_json::Value {
     let snapshot = app.snapshot();
-    let found = snapshot
-        .pools
-        .iter()
-        .find(|p| p.name == pool)
-        .and_then(|p| p.backends.iter().find(|b| b.address == address));
-    match found {
-        Some(b) => serde_json::json!({
-            "pool": pool,
-            "address": b.address,
-            "weight": b.weight,
-            "state": b.state.describe(),
-            "in_flight": b.state.in_flight(),
-        }),
-        None => serde_json::json!({ "pool": pool, "address": address }),
-    }
+    let found = snapshot.pools.iter().find(|p| p.name == pool).and_then(|p| {
+        let index = p.backends.iter().position(|b| b.address == address)?;
+        Some(backend_json(p, index, &p.backends[index]))
+    });
+    let mut view = found.unwrap_or_else(|| serde_json::json!({ "address": address }));
+    view["pool"] = serde_json::json!(pool);
+    view
+}
+
+/// One backend of `pool` (at `index`) as the admin API shows it.
+fn backend_json(pool: &crate::snapshot::Pool, index: usize, b: &crate::backend::Backend) -> serde_json::Value {
+    serde_json::json!({
+        "address": b.address,
+        "weight": b.weight,
+        "state": b.state.describe(),
+        "healthy": b.state.is_healthy(),
+        "up": b.state.is_up(),
+        "ejected": b.state.is_ejected(),
+        "in_flight": b.state.in_flight(),
+        "requests": b.state.requests.load(Ordering::Relaxed),
+        "failures": b.state.failures.load(Ordering::Relaxed),
+        "idle_connections": pool.upstream.idle_count(index),
+        "last_error": b.state.last_error().as_deref(),
+    })
 }
 
 /// `%XX` escapes in a path segment decoded (an IPv6 address's brackets).
@@ -354,21 +363,7 @@ pub fn status(app: &App) -> serde_json::Value {
                 .backends
                 .iter()
                 .enumerate()
-                .map(|(index, b)| {
-                    serde_json::json!({
-                        "address": b.address,
-                        "weight": b.weight,
-                        "state": b.state.describe(),
-                        "healthy": b.state.is_healthy(),
-                        "up": b.state.is_up(),
-                        "ejected": b.state.is_ejected(),
-                        "in_flight": b.state.in_flight(),
-                        "requests": b.state.requests.load(Ordering::Relaxed),
-                        "failures": b.state.failures.load(Ordering::Relaxed),
-                        "idle_connections": pool.upstream.idle_count(index),
-                        "last_error": b.state.last_error().as_deref(),
-                    })
-                })
+                .map(|(index, b)| backend_json(pool, index, b))
                 .collect();
             serde_json::json!({
                 "name": pool.name,

@@ -160,32 +160,11 @@ thread_local! {
     };
 }
 
-const TERMINATIONS: [Termination; 10] = [
-    Termination::Completed,
-    Termination::BadRequest,
-    Termination::NoRoute,
-    Termination::NoBackend,
-    Termination::ConnectFailed,
-    Termination::ResponseTimeout,
-    Termination::BackendFailed,
-    Termination::BackendBodyFailed,
-    Termination::ClientBodyFailed,
-    Termination::ClientClosed,
-];
-
-fn termination_index(termination: Termination) -> u8 {
-    TERMINATIONS.iter().position(|t| *t == termination).unwrap_or(0) as u8
-}
-
 /// Records one finished request into this thread's shard.
 pub fn record(record: &RequestRecord<'_>) {
     let pool = record.pool.map_or(0, |p| p.id);
     let backend = record.backend.map_or(0, |b| b.state.id);
-    let key = (
-        backend,
-        status_class(record.status.as_u16()),
-        termination_index(record.termination),
-    );
+    let key = (backend, status_class(record.status.as_u16()), record.termination as u8);
     SHARD.with(|shard| {
         let mut pools = shard.pools.lock().unwrap_or_else(|p| p.into_inner());
         let entry = pools.entry(pool).or_default();
@@ -501,7 +480,10 @@ impl Scrape {
                     ("class", CLASSES[usize::from(*class)].to_string()),
                     (
                         "termination",
-                        TERMINATIONS[usize::from(*termination)].as_str().to_string(),
+                        Termination::ALL
+                            .get(usize::from(*termination))
+                            .map_or("unknown", |t| t.as_str())
+                            .to_string(),
                     ),
                 ];
                 requests.push((labels, *count));

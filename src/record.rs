@@ -12,6 +12,7 @@ use std::time::Duration;
 /// Why a request ended the way it did: the cause behind its status, for the
 /// log and (with the observability work) a metric label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Termination {
     /// The backend's whole response reached the client.
     Completed,
@@ -36,6 +37,20 @@ pub enum Termination {
 }
 
 impl Termination {
+    /// Every cause, in declaration order: `ALL[cause as usize] == cause`.
+    pub const ALL: [Termination; 10] = [
+        Termination::Completed,
+        Termination::BadRequest,
+        Termination::NoRoute,
+        Termination::NoBackend,
+        Termination::ConnectFailed,
+        Termination::ResponseTimeout,
+        Termination::BackendFailed,
+        Termination::BackendBodyFailed,
+        Termination::ClientBodyFailed,
+        Termination::ClientClosed,
+    ];
+
     /// The name in logs and metric labels.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -78,4 +93,16 @@ pub struct RequestRecord<'a> {
     pub request_id: Option<&'a str>,
     /// How long making a new connection to the backend took (`None`: a pooled one).
     pub connect: Option<Duration>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_is_listed_at_its_own_index() {
+        for (index, cause) in Termination::ALL.iter().enumerate() {
+            assert_eq!(*cause as usize, index, "{cause:?}");
+        }
+    }
 }
