@@ -212,10 +212,9 @@ struct Weight {
 /// A backend after a change, as `/status` shows it, with its pool's name.
 fn backend_view(app: &App, pool: &str, address: &str) -> serde_json::Value {
     let snapshot = app.snapshot();
-    let found = snapshot.pools.iter().find(|p| p.name == pool).and_then(|p| {
-        let index = p.backends.iter().position(|b| b.address == address)?;
-        Some(backend_json(p, index, &p.backends[index]))
-    });
+    let found = snapshot
+        .backend(pool, address)
+        .map(|(p, index)| backend_json(p, index, &p.backends[index]));
     let mut view = found.unwrap_or_else(|| serde_json::json!({ "address": address }));
     view["pool"] = serde_json::json!(pool);
     view

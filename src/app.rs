@@ -353,19 +353,14 @@ impl App {
     pub fn in_flight(&self, pool: &str, address: &str) -> u32 {
         let snapshot = self.snapshot();
         snapshot
-            .pools
-            .iter()
-            .find(|p| p.name == pool)
-            .and_then(|p| p.backends.iter().find(|b| b.address == address))
-            .map_or(0, |b| b.state.in_flight())
+            .backend(pool, address)
+            .map_or(0, |(pool, index)| pool.backends[index].state.in_flight())
     }
 
     /// Closes the idle connections held to `address` of `pool`.
     pub fn close_idle(&self, pool: &str, address: &str) {
         let snapshot = self.snapshot();
-        if let Some(pool) = snapshot.pools.iter().find(|p| p.name == pool)
-            && let Some(index) = pool.backends.iter().position(|b| b.address == address)
-        {
+        if let Some((pool, index)) = snapshot.backend(pool, address) {
             pool.upstream.close_idle(index);
         }
     }

@@ -49,6 +49,13 @@ pub struct Kept {
 }
 
 impl Snapshot {
+    /// The pool named `pool` and the index of its backend `address`.
+    pub fn backend(&self, pool: &str, address: &str) -> Option<(&Pool, usize)> {
+        let pool = self.pools.iter().find(|p| p.name == pool)?;
+        let index = pool.backends.iter().position(|b| b.address == address)?;
+        Some((pool, index))
+    }
+
     /// A snapshot with no pools, to stand in before the first is built.
     pub fn empty(config: Config) -> Snapshot {
         Snapshot {
