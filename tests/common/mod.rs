@@ -22,10 +22,24 @@ pub fn wasm(file: &str) -> PathBuf {
     Path::new(WASM_DIR).join(file)
 }
 
-/// A loopback port free at the time of asking.
+/// A loopback port free at the time of asking, never handed out twice in this
+/// test process.
+///
+/// Why the memory: the kernel may hand the same free port to two tests running
+/// in parallel, and Fulcrum binds its listener with `SO_REUSEPORT`, so two test
+/// balancers would then both bind it and split each other's traffic (seen in CI:
+/// a metrics test counting 114 of its 200 requests).
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
-    listener.local_addr().expect("local addr").port()
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    loop {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+        let port = listener.local_addr().expect("local addr").port();
+        let mut given = GIVEN.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A running `fulcrum run` process, killed when dropped.
