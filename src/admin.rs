@@ -1,6 +1,8 @@
 //! The admin listener (`server.admin`): status, metrics, readiness and
 //! reload, for operators and their tools.
 //!
+//! - `GET /`: the status page (its files embedded; [`crate::live`] feeds its
+//!   charts through `GET /status/live`).
 //! - `GET /status`: JSON, every pool with its policy and backends.
 //! - `GET /metrics`: the Prometheus text exposition ([`crate::metrics`]).
 //! - `GET /ready`: 200 while Fulcrum takes traffic, 503 once `POST /ready/fail`
@@ -16,6 +18,7 @@
 
 use crate::app::App;
 use crate::config::ConfigError;
+use crate::live::Live;
 use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode, header};
 use http_body_util::{BodyExt, Full};
@@ -27,17 +30,27 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 
-/// Serves the admin API on `listener` until the task is dropped.
+/// Serves the admin API on `listener`, and samples the status page's live
+/// figures, until the task is dropped.
 pub async fn serve(app: Arc<App>, listener: TcpListener) {
+    let live = Arc::new(Live::default());
+    let sampler = live.clone().sample(app.clone());
+    let accept = accept(app, live, listener);
+    tokio::join!(sampler, accept);
+}
+
+async fn accept(app: Arc<App>, live: Arc<Live>, listener: TcpListener) {
     let local = listener.local_addr().ok();
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         let app = app.clone();
+        let live = live.clone();
         tokio::spawn(async move {
             let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let app = app.clone();
+                let live = live.clone();
                 async move {
                     let (parts, body) = request.into_parts();
                     // Bodies are small JSON documents; more is refused unread.
@@ -46,7 +59,16 @@ pub async fn serve(app: Arc<App>, listener: TcpListener) {
                         Err(_) => Bytes::new(),
                     };
                     Ok::<_, Infallible>(
-                        handle(&app, local, &parts.method, parts.uri.path(), &parts.headers, &body).await,
+                        handle(
+                            &app,
+                            &live,
+                            local,
+                            &parts.method,
+                            parts.uri.path(),
+                            &parts.headers,
+                            &body,
+                        )
+                        .await,
                     )
                 }
             });
@@ -63,18 +85,26 @@ const MAX_BODY: usize = 64 * 1024;
 /// Answers one admin request.
 async fn handle(
     app: &Arc<App>,
+    live: &Live,
     local: Option<SocketAddr>,
     method: &Method,
     path: &str,
     headers: &HeaderMap,
     body: &Bytes,
 ) -> Response<Full<Bytes>> {
-    if *method == Method::GET && path == "/ready" {
-        return if app.is_ready() {
-            text(StatusCode::OK, "ready\n")
-        } else {
-            text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
-        };
+    if *method == Method::GET {
+        if path == "/ready" {
+            return if app.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            };
+        }
+        // The status page's shell carries no data: it loads without a token
+        // and asks for one when its first call is refused.
+        if let Some(asset) = status_page_asset(path) {
+            return asset;
+        }
     }
     let snapshot = app.snapshot();
     if let Some(token) = &snapshot.config.server.admin_token
@@ -100,6 +130,7 @@ async fn handle(
     }
     match (method.as_str(), path) {
         ("GET", "/status") => json(StatusCode::OK, status(app)),
+        ("GET", "/status/live") => json(StatusCode::OK, live.to_json()),
         ("GET", "/metrics") => {
             let mut response = Response::new(Full::new(Bytes::from(crate::metrics::render(&snapshot))));
             response.headers_mut().insert(
@@ -379,6 +410,31 @@ pub fn status(app: &App) -> serde_json::Value {
         })
         .collect();
     serde_json::json!({ "pools": pools, "ready": app.is_ready() })
+}
+
+/// The status page's files, embedded in the binary: `GET /` and what it loads.
+fn status_page_asset(path: &str) -> Option<Response<Full<Bytes>>> {
+    let (body, content_type): (&'static str, &'static str) = match path {
+        "/" => (include_str!("../assets/status/index.html"), "text/html; charset=utf-8"),
+        "/status.js" => (
+            include_str!("../assets/status/status.js"),
+            "text/javascript; charset=utf-8",
+        ),
+        "/status.css" => (include_str!("../assets/status/status.css"), "text/css; charset=utf-8"),
+        _ => return None,
+    };
+    let mut response = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static(content_type));
+    // Only the page's own files run, and no other site may frame it (its
+    // buttons change the balancer).
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        http::HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'"),
+    );
+    headers.insert(header::X_FRAME_OPTIONS, http::HeaderValue::from_static("DENY"));
+    headers.insert(header::CACHE_CONTROL, http::HeaderValue::from_static("no-cache"));
+    Some(response)
 }
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {

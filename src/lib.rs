@@ -15,6 +15,7 @@ pub mod demo;
 pub mod frontend;
 pub mod health;
 pub mod http;
+pub mod live;
 pub mod memory;
 pub mod metrics;
 pub mod plugin;

@@ -255,6 +255,44 @@ fn fold(snapshot: &Snapshot) -> IdMap<u64, PoolShard> {
     total
 }
 
+/// A pool's cumulative counts since start, as the status page's windowed
+/// figures ([`crate::live`]) difference them.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct PoolTotals {
+    pub requests: u64,
+    /// Answers with a 5xx status, Fulcrum's own (502, 503, 504) included.
+    pub errors: u64,
+    /// `(requests, errors)` by backend state id.
+    pub backends: HashMap<u64, (u64, u64)>,
+    /// Request durations per bucket of [`DURATION_BUCKETS`], the last one
+    /// counting those above every bound.
+    pub durations: [u64; 15],
+}
+
+/// Every live pool's [`PoolTotals`], by pool id.
+pub fn totals(snapshot: &Snapshot) -> HashMap<u64, PoolTotals> {
+    fold(snapshot)
+        .into_iter()
+        .filter(|(id, _)| *id != 0)
+        .map(|(id, pool)| {
+            let mut totals = PoolTotals::default();
+            for (&(backend, class, _), &count) in &pool.requests {
+                let errors = if class == 5 { count } else { 0 };
+                totals.requests += count;
+                totals.errors += errors;
+                if backend != 0 {
+                    let entry = totals.backends.entry(backend).or_default();
+                    entry.0 += count;
+                    entry.1 += errors;
+                }
+            }
+            totals.durations[..14].copy_from_slice(&pool.duration.counts);
+            totals.durations[14] = pool.duration.over;
+            (id, totals)
+        })
+        .collect()
+}
+
 /// The Prometheus text exposition (format 0.0.4) of every metric.
 pub fn render(snapshot: &Snapshot) -> String {
     let scrape = Scrape {
