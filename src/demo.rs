@@ -27,6 +27,8 @@ pub struct DemoStats {
     pub requests: AtomicU64,
     /// Request body bytes received.
     pub body_bytes: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
 }
 
 type DemoBody = BoxBody<Bytes, Infallible>;
@@ -51,6 +53,7 @@ pub async fn serve(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        stats.connections.fetch_add(1, Ordering::Relaxed);
         let (name, stats) = (name.clone(), stats.clone());
         let mut killed = killed.clone();
         tokio::spawn(async move {

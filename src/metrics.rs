@@ -339,6 +339,7 @@ struct BackendView {
     healthy: bool,
     in_flight: u32,
     idle: usize,
+    opened: u64,
     check_passes: u64,
     check_failures: u64,
     ejections: u64,
@@ -368,6 +369,7 @@ impl SnapshotView {
                             healthy: b.state.is_healthy(),
                             in_flight: b.state.in_flight(),
                             idle: pool.upstream.idle_count(index),
+                            opened: pool.upstream.opened_count(index),
                             check_passes: b.state.checks_passed.load(Relaxed),
                             check_failures: b.state.checks_failed.load(Relaxed),
                             ejections: b.state.ejections_total.load(Relaxed),
@@ -620,6 +622,11 @@ impl Scrape {
                 "fulcrum_upstream_idle_connections",
                 "Idle keep-alive connections held to the backend.",
                 per_backend(|b| b.idle as f64),
+            ),
+            counters(
+                "fulcrum_upstream_connections_opened_total",
+                "Connections opened to the backend (a pooled one is counted once, when made).",
+                backends.iter().map(|(labels, b)| (labels.clone(), b.opened)),
             ),
             counters(
                 "fulcrum_health_checks_total",

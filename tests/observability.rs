@@ -181,6 +181,24 @@ async fn metrics_count_every_request_and_drop_a_removed_backend() {
         "decisions land in sub-microsecond buckets:\n{text}"
     );
     assert_eq!(sum(&metrics, "fulcrum_backend_healthy", &[("pool", "web")]), 2.0);
+    for backend in &backends {
+        let address = backend.addr.to_string();
+        let opened = sum(
+            &metrics,
+            "fulcrum_upstream_connections_opened_total",
+            &[("pool", "web"), ("backend", &address)],
+        );
+        let accepted = backend.stats.connections.load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(
+            opened, accepted as f64,
+            "connections opened to {address}, as it counted them"
+        );
+        assert!(
+            opened >= 1.0 && opened < f64::from(sent / 2),
+            "kept alive and reused: {opened} for {} requests",
+            sent / 2
+        );
+    }
 
     // Remove the second backend; its series go with it.
     let removed = backends[1].addr.to_string();

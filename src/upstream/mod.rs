@@ -53,6 +53,11 @@ impl Upstream {
         self.idle.get(index).map_or(0, |idle| idle.count())
     }
 
+    /// Connections opened to the backend at `index`.
+    pub fn opened_count(&self, index: usize) -> u64 {
+        self.idle.get(index).map_or(0, |idle| idle.opened())
+    }
+
     /// Closes the idle connections held for the backend at `index`.
     pub fn close_idle(&self, index: usize) {
         if let Some(idle) = self.idle.get(index) {
@@ -75,6 +80,7 @@ impl Upstream {
         }
         let connecting = quanta::Instant::now();
         let stream = self.connector.connect(addr, self.connect_timeout).await?;
+        idle.count_opened();
         Ok(Conn::Http1(h1::Conn {
             stream,
             idle,

@@ -5,7 +5,7 @@
 
 use super::connect::Transport;
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Shards of a pool: one per worker thread (modulo).
@@ -57,10 +57,13 @@ fn coarse_now_ms() -> u64 {
     (now.tv_sec as u64) * 1000 + (now.tv_nsec as u64) / 1_000_000
 }
 
-/// Idle keep-alive connections to one backend.
+/// Idle keep-alive connections to one backend, and how many were made.
 #[derive(Default)]
 pub struct IdleConns {
     idle: [Mutex<Vec<IdleConn>>; SHARDS],
+    /// Connections opened to the backend (an atomic shared by the workers:
+    /// touched once per new connection, not per request).
+    opened: AtomicU64,
 }
 
 impl std::fmt::Debug for IdleConns {
@@ -81,6 +84,16 @@ impl IdleConns {
             .iter()
             .map(|shard| shard.lock().map_or(0, |idle| idle.len()))
             .sum()
+    }
+
+    /// Connections opened to the backend since it was first configured.
+    pub fn opened(&self) -> u64 {
+        self.opened.load(Ordering::Relaxed)
+    }
+
+    /// Counts a connection just opened.
+    pub fn count_opened(&self) {
+        self.opened.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The most recently idled connection that is still fresh and quiet;
