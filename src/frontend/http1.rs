@@ -100,7 +100,7 @@ pub async fn serve<S: ClientStream>(
     // The trace is made after the write: held across it, it would take room in
     // every idle connection's state.
     let (status, cause) = (refusal.status, refusal.cause);
-    let (_, delivery, bytes_out) = write_local(&mut stream, refusal, false, false).await;
+    let (_, delivery, bytes_out) = write_local(&mut stream, &refusal, false, false).await;
     let trace = Trace::refused(status, cause, peer);
     proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
 }
@@ -162,15 +162,29 @@ async fn serve_request<S: ClientStream>(
         read_timeout: snapshot.config.server.client_idle_timeout,
         received: 0,
     };
-    let (answer, trace) = proxy::serve(snapshot, client, &head, &mut source, timer).await;
+    let mut trace = Trace::start(client.addr);
+    let mut answer = proxy::serve(snapshot, client, &head, &mut source, timer, &mut trace).await;
     let keep = keep_alive && source.decoder.is_done();
-    let (keep, delivery, bytes_out) = match answer {
+    // Written from where it lies: moving a backend's answer is a copy of it.
+    let (keep, delivery, bytes_out) = match &mut answer {
         Answer::Local(reply) => write_local(stream, reply, keep, http10).await,
         Answer::Backend(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
             tunnel(stream, buf, forwarded, snapshot.config.server.client_idle_timeout).await;
             (false, Delivery::Whole, 0)
         }
-        Answer::Backend(forwarded) => write_forwarded(stream, forwarded, keep, http10).await,
+        Answer::Backend(forwarded) => {
+            let written = write_response(
+                stream,
+                &forwarded.head,
+                &mut forwarded.body,
+                &mut forwarded.scratch,
+                keep,
+                http10,
+            )
+            .await;
+            buffers::give_write(std::mem::take(&mut forwarded.scratch));
+            written
+        }
     };
     proxy::finish(snapshot, &trace, Some(&head), delivery, bytes_out);
     keep
@@ -181,7 +195,7 @@ async fn serve_request<S: ClientStream>(
 /// the writing went and the body bytes written.
 async fn write_local<S: AsyncWrite + Unpin>(
     stream: &mut S,
-    reply: LocalReply,
+    reply: &LocalReply,
     keep: bool,
     http10: bool,
 ) -> (bool, Delivery, u64) {
@@ -196,24 +210,6 @@ async fn write_local<S: AsyncWrite + Unpin>(
     let written = stream.write_all(&out).await.is_ok();
     let delivery = if written { Delivery::Whole } else { Delivery::ClientGone };
     (written && keep, delivery, reply.message.len() as u64 + 1)
-}
-
-/// Writes the backend's response: its head, then its body as it comes, in as
-/// few writes as it arrives in.
-async fn write_forwarded<S: AsyncWrite + Unpin>(
-    stream: &mut S,
-    forwarded: Forwarded,
-    keep: bool,
-    http10: bool,
-) -> (bool, Delivery, u64) {
-    let Forwarded {
-        head,
-        mut body,
-        scratch: mut out,
-    } = forwarded;
-    let written = write_response(stream, &head, &mut body, &mut out, keep, http10).await;
-    buffers::give_write(out);
-    written
 }
 
 /// Writes `head` and `body` through `out`; returns whether the connection can
@@ -297,19 +293,19 @@ async fn write_response<S: AsyncWrite + Unpin>(
 async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     buf: &mut BytesMut,
-    forwarded: Forwarded,
+    forwarded: &mut Forwarded,
     idle: Duration,
 ) {
     let Forwarded {
         head,
         body,
-        scratch: mut out,
+        scratch: out,
     } = forwarded;
-    let Some(mut upgraded) = body.into_upgraded() else {
+    let Some(mut upgraded) = body.take_upgraded() else {
         return;
     };
     out.clear();
-    head.write_for_client(&mut out, false, false, false);
+    head.write_for_client(out, false, false, false);
     out.extend_from_slice(&upgraded.early);
     if stream.write_all(&out).await.is_err() {
         return;

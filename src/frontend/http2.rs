@@ -72,7 +72,8 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
     // Sized by the pool's response_timeout inside the pipeline.
     let timer = tokio::time::sleep(std::time::Duration::ZERO);
     tokio::pin!(timer);
-    let (answer, trace) = proxy::serve(&snapshot, client, &head, &mut source, timer).await;
+    let mut trace = Trace::start(client.addr);
+    let answer = proxy::serve(&snapshot, client, &head, &mut source, timer, &mut trace).await;
     match answer {
         Answer::Backend(forwarded) => {
             let mut response = Response::new(ProxyBody::Upstream(Upstream {

@@ -231,8 +231,9 @@ pub struct Upgraded {
 }
 
 impl ResponseBody {
-    /// The connection behind a `101 Switching Protocols` answer.
-    pub fn into_upgraded(mut self) -> Option<Upgraded> {
+    /// The connection behind a `101 Switching Protocols` answer, taken out
+    /// (the body is left with none).
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
         let ExchangedConn { conn, buf } = self.conn.take()?;
         Some(Upgraded {
             stream: conn.stream,
