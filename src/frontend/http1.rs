@@ -307,7 +307,7 @@ async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
     out.clear();
     head.write_for_client(out, false, false, false);
     out.extend_from_slice(&upgraded.early);
-    if stream.write_all(&out).await.is_err() {
+    if stream.write_all(out).await.is_err() {
         return;
     }
     // What the client sent after its request head belongs to the new protocol.
