@@ -162,7 +162,7 @@ fn host_work(c: &mut Criterion) {
                 .expect("valid")
                 .expect("complete");
             out.clear();
-            head.write_for_client(&mut out, false, false, false);
+            head.write_for_client(&mut out, false, false, false, b"");
             black_box(out.len())
         })
     });

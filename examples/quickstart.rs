@@ -29,10 +29,12 @@ fn main() -> anyhow::Result<()> {
     for backend in &backends {
         tracing::info!(addr = %backend.addr, "demo backend listening");
     }
-    tracing::info!(
-        "try: curl -s http://{}/  (edit examples/quickstart.toml to change the policy live; Ctrl-C stops)",
-        config.server.listen
-    );
+    if let Some(listener) = config.server.listeners.first() {
+        tracing::info!(
+            "try: curl -s http://{}/  (edit examples/quickstart.toml to change the policy live; Ctrl-C stops)",
+            listener.listen
+        );
+    }
     // The balancer itself starts exactly as `fulcrum run` starts it.
     fulcrum::root::run(&path, fulcrum::root::stop_signal())
 }

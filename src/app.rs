@@ -148,9 +148,9 @@ impl App {
         let current = self.snapshot();
         for (key, old, new) in [
             (
-                "server.listen",
-                current.config.server.listen.to_string(),
-                config.server.listen.to_string(),
+                "server.listen and server.listeners",
+                format!("{:?}", current.config.server.listeners),
+                format!("{:?}", config.server.listeners),
             ),
             (
                 "server.admin",
@@ -405,6 +405,21 @@ impl App {
         }
         *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         Ok(())
+    }
+
+    /// Also watches a TLS listener's certificate, key and CA files (after
+    /// [`App::watch`]): a change is served from the next handshake on.
+    pub fn watch_tls(&self, terminator: &Arc<crate::tls::Terminator>) -> Result<(), notify::Error> {
+        let mut watcher = self.watcher.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(watcher) = watcher.as_mut() else {
+            return Err(notify::Error::generic("the file watcher is not started"));
+        };
+        let files = crate::tls::TlsFiles::new(terminator);
+        for folder in files.folders() {
+            // The handler is registered once; each folder is watched.
+            watcher.watch_folder(&folder)?;
+        }
+        watcher.add_handler(Box::new(files))
     }
 }
 

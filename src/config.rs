@@ -53,7 +53,10 @@ impl PartialEq for TextDigest {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerConfig {
-    pub listen: SocketAddr,
+    /// Every listener: `server.listen` (with `server.tls` and the other
+    /// listener keys of `[server]`) first when set, then `[[server.listeners]]`
+    /// in order.
+    pub listeners: Vec<ListenerConfig>,
     pub admin: Option<SocketAddr>,
     /// The bearer token the admin API asks for; required when `admin` is not
     /// a loopback address.
@@ -66,6 +69,54 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+}
+
+/// One address Fulcrum takes clients on, and how it speaks to them there.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ListenerConfig {
+    /// `server.listen`, or `server.listeners[N]`: its name in logs and metrics.
+    pub key: String,
+    /// The table its settings are keys of: `server`, or `server.listeners[N]`.
+    pub table: String,
+    pub listen: SocketAddr,
+    /// TLS termination; plain HTTP when `None`.
+    pub tls: Option<TlsConfig>,
+    /// Every connection starts with a PROXY protocol header (v1 or v2), read
+    /// before anything else; a connection without one is closed.
+    pub proxy_protocol: bool,
+    /// A plain listener that answers every request with a redirect to
+    /// `https://` on this port.
+    pub redirect_https: Option<u16>,
+}
+
+/// A TLS listener's settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsConfig {
+    /// Certificates with their keys; the first is served to clients whose
+    /// name (SNI) no certificate covers, unless `strict_sni`.
+    pub certificates: Vec<CertificateFiles>,
+    /// Refuse the handshake of a client whose name no certificate covers.
+    pub strict_sni: bool,
+    /// Client certificates are checked against these CAs.
+    pub client_ca: Option<PathBuf>,
+    /// With `client_ca`: whether a client must present a certificate.
+    pub client_auth: ClientAuth,
+    /// The `Strict-Transport-Security` value added to every answer.
+    pub hsts: Option<String>,
+}
+
+/// A certificate chain and its private key, as PEM files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Whether a TLS listener with `client_ca` requires a client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientAuth {
+    Required,
+    Optional,
 }
 
 /// The access log's settings.
@@ -210,13 +261,55 @@ struct RawConfig {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawServer {
-    listen: String,
+    listen: Option<String>,
+    // server.listen's settings: the keys of a [[server.listeners]] entry.
+    tls: Option<RawTls>,
+    proxy_protocol: Option<bool>,
+    redirect_https: Option<u16>,
+    #[serde(default)]
+    listeners: Vec<RawListener>,
     admin: Option<String>,
     admin_token: Option<String>,
     header_read_timeout: Option<String>,
     client_idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     workers: Option<usize>,
+}
+
+/// The keys a listener has besides its address (in `[server]` they are
+/// `server.listen`'s).
+struct RawListenerSettings {
+    tls: Option<RawTls>,
+    proxy_protocol: Option<bool>,
+    redirect_https: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawListener {
+    listen: String,
+    tls: Option<RawTls>,
+    proxy_protocol: Option<bool>,
+    redirect_https: Option<u16>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    certificates: Option<Vec<RawCertificate>>,
+    strict_sni: Option<bool>,
+    client_ca: Option<PathBuf>,
+    client_auth: Option<String>,
+    hsts: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCertificate {
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 #[derive(Deserialize)]
@@ -397,6 +490,119 @@ pub fn resolve(text: &str) -> Result<SocketAddr, String> {
     socket("address", text).map_err(|(_, reason)| reason)
 }
 
+/// A listener from its address and settings; `key` is the table
+/// (`server`, `server.listeners[N]`) and `listen_key` its address's key.
+fn listener(
+    key: &str,
+    listen_key: &str,
+    listen: &str,
+    settings: RawListenerSettings,
+    folder: &Path,
+) -> Result<ListenerConfig, KeyError> {
+    let listen = socket(listen_key, listen)?;
+    // Errors about the listener's settings name them under its table; its
+    // record keeps the key of its address's table for messages at run time.
+    let record_key = if key == "server" {
+        "server.listen".to_string()
+    } else {
+        key.to_string()
+    };
+    let tls = settings
+        .tls
+        .map(|raw| tls(&format!("{key}.tls"), raw, folder))
+        .transpose()?;
+    if let Some(port) = settings.redirect_https {
+        if tls.is_some() {
+            return Err((
+                format!("{key}.redirect_https"),
+                "a TLS listener serves HTTPS itself: redirect_https belongs on a plain listener".into(),
+            ));
+        }
+        if port == 0 {
+            return Err((format!("{key}.redirect_https"), "a port, 1 to 65535".into()));
+        }
+    }
+    Ok(ListenerConfig {
+        key: record_key,
+        table: key.to_string(),
+        listen,
+        tls,
+        proxy_protocol: settings.proxy_protocol.unwrap_or(false),
+        redirect_https: settings.redirect_https,
+    })
+}
+
+/// A TLS table (`key`), its paths resolved against `folder`. The files are
+/// read when the listener starts (`crate::tls`), which names them in errors.
+fn tls(key: &str, raw: RawTls, folder: &Path) -> Result<TlsConfig, KeyError> {
+    let certificates = match (raw.cert, raw.key, raw.certificates) {
+        (Some(cert), Some(key_file), None) => vec![CertificateFiles {
+            cert: folder.join(cert),
+            key: folder.join(key_file),
+        }],
+        (None, None, Some(list)) if !list.is_empty() => list
+            .into_iter()
+            .map(|c| CertificateFiles {
+                cert: folder.join(c.cert),
+                key: folder.join(c.key),
+            })
+            .collect(),
+        (None, None, Some(_)) => {
+            return Err((format!("{key}.certificates"), "at least one { cert, key }".into()));
+        }
+        (Some(_), None, None) => return Err((format!("{key}.key"), "required with cert".into())),
+        (None, Some(_), None) => return Err((format!("{key}.cert"), "required with key".into())),
+        (None, None, None) => {
+            return Err((
+                key.into(),
+                "needs cert and key, or certificates = [{ cert, key }, ...]".into(),
+            ));
+        }
+        (_, _, Some(_)) => {
+            return Err((
+                format!("{key}.certificates"),
+                "either cert and key, or certificates, not both".into(),
+            ));
+        }
+    };
+    let client_auth = match raw.client_auth.as_deref() {
+        None | Some("required") => ClientAuth::Required,
+        Some("optional") => ClientAuth::Optional,
+        Some(other) => {
+            return Err((
+                format!("{key}.client_auth"),
+                format!("`{other}` is not \"required\" or \"optional\""),
+            ));
+        }
+    };
+    if raw.client_auth.is_some() && raw.client_ca.is_none() {
+        return Err((
+            format!("{key}.client_auth"),
+            "needs client_ca, the CAs client certificates are checked against".into(),
+        ));
+    }
+    if let Some(hsts) = &raw.hsts {
+        let valid = hsts
+            .strip_prefix("max-age=")
+            .and_then(|rest| rest.split(';').next())
+            .is_some_and(|age| !age.is_empty() && age.trim().bytes().all(|b| b.is_ascii_digit()))
+            && hsts.bytes().all(|b| b.is_ascii_graphic() || b == b' ');
+        if !valid {
+            return Err((
+                format!("{key}.hsts"),
+                "a Strict-Transport-Security value such as \"max-age=31536000; includeSubDomains\"".into(),
+            ));
+        }
+    }
+    Ok(TlsConfig {
+        certificates,
+        strict_sni: raw.strict_sni.unwrap_or(false),
+        client_ca: raw.client_ca.map(|ca| folder.join(ca)),
+        client_auth,
+        hsts: raw.hsts,
+    })
+}
+
 fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
     if let Ok(addr) = text.parse() {
         return Ok(addr);
@@ -456,8 +662,56 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             format!("required: server.admin ({admin}) is not a loopback address, and the admin API changes what runs"),
         ));
     }
+    let mut listeners = Vec::new();
+    let settings = RawListenerSettings {
+        tls: raw.server.tls,
+        proxy_protocol: raw.server.proxy_protocol,
+        redirect_https: raw.server.redirect_https,
+    };
+    match raw.server.listen.as_deref() {
+        Some(listen) => listeners.push(listener("server", "server.listen", listen, settings, folder)?),
+        None if settings.tls.is_some() || settings.proxy_protocol.is_some() || settings.redirect_https.is_some() => {
+            return Err((
+                "server.listen".into(),
+                "server.tls, server.proxy_protocol and server.redirect_https are settings of server.listen, which is not set".into(),
+            ));
+        }
+        None => {}
+    }
+    for (index, entry) in raw.server.listeners.into_iter().enumerate() {
+        let key = format!("server.listeners[{index}]");
+        let settings = RawListenerSettings {
+            tls: entry.tls,
+            proxy_protocol: entry.proxy_protocol,
+            redirect_https: entry.redirect_https,
+        };
+        listeners.push(listener(
+            &key,
+            &format!("{key}.listen"),
+            &entry.listen,
+            settings,
+            folder,
+        )?);
+    }
+    if listeners.is_empty() {
+        return Err((
+            "server.listen".into(),
+            "required (or [[server.listeners]] entries), e.g. listen = \"127.0.0.1:8080\"".into(),
+        ));
+    }
+    for (i, a) in listeners.iter().enumerate() {
+        if let Some(b) = listeners[..i].iter().find(|b| b.listen == a.listen) {
+            return Err((
+                format!("{}.listen", a.key),
+                format!("{} is also {}.listen", a.listen, b.key),
+            ));
+        }
+        if admin == Some(a.listen) {
+            return Err(("server.admin".into(), format!("{} is also {}.listen", a.listen, a.key)));
+        }
+    }
     let server = ServerConfig {
-        listen: socket("server.listen", &raw.server.listen)?,
+        listeners,
         admin,
         admin_token,
         header_read_timeout: duration(

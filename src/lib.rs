@@ -26,5 +26,6 @@ pub mod router;
 pub mod server;
 pub mod shutdown;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 pub mod watch;

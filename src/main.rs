@@ -80,6 +80,10 @@ fn init_logging(format: LogFormat) {
 
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
+    for listener in &config.server.listeners {
+        // TLS files read and checked as `run` would.
+        fulcrum::server::Listener::new(listener).map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
+    }
     let app = App::new(config)?;
     let snapshot = app.snapshot();
     for pool in &snapshot.pools {

@@ -319,6 +319,8 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 struct SnapshotView {
     pools: Vec<PoolView>,
     config_hash: String,
+    /// (listener, certificate file, notAfter) of every served certificate.
+    certificates: Vec<(String, String, i64)>,
     access_log_dropped: Option<u64>,
 }
 
@@ -381,6 +383,15 @@ impl SnapshotView {
         SnapshotView {
             pools,
             config_hash: snapshot.config.digest.0.clone(),
+            certificates: crate::tls::terminators()
+                .iter()
+                .flat_map(|t| {
+                    t.certificates()
+                        .iter()
+                        .map(|c| (t.listener.clone(), c.file.display().to_string(), c.not_after))
+                        .collect::<Vec<_>>()
+                })
+                .collect(),
             access_log_dropped: snapshot
                 .access_log
                 .as_ref()
@@ -716,6 +727,16 @@ impl Scrape {
                 "fulcrum_config_info",
                 "The serving config, by the SHA-256 of its file.",
                 [(vec![("hash", self.snapshot.config_hash.clone())], 1.0)],
+            ),
+            gauges(
+                "fulcrum_tls_certificate_expiry_timestamp_seconds",
+                "When each certificate a TLS listener serves expires (its notAfter), in Unix seconds.",
+                self.snapshot.certificates.iter().map(|(listener, file, not_after)| {
+                    (
+                        vec![("listener", listener.clone()), ("certificate", file.clone())],
+                        *not_after as f64,
+                    )
+                }),
             ),
         ]
     }

@@ -33,6 +33,8 @@ pub struct LocalReply {
     pub status: StatusCode,
     pub cause: Termination,
     pub message: String,
+    /// Where a redirect points (its `Location`).
+    pub location: Option<String>,
 }
 
 impl LocalReply {
@@ -42,6 +44,38 @@ impl LocalReply {
             status,
             cause,
             message: message.into(),
+            location: None,
+        }
+    }
+
+    /// The redirect of a plain listener with `redirect_https`: the same host
+    /// (its port replaced) and target over HTTPS. 301 for GET and HEAD (which
+    /// browsers follow as they are), 308 for the rest, which must keep their
+    /// method and body.
+    fn to_https(head: &RequestHead, port: u16) -> LocalReply {
+        let host = head.host().unwrap_or_default();
+        // The host without its port; an IPv6 literal keeps its brackets.
+        let name = match host.rfind(':') {
+            Some(colon) if !host[colon..].contains(']') => &host[..colon],
+            _ => host,
+        };
+        let mut location = format!("https://{name}");
+        if port != 443 {
+            location.push_str(&format!(":{port}"));
+        }
+        let mut target = Vec::new();
+        head.write_origin_form(&mut target);
+        location.push_str(&String::from_utf8_lossy(&target));
+        let status = if matches!(head.method, Method::GET | Method::HEAD) {
+            StatusCode::MOVED_PERMANENTLY
+        } else {
+            StatusCode::PERMANENT_REDIRECT
+        };
+        LocalReply {
+            status,
+            cause: Termination::RedirectedToHttps,
+            message: format!("this site is served over HTTPS: {location}"),
+            location: Some(location),
         }
     }
 }
@@ -244,15 +278,20 @@ pub async fn serve<B: BodySource>(
         head,
         client: client.addr,
     };
-    let answer = match route(snapshot, current.head) {
-        None => Answer::Local(LocalReply::new(
-            StatusCode::NOT_FOUND,
-            Termination::NoRoute,
-            "no route matches this request",
-        )),
-        Some((index, pool)) => {
-            trace.pool = Some(index);
-            forward(pool, client, &current, source, timer, trace).await
+    let redirect = client.edge.as_deref().and_then(|edge| edge.redirect_https);
+    let answer = if let Some(port) = redirect {
+        Answer::Local(LocalReply::to_https(head, port))
+    } else {
+        match route(snapshot, current.head) {
+            None => Answer::Local(LocalReply::new(
+                StatusCode::NOT_FOUND,
+                Termination::NoRoute,
+                "no route matches this request",
+            )),
+            Some((index, pool)) => {
+                trace.pool = Some(index);
+                forward(pool, client, &current, source, timer, trace).await
+            }
         }
     };
     if let Answer::Local(reply) = &answer {

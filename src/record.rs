@@ -34,11 +34,13 @@ pub enum Termination {
     ClientBodyFailed,
     /// The client went away before its answer was written.
     ClientClosed,
+    /// Answered with a redirect to HTTPS by a listener with `redirect_https`.
+    RedirectedToHttps,
 }
 
 impl Termination {
     /// Every cause, in declaration order: `ALL[cause as usize] == cause`.
-    pub const ALL: [Termination; 10] = [
+    pub const ALL: [Termination; 11] = [
         Termination::Completed,
         Termination::BadRequest,
         Termination::NoRoute,
@@ -49,6 +51,7 @@ impl Termination {
         Termination::BackendBodyFailed,
         Termination::ClientBodyFailed,
         Termination::ClientClosed,
+        Termination::RedirectedToHttps,
     ];
 
     /// The name in logs and metric labels.
@@ -64,6 +67,7 @@ impl Termination {
             Termination::BackendBodyFailed => "backend_body_failed",
             Termination::ClientBodyFailed => "client_body_failed",
             Termination::ClientClosed => "client_closed",
+            Termination::RedirectedToHttps => "redirected_to_https",
         }
     }
 }

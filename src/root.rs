@@ -14,17 +14,35 @@ use std::sync::Arc;
 /// Must be called outside any async runtime: it runs its own.
 pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let listen = config.server.listen;
     let workers = match config.server.workers {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    // TLS files are read before anything binds: a bad one stops the start
+    // with its reason.
+    let listeners = config
+        .server
+        .listeners
+        .iter()
+        .map(|listener| crate::server::Listener::new(listener).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| anyhow::anyhow!("{}: {error}", path.display()))?;
     // Bound here, before anything starts, so a taken port is reported at once;
-    // listening starts once plugins, watchers and checks are ready.
+    // listening starts once plugins, watchers and checks are ready. Each
+    // worker has a socket of its own on every listener.
     let sockets = (0..workers)
-        .map(|_| crate::server::bind_reuseport(listen))
-        .collect::<std::io::Result<Vec<_>>>()
-        .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+        .map(|_| {
+            listeners
+                .iter()
+                .map(|listener| {
+                    let listen = listener.config.listen;
+                    crate::server::bind_reuseport(listen).with_context(|| {
+                        format!("{}: {}: cannot listen on {listen}", path.display(), listener.config.key)
+                    })
+                })
+                .collect::<anyhow::Result<Vec<_>>>()
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let admin = config
         .server
         .admin
@@ -54,17 +72,26 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         }
         app.watch(path)
             .context("cannot watch the config file and the plugin directory")?;
+        for terminator in listeners.iter().filter_map(|l| l.tls.as_ref()) {
+            app.watch_tls(terminator)
+                .with_context(|| format!("cannot watch the TLS files of {}", terminator.listener))?;
+        }
         tokio::spawn(reload_on_sighup(Arc::clone(&app)));
         tokio::spawn(reopen_log_on_sigusr1());
 
-        let listeners = sockets
+        let sockets = sockets
             .into_iter()
-            .map(crate::server::listen)
-            .collect::<std::io::Result<Vec<_>>>()
-            .with_context(|| format!("{}: server.listen: cannot listen on {listen}", path.display()))?;
+            .map(|worker| worker.into_iter().map(crate::server::listen).collect())
+            .collect::<std::io::Result<Vec<Vec<_>>>>()
+            .context("cannot listen")?;
         let (stop_workers, stopped) = tokio::sync::watch::channel(false);
-        let threads = crate::server::spawn_workers(&app, listeners, stopped).context("cannot start worker threads")?;
-        tracing::info!(%listen, workers, pools = app.snapshot().pools.len(), "fulcrum is serving");
+        let threads =
+            crate::server::spawn_workers(&app, &listeners, sockets, stopped).context("cannot start worker threads")?;
+        for listener in &listeners {
+            let protocol = if listener.tls.is_some() { "https" } else { "http" };
+            tracing::info!(listen = %listener.config.listen, listener = %listener.config.key, protocol, "listening");
+        }
+        tracing::info!(workers, pools = app.snapshot().pools.len(), "fulcrum is serving");
         stop.await;
         stop_workers.send_replace(true);
         let drained = tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().unwrap_or(false)))

@@ -1,5 +1,6 @@
-//! Listening: binds the listeners, runs the workers, accepts clients and hands
-//! each connection to [`crate::frontend::serve_connection`]; stops gracefully.
+//! Listening: binds the listeners, runs the workers, accepts clients (and,
+//! on a TLS listener, completes their handshake) and hands each connection to
+//! [`crate::frontend::serve_connection`]; stops gracefully.
 //!
 //! In production Fulcrum runs one single-threaded runtime per worker thread,
 //! each with its own `SO_REUSEPORT` listener (the kernel spreads connections
@@ -8,11 +9,15 @@
 //! wake-ups and thread-local plugin instances and connection pools.
 
 use crate::app::App;
+use crate::config::ListenerConfig;
+use crate::frontend::TlsClient;
+use crate::http::Edge;
 use crate::shutdown::Shutdown;
-use std::future::Future;
+use crate::tls::{Terminator, TlsError};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use tokio::net::TcpListener;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 /// A socket bound to `addr` that shares its port with the other workers'.
@@ -35,20 +40,64 @@ pub fn listen(socket: socket2::Socket) -> std::io::Result<std::net::TcpListener>
     Ok(socket.into())
 }
 
-/// Starts one worker thread per listener, each running its own single-threaded
-/// runtime that serves its listener until `stop` turns true. Each thread
+/// A listener as it runs: its settings and, over TLS, its terminator.
+#[derive(Debug)]
+pub struct Listener {
+    pub config: ListenerConfig,
+    pub tls: Option<Arc<Terminator>>,
+    /// What the listener tells the pipeline about its clients: a plain
+    /// listener's redirect (`None` when nothing, the common case); over TLS,
+    /// shared by every client without a certificate.
+    edge: Option<Arc<Edge>>,
+}
+
+impl Listener {
+    /// The listener of `config`, its TLS files read.
+    pub fn new(config: &ListenerConfig) -> Result<Listener, TlsError> {
+        let tls = config
+            .tls
+            .as_ref()
+            .map(|tls| Terminator::new(&config.key, &config.table, tls))
+            .transpose()?;
+        let edge = match &config.tls {
+            Some(settings) => Some(Arc::new(Edge {
+                secure: true,
+                client_cert: None,
+                hsts: settings.hsts.clone(),
+                redirect_https: None,
+            })),
+            None => config.redirect_https.map(|port| {
+                Arc::new(Edge {
+                    redirect_https: Some(port),
+                    ..Edge::default()
+                })
+            }),
+        };
+        Ok(Listener {
+            config: config.clone(),
+            tls,
+            edge,
+        })
+    }
+}
+
+/// Starts one worker thread per entry of `sockets` (each a socket per
+/// listener, in the order of `listeners`), each running its own
+/// single-threaded runtime that serves until `stop` turns true. Each thread
 /// returns whether its connections drained within the grace period.
 pub fn spawn_workers(
     app: &Arc<App>,
-    listeners: Vec<std::net::TcpListener>,
+    listeners: &[Arc<Listener>],
+    sockets: Vec<Vec<std::net::TcpListener>>,
     stop: watch::Receiver<bool>,
 ) -> std::io::Result<Vec<std::thread::JoinHandle<bool>>> {
-    let workers = listeners.len();
-    listeners
+    let workers = sockets.len();
+    sockets
         .into_iter()
         .enumerate()
-        .map(|(index, listener)| {
-            let (app, mut stop) = (app.clone(), stop.clone());
+        .map(|(index, sockets)| {
+            let (app, stop) = (app.clone(), stop.clone());
+            let listeners = listeners.to_vec();
             std::thread::Builder::new()
                 .name(format!("fulcrum-worker-{index}"))
                 .spawn(move || {
@@ -61,56 +110,118 @@ pub fn spawn_workers(
                         }
                     };
                     runtime.block_on(async move {
-                        let listener = match TcpListener::from_std(listener) {
-                            Ok(listener) => listener,
-                            Err(error) => {
-                                tracing::error!(worker = index, %error, "cannot use the listener");
-                                return false;
+                        let mut bound = Vec::new();
+                        for (socket, listener) in sockets.into_iter().zip(listeners) {
+                            match TcpListener::from_std(socket) {
+                                Ok(socket) => bound.push((socket, listener)),
+                                Err(error) => {
+                                    tracing::error!(worker = index, %error, "cannot use the listener");
+                                    return false;
+                                }
                             }
-                        };
-                        let stopped = async move {
-                            let _ = stop.wait_for(|stop| *stop).await;
-                        };
-                        serve(app, listener, stopped).await
+                        }
+                        serve(app, bound, stop).await
                     })
                 })
         })
         .collect()
 }
 
-/// Serves clients on `listener` until `stop` completes, then lets in-flight
-/// requests finish for up to the config's `shutdown_grace`. Returns whether
-/// every connection finished within the grace period.
-pub async fn serve(app: Arc<App>, listener: TcpListener, stop: impl Future<Output = ()>) -> bool {
+/// Serves clients on every listener until `stop` turns true, then lets
+/// in-flight requests finish for up to the config's `shutdown_grace`.
+/// Returns whether every connection finished within the grace period.
+pub async fn serve(app: Arc<App>, listeners: Vec<(TcpListener, Arc<Listener>)>, stop: watch::Receiver<bool>) -> bool {
     let grace = app.snapshot().config.server.shutdown_grace;
     let shutdown = Arc::new(Shutdown::default());
     crate::memory::watch(&shutdown);
-    tokio::pin!(stop);
+    let accepting = listeners.into_iter().map(|(socket, listener)| {
+        let (app, shutdown, mut stop) = (app.clone(), shutdown.clone(), stop.clone());
+        async move {
+            tokio::select! {
+                () = accept(&app, &socket, &listener, &shutdown) => {}
+                _ = stop.wait_for(|stop| *stop) => {}
+            }
+        }
+    });
+    futures_util::future::join_all(accepting).await;
 
-    loop {
-        let (stream, client) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: wait, do not spin.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                    continue;
-                }
-            },
-            () = &mut stop => break,
-        };
-        let _ = stream.set_nodelay(true);
-        tokio::spawn(crate::frontend::serve_connection(
-            app.clone(),
-            stream,
-            client,
-            shutdown.open(),
-        ));
-    }
-
-    drop(listener);
     tracing::info!(grace = ?grace, "stopped accepting; finishing in-flight requests");
     shutdown.begin();
     tokio::time::timeout(grace, shutdown.drained()).await.is_ok()
+}
+
+/// Accepts clients on `socket` for ever.
+async fn accept(app: &Arc<App>, socket: &TcpListener, listener: &Arc<Listener>, shutdown: &Arc<Shutdown>) {
+    loop {
+        let (stream, peer) = match socket.accept().await {
+            Ok(accepted) => accepted,
+            Err(error) => {
+                // Out of file descriptors and the like: wait, do not spin.
+                tracing::warn!(%error, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        match &listener.tls {
+            // Plain HTTP: straight to the front end, as before listeners had settings.
+            None => {
+                tokio::spawn(crate::frontend::serve_connection(
+                    app.clone(),
+                    stream,
+                    peer,
+                    listener.edge.clone(),
+                    shutdown.open(),
+                ));
+            }
+            Some(terminator) => {
+                tokio::spawn(serve_tls(
+                    app.clone(),
+                    listener.clone(),
+                    terminator.acceptor(),
+                    stream,
+                    peer,
+                    shutdown.open(),
+                ));
+            }
+        }
+    }
+}
+
+/// Completes a client's TLS handshake (within `header_read_timeout`), then
+/// serves it.
+async fn serve_tls(
+    app: Arc<App>,
+    listener: Arc<Listener>,
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    peer: SocketAddr,
+    open: crate::shutdown::Open,
+) {
+    let deadline = app.snapshot().config.server.header_read_timeout;
+    let stream = match tokio::time::timeout(deadline, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            tracing::debug!(client = %peer, listener = %listener.config.key, %error, "TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(client = %peer, listener = %listener.config.key, "TLS handshake timed out");
+            return;
+        }
+    };
+    let client_cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(crate::tls::client_identity);
+    let edge = match client_cert {
+        None => listener.edge.clone(),
+        Some(client_cert) => Some(Arc::new(Edge {
+            client_cert: Some(client_cert),
+            ..listener.edge.as_deref().cloned().unwrap_or_default()
+        })),
+    };
+    crate::frontend::serve_connection(app, TlsClient(stream), peer, edge, open).await;
 }

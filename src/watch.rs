@@ -1,5 +1,5 @@
 //! The one debounced file watcher: everything Fulcrum reloads from disk (the
-//! config file, the plugin directory; certificates later) is watched by one
+//! config file, the plugin directory, TLS certificates and keys) is watched by one
 //! `notify` watcher and handled on one thread.
 //!
 //! A changed file is handed to the [`Handler`] that claims it once it has not
@@ -66,8 +66,19 @@ impl FileWatcher {
 
     /// Watches the files directly in `dir` for `handler`.
     pub fn watch(&mut self, dir: &Path, handler: Box<dyn Handler>) -> Result<(), notify::Error> {
+        self.watch_folder(dir)?;
+        self.add_handler(handler)
+    }
+
+    /// Watches the files directly in `dir` (for handlers added before or after).
+    pub fn watch_folder(&mut self, dir: &Path) -> Result<(), notify::Error> {
         use notify::Watcher;
-        self.watcher.watch(dir, notify::RecursiveMode::NonRecursive)?;
+        self.watcher.watch(dir, notify::RecursiveMode::NonRecursive)
+    }
+
+    /// Hands changed files it claims to `handler`, whichever watched folder
+    /// they are in.
+    pub fn add_handler(&mut self, handler: Box<dyn Handler>) -> Result<(), notify::Error> {
         self.messages
             .send(Message::Handle(handler))
             .map_err(|_| notify::Error::generic("the watching thread has stopped"))

@@ -11,7 +11,7 @@ use super::ClientStream;
 use crate::app::App;
 use crate::buffers;
 use crate::http::h1::{self, BodyDecoder, Decoded, ResponseHead};
-use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
+use crate::http::{BodySource, ClientAddr, ClientBodyError, Edge, Framing, RequestHead};
 use crate::proxy::{self, Answer, Delivery, Forwarded, LocalReply, Termination, Trace};
 use crate::shutdown::Shutdown;
 use crate::snapshot::Snapshot;
@@ -50,9 +50,10 @@ pub async fn serve<S: ClientStream>(
     mut buf: BytesMut,
     mut timer: Pin<Box<Sleep>>,
     peer: SocketAddr,
+    edge: Option<Arc<Edge>>,
     shutdown: &Shutdown,
 ) {
-    let client = ClientAddr::new(peer);
+    let client = ClientAddr::with_edge(peer, edge);
     let mut deadline = timer.deadline();
     // Timers per connection, moved on rather than re-created: one for the
     // request head's deadline, one for the backend's response. Each deadline
@@ -100,7 +101,7 @@ pub async fn serve<S: ClientStream>(
     // The trace is made after the write: held across it, it would take room in
     // every idle connection's state.
     let (status, cause) = (refusal.status, refusal.cause);
-    let (_, delivery, bytes_out) = write_local(&mut stream, &refusal, false, false).await;
+    let (_, delivery, bytes_out) = write_local(&mut stream, &refusal, false, false, client.edge.as_deref()).await;
     let trace = Trace::refused(status, cause, peer);
     proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
 }
@@ -167,7 +168,7 @@ async fn serve_request<S: ClientStream>(
     let keep = keep_alive && source.decoder.is_done();
     // Written from where it lies: moving a backend's answer is a copy of it.
     let (keep, delivery, bytes_out) = match &mut answer {
-        Answer::Local(reply) => write_local(stream, reply, keep, http10).await,
+        Answer::Local(reply) => write_local(stream, reply, keep, http10, client.edge.as_deref()).await,
         Answer::Backend(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
             tunnel(stream, buf, forwarded, snapshot.config.server.client_idle_timeout).await;
             (false, Delivery::Whole, 0)
@@ -180,6 +181,7 @@ async fn serve_request<S: ClientStream>(
                 &mut forwarded.scratch,
                 keep,
                 http10,
+                client.edge.as_deref(),
             )
             .await;
             buffers::give_write(std::mem::take(&mut forwarded.scratch));
@@ -198,6 +200,7 @@ async fn write_local<S: AsyncWrite + Unpin>(
     reply: &LocalReply,
     keep: bool,
     http10: bool,
+    edge: Option<&Edge>,
 ) -> (bool, Delivery, u64) {
     let mut out = Vec::with_capacity(256);
     // An HTTP/1.0 client keeps the connection only when told so.
@@ -206,10 +209,28 @@ async fn write_local<S: AsyncWrite + Unpin>(
         (true, true) => Some("keep-alive"),
         (true, false) => None,
     };
-    h1::local_response(reply.status, &reply.message, connection, &mut out);
+    let mut extra = added_headers(edge);
+    if let Some(location) = &reply.location {
+        extra.extend_from_slice(b"location: ");
+        extra.extend_from_slice(location.as_bytes());
+        extra.extend_from_slice(b"\r\n");
+    }
+    h1::local_response(reply.status, &reply.message, connection, &extra, &mut out);
     let written = stream.write_all(&out).await.is_ok();
     let delivery = if written { Delivery::Whole } else { Delivery::ClientGone };
     (written && keep, delivery, reply.message.len() as u64 + 1)
+}
+
+/// Header lines the listener adds to every answer (HSTS over TLS); none for
+/// a plain listener.
+fn added_headers(edge: Option<&Edge>) -> smallvec::SmallVec<[u8; 128]> {
+    let mut lines = smallvec::SmallVec::new();
+    if let Some(hsts) = edge.and_then(|e| e.hsts.as_deref()) {
+        lines.extend_from_slice(b"strict-transport-security: ");
+        lines.extend_from_slice(hsts.as_bytes());
+        lines.extend_from_slice(b"\r\n");
+    }
+    lines
 }
 
 /// Writes `head` and `body` through `out`; returns whether the connection can
@@ -221,6 +242,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
     out: &mut Vec<u8>,
     keep: bool,
     http10: bool,
+    edge: Option<&Edge>,
 ) -> (bool, Delivery, u64) {
     const GONE: Delivery = Delivery::ClientGone;
     let mut sent = 0u64;
@@ -230,7 +252,10 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let chunked = unframed && !http10;
     let close = !keep || (unframed && http10);
     out.clear();
-    head.write_for_client(out, chunked, close, http10 && !close);
+    match edge {
+        None => head.write_for_client(out, chunked, close, http10 && !close, b""),
+        Some(edge) => head.write_for_client(out, chunked, close, http10 && !close, &added_headers(Some(edge))),
+    }
     loop {
         // Take what is already at hand without waiting; write before waiting.
         let polled = std::future::poll_fn(|cx| Poll::Ready(body.poll_chunk(cx))).await;
@@ -305,7 +330,7 @@ async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
         return;
     };
     out.clear();
-    head.write_for_client(out, false, false, false);
+    head.write_for_client(out, false, false, false, b"");
     out.extend_from_slice(&upgraded.early);
     if stream.write_all(out).await.is_err() {
         return;

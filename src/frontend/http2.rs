@@ -30,8 +30,10 @@ where
 {
     let _busy = shutdown.busy();
     let idle = app.snapshot().config.server.client_idle_timeout;
+    let client = Arc::new(client);
+    let peer = client.addr;
     let service = service_fn(move |request| {
-        let app = app.clone();
+        let (app, client) = (app.clone(), client.clone());
         Box::pin(async move { Ok::<_, Infallible>(handle(app.snapshot(), &client, request).await) })
             as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
     });
@@ -49,7 +51,7 @@ where
         }
     };
     if let Err(error) = result {
-        tracing::debug!(client = %client.addr, %error, "HTTP/2 client connection ended with an error");
+        tracing::debug!(client = %peer, %error, "HTTP/2 client connection ended with an error");
     }
 }
 
@@ -66,6 +68,7 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
                 Trace::refused(reply.status, reply.cause, client.addr),
                 None,
                 reply,
+                client,
             );
         }
     };
@@ -86,9 +89,10 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
             }));
             *response.status_mut() = forwarded.head.status;
             *response.headers_mut() = forwarded.head.header_map();
+            add_hsts(&mut response, client);
             response
         }
-        Answer::Local(reply) => local_response(&snapshot, trace, Some(&head), reply),
+        Answer::Local(reply) => local_response(&snapshot, trace, Some(&head), reply, client),
     }
 }
 
@@ -99,6 +103,7 @@ fn local_response(
     trace: Trace,
     head: Option<&RequestHead>,
     reply: LocalReply,
+    client: &ClientAddr,
 ) -> Response<ProxyBody> {
     let body = Bytes::from(format!("{}\n", reply.message));
     proxy::finish(snapshot, &trace, head, Delivery::Whole, body.len() as u64);
@@ -108,7 +113,23 @@ fn local_response(
         header::CONTENT_TYPE,
         http::HeaderValue::from_static("text/plain; charset=utf-8"),
     );
+    if let Some(location) = reply.location.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
+        response.headers_mut().insert(header::LOCATION, location);
+    }
+    add_hsts(&mut response, client);
     response
+}
+
+/// The listener's `Strict-Transport-Security`, over TLS when it has one.
+fn add_hsts<B>(response: &mut Response<B>, client: &ClientAddr) {
+    if let Some(hsts) = client
+        .edge
+        .as_deref()
+        .and_then(|e| e.hsts.as_deref())
+        .and_then(|v| http::HeaderValue::from_str(v).ok())
+    {
+        response.headers_mut().insert(header::STRICT_TRANSPORT_SECURITY, hsts);
+    }
 }
 
 /// A response body for an HTTP/2 client: the backend's, streamed, or one the

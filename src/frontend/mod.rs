@@ -1,15 +1,15 @@
 //! Front ends: how a client's connection is spoken to. [`serve_connection`]
-//! chooses the protocol (the HTTP/2 preface now, ALPN with TLS later) and runs
-//! the front end for it; each front end parses requests, hands them to the
+//! chooses the protocol (ALPN over TLS, else the HTTP/2 preface) and runs the
+//! front end for it; each front end parses requests, hands them to the
 //! pipeline ([`crate::proxy::serve`]) and writes the answers. Both are generic
-//! over the client's stream, so a TLS stream slots in where a TCP one is today.
+//! over the client's stream: plain TCP, or TLS ([`TlsClient`]).
 
 pub mod http1;
 pub mod http2;
 
 use crate::app::App;
 use crate::buffers;
-use crate::http::ClientAddr;
+use crate::http::{ClientAddr, Edge};
 use crate::shutdown::Open;
 use bytes::{Bytes, BytesMut};
 use std::future::Future;
@@ -30,12 +30,70 @@ pub trait ClientStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
     /// Waits until the client has sent something (or closed), holding no
     /// buffer meanwhile: ten thousand idle keep-alive clients then cost little
     /// more than their sockets.
-    fn wait_readable(&self) -> impl Future<Output = std::io::Result<()>> + Send;
+    fn wait_readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+
+    /// Whether the client chose HTTP/2 by ALPN (in its TLS handshake).
+    fn alpn_h2(&self) -> bool {
+        false
+    }
 }
 
 impl ClientStream for TcpStream {
-    fn wait_readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+    fn wait_readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send {
         self.readable()
+    }
+}
+
+/// A client's TLS connection, its handshake done.
+pub struct TlsClient(pub tokio_rustls::server::TlsStream<TcpStream>);
+
+impl ClientStream for TlsClient {
+    async fn wait_readable(&mut self) -> std::io::Result<()> {
+        let (tcp, tls) = self.0.get_mut();
+        // Records already received may hold a request that no socket
+        // readiness would announce again (it came with the handshake's last
+        // flight): then it is readable now. A broken record is left for the
+        // read that follows to report.
+        match tls.process_new_packets() {
+            Ok(state) if state.plaintext_bytes_to_read() == 0 && !state.peer_has_closed() => tcp.readable().await,
+            _ => Ok(()),
+        }
+    }
+
+    fn alpn_h2(&self) -> bool {
+        self.0.get_ref().1.alpn_protocol() == Some(b"h2")
+    }
+}
+
+impl AsyncRead for TlsClient {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsClient {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
     }
 }
 
@@ -50,15 +108,29 @@ enum Protocol {
 }
 
 /// Serves one client connection to its end: chooses the protocol, then runs
-/// that front end. `open` counts the connection while it lives.
+/// that front end. `edge` says how the client reached Fulcrum (TLS, its
+/// listener's redirect); `open` counts the connection while it lives.
 ///
 /// Every argument stays in the connection's future for its whole life, idle
 /// or not (rustc keeps an async fn's arguments apart from its later states),
 /// so they are kept few and small: the peer's address as 32 bytes, its text
-/// form made by the front end.
-pub async fn serve_connection<S: ClientStream>(app: Arc<App>, mut stream: S, peer: SocketAddr, open: Open) {
+/// form made by the front end, and the edge as one pointer.
+pub async fn serve_connection<S: ClientStream>(
+    app: Arc<App>,
+    mut stream: S,
+    peer: SocketAddr,
+    edge: Option<Arc<Edge>>,
+    open: Open,
+) {
     // The first request head's deadline: HTTP/1 goes on with this timer.
     let mut timer = Box::pin(tokio::time::sleep(app.snapshot().config.server.header_read_timeout));
+    if stream.alpn_h2() {
+        // Chosen in the TLS handshake: no preface to look for.
+        drop(timer);
+        let client = ClientAddr::with_edge(peer, edge);
+        Box::pin(http2::serve(app.clone(), stream, client, open.shutdown())).await;
+        return;
+    }
     // Taken out of the match before the front end runs: a value matched on
     // would live (and take room) for the connection's whole life.
     let (buf, http2) = match choose_protocol(&mut stream, timer.as_mut()).await {
@@ -69,9 +141,15 @@ pub async fn serve_connection<S: ClientStream>(app: Arc<App>, mut stream: S, pee
     if http2 {
         // Boxed: an HTTP/2 connection's state is large, and most connections never need it.
         let io = Rewind::new(buf.freeze(), stream);
-        Box::pin(http2::serve(app.clone(), io, ClientAddr::new(peer), open.shutdown())).await;
+        Box::pin(http2::serve(
+            app.clone(),
+            io,
+            ClientAddr::with_edge(peer, edge),
+            open.shutdown(),
+        ))
+        .await;
     } else {
-        http1::serve(&app, stream, buf, timer, peer, open.shutdown()).await;
+        http1::serve(&app, stream, buf, timer, peer, edge, open.shutdown()).await;
     }
 }
 
@@ -114,7 +192,7 @@ async fn choose_protocol<S: ClientStream>(stream: &mut S, mut timer: Pin<&mut Sl
 /// Waits for the client to send something, holding no buffer (an idle
 /// connection's whole cost is its socket and task); false when it closed or
 /// `timer` fired first.
-async fn client_spoke<S: ClientStream>(stream: &S, timer: Pin<&mut Sleep>) -> bool {
+async fn client_spoke<S: ClientStream>(stream: &mut S, timer: Pin<&mut Sleep>) -> bool {
     tokio::select! {
         biased;
         ready = stream.wait_readable() => ready.is_ok(),
@@ -185,7 +263,7 @@ mod tests {
     use tokio::io::{AsyncWriteExt, DuplexStream};
 
     impl ClientStream for DuplexStream {
-        fn wait_readable(&self) -> impl Future<Output = std::io::Result<()>> + Send {
+        fn wait_readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send {
             // No readiness without a read here: the read that follows waits instead.
             std::future::ready(Ok(()))
         }
@@ -215,6 +293,7 @@ mod tests {
             app,
             server,
             CLIENT.parse().expect("addr"),
+            None,
             shutdown.open(),
         ));
         (client, task)

@@ -308,7 +308,8 @@ impl ResponseHead {
     /// Writes the head a HTTP/1.1 client gets: the backend's status and
     /// end-to-end headers, then `framing` (a `Content-Length` from the backend
     /// is kept as it is) and, if `close`, `Connection: close`.
-    pub fn write_for_client(&self, out: &mut Vec<u8>, chunked: bool, close: bool, keep_alive_10: bool) {
+    /// `extra`: whole header lines Fulcrum adds (each ending in CRLF).
+    pub fn write_for_client(&self, out: &mut Vec<u8>, chunked: bool, close: bool, keep_alive_10: bool, extra: &[u8]) {
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(itoa::Buffer::new().format(self.status.as_u16()).as_bytes());
         out.push(b' ');
@@ -338,6 +339,7 @@ impl ResponseHead {
         } else if keep_alive_10 {
             out.extend_from_slice(b"connection: keep-alive\r\n");
         }
+        out.extend_from_slice(extra);
         out.extend_from_slice(b"\r\n");
     }
 
@@ -552,7 +554,7 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 
 /// A complete response the balancer writes itself, with a plain-text body.
 /// `connection`: the `Connection` header to send, if any (`close`, `keep-alive`).
-pub fn local_response(status: StatusCode, message: &str, connection: Option<&str>, out: &mut Vec<u8>) {
+pub fn local_response(status: StatusCode, message: &str, connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status.as_u16()).as_bytes());
     out.push(b' ');
@@ -563,7 +565,9 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
         out.extend_from_slice(b"\r\nconnection: ");
         out.extend_from_slice(connection.as_bytes());
     }
-    out.extend_from_slice(b"\r\n\r\n");
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"\r\n");
     out.extend_from_slice(message.as_bytes());
     out.push(b'\n');
 }
@@ -572,13 +576,16 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
 /// hop-by-hop ones ([`super::HOP_BY_HOP`]), framing (rewritten), `Host` and
 /// the `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
 fn rewritten_upstream(name: &[u8]) -> bool {
-    const REWRITTEN: [&str; 6] = [
+    // x-forwarded-client-cert: only Fulcrum may say which certificate a
+    // client proved it holds; a client's own is dropped.
+    const REWRITTEN: [&str; 7] = [
         "content-length",
         "host",
         "expect",
         "x-forwarded-for",
         "x-forwarded-host",
         "x-forwarded-proto",
+        "x-forwarded-client-cert",
     ];
     REWRITTEN.iter().any(|r| r.as_bytes().eq_ignore_ascii_case(name)) || is_hop_by_hop(name)
 }
@@ -632,7 +639,21 @@ pub fn encode_request_head(
     out.extend_from_slice(client.ip_text());
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
     out.extend_from_slice(host);
-    out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n");
+    match client.edge.as_deref() {
+        None => out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n"),
+        Some(edge) => {
+            out.extend_from_slice(if edge.secure {
+                b"\r\nx-forwarded-proto: https\r\n"
+            } else {
+                b"\r\nx-forwarded-proto: http\r\n"
+            });
+            if let Some(cert) = &edge.client_cert {
+                out.extend_from_slice(b"x-forwarded-client-cert: ");
+                out.extend_from_slice(cert.as_bytes());
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+    }
     if let Some(id) = request_id {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(id.as_bytes());
@@ -822,7 +843,7 @@ mod tests {
         assert_eq!((head.status, head.body), (StatusCode::OK, Framing::Length(2)));
         assert_eq!((head.reason.start, head.reason.end), (0, 0));
         let mut out = Vec::new();
-        head.write_for_client(&mut out, false, false, false);
+        head.write_for_client(&mut out, false, false, false, b"");
         assert!(
             out.starts_with(b"HTTP/1.1 200 OK\r\n"),
             "{}",
@@ -850,7 +871,7 @@ mod tests {
             false,
         );
         let mut out = Vec::new();
-        head.write_for_client(&mut out, true, false, false);
+        head.write_for_client(&mut out, true, false, false, b"");
         assert_eq!(
             String::from_utf8_lossy(&out),
             "HTTP/1.1 200 Fine\r\nX-Kept: yes\r\ntransfer-encoding: chunked\r\n\r\n"

@@ -13,6 +13,7 @@ use http::StatusCode;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The largest head accepted from a client or a backend.
@@ -139,12 +140,31 @@ pub enum ClientBodyError {
 }
 
 /// Where a request came from, with the client's IP already written out for
-/// `X-Forwarded-For` (once per connection rather than once per request).
-#[derive(Debug, Clone, Copy)]
+/// `X-Forwarded-For` (once per connection rather than once per request), and
+/// how it reached Fulcrum.
+#[derive(Debug, Clone)]
 pub struct ClientAddr {
     pub addr: SocketAddr,
     ip_text: [u8; ClientAddr::IP_TEXT_MAX],
     ip_len: u8,
+    /// `None` for a plain listener with nothing to add: the common case costs
+    /// one null pointer.
+    pub edge: Option<Arc<Edge>>,
+}
+
+/// How a client reached Fulcrum, when there is more to it than plain HTTP:
+/// over TLS, with which verified certificate, and what its listener adds to
+/// the answers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Edge {
+    /// Over TLS: `X-Forwarded-Proto: https`.
+    pub secure: bool,
+    /// The verified client certificate, as `X-Forwarded-Client-Cert` gives it.
+    pub client_cert: Option<String>,
+    /// The `Strict-Transport-Security` value every answer carries.
+    pub hsts: Option<String>,
+    /// A plain listener that redirects every request to HTTPS on this port.
+    pub redirect_https: Option<u16>,
 }
 
 impl ClientAddr {
@@ -157,7 +177,25 @@ impl ClientAddr {
         // Fits: no IP address is written longer than IP_TEXT_MAX.
         let _ = std::io::Write::write_fmt(&mut rest, format_args!("{}", addr.ip()));
         let ip_len = (ClientAddr::IP_TEXT_MAX - rest.len()) as u8;
-        ClientAddr { addr, ip_text, ip_len }
+        ClientAddr {
+            addr,
+            ip_text,
+            ip_len,
+            edge: None,
+        }
+    }
+
+    /// A client that reached Fulcrum as `edge` says.
+    pub fn with_edge(addr: SocketAddr, edge: Option<Arc<Edge>>) -> ClientAddr {
+        ClientAddr {
+            edge,
+            ..ClientAddr::new(addr)
+        }
+    }
+
+    /// Whether the client came over TLS.
+    pub fn secure(&self) -> bool {
+        self.edge.as_ref().is_some_and(|e| e.secure)
     }
 
     /// The client's IP address as text (`203.0.113.7`, `2001:db8::1`).
