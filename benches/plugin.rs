@@ -126,13 +126,18 @@ fn host_work(c: &mut Criterion) {
     group.bench_function("encode-upstream-head/10-headers", |b| {
         b.iter(|| {
             head.clear();
+            let forwarding = fulcrum::http::h1::Forwarding {
+                client: &client,
+                peer_trusted: false,
+                via: false,
+                request_id: None,
+            };
             fulcrum::http::h1::encode_request_head(
                 &request,
-                &client,
+                &forwarding,
                 Framing::Empty,
                 "10.0.0.1:80",
                 false,
-                None,
                 &mut head,
             )
             .expect("encodes");

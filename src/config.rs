@@ -69,6 +69,10 @@ pub struct ServerConfig {
     pub shutdown_grace: Duration,
     /// Worker threads; 0 means one per core.
     pub workers: usize,
+    /// Peers whose `X-Forwarded-For` and `Forwarded` are believed.
+    pub trusted_proxies: crate::http::forwarded::TrustedProxies,
+    /// Add `Via: 1.1 fulcrum` to requests sent to backends.
+    pub via: bool,
 }
 
 /// One address Fulcrum takes clients on, and how it speaks to them there.
@@ -168,6 +172,9 @@ pub struct PoolConfig {
     pub upstream_idle_timeout: Duration,
     /// Idle upstream connections kept per backend.
     pub max_idle_per_backend: usize,
+    /// A PROXY protocol header opens every connection to a backend, naming
+    /// the client; such a connection carries one request only.
+    pub send_proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// Idempotent requests with a body up to this size are held in memory so
     /// they can be retried after reaching a backend that failed.
     pub retry_buffer: usize,
@@ -268,6 +275,9 @@ struct RawServer {
     redirect_https: Option<u16>,
     #[serde(default)]
     listeners: Vec<RawListener>,
+    #[serde(default)]
+    trusted_proxies: Vec<String>,
+    via: Option<bool>,
     admin: Option<String>,
     admin_token: Option<String>,
     header_read_timeout: Option<String>,
@@ -347,6 +357,7 @@ struct RawPool {
     read_timeout: Option<String>,
     upstream_idle_timeout: Option<String>,
     max_idle_per_backend: Option<usize>,
+    send_proxy_protocol: Option<String>,
     retry_buffer: Option<String>,
     health: Option<RawHealth>,
     outlier: Option<RawOutlier>,
@@ -730,6 +741,9 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             Duration::from_secs(30),
         )?,
         workers: raw.server.workers.unwrap_or(0),
+        trusted_proxies: crate::http::forwarded::TrustedProxies::parse(&raw.server.trusted_proxies)
+            .map_err(|reason| ("server.trusted_proxies".to_string(), reason))?,
+        via: raw.server.via.unwrap_or(false),
     };
     let plugins = PluginsConfig {
         dir: raw.plugins.dir.map(|d| folder.join(d)),
@@ -837,6 +851,14 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 Duration::from_secs(60),
             )?,
             max_idle_per_backend: pool.max_idle_per_backend.unwrap_or(256),
+            send_proxy_protocol: match pool.send_proxy_protocol.as_deref() {
+                None => None,
+                Some("v1") => Some(crate::proxy_protocol::Version::V1),
+                Some("v2") => Some(crate::proxy_protocol::Version::V2),
+                Some(other) => {
+                    return Err((key("send_proxy_protocol"), format!("`{other}` is not \"v1\" or \"v2\"")));
+                }
+            },
             retry_buffer: size(&key("retry_buffer"), pool.retry_buffer.as_deref(), 64 << 10)?,
             health: pool.health.map(|h| health(&name, h)).transpose()?,
             outlier: outlier(&name, pool.outlier)?,

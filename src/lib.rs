@@ -20,6 +20,7 @@ pub mod memory;
 pub mod metrics;
 pub mod plugin;
 pub mod proxy;
+pub mod proxy_protocol;
 pub mod record;
 pub mod root;
 pub mod router;

@@ -274,10 +274,15 @@ pub async fn serve<B: BodySource>(
     if snapshot.access_log.is_some() && request_id_of(head).is_none() {
         trace.made_id = Some(RequestId::new());
     }
-    let current = CurrentRequest {
-        head,
-        client: client.addr,
+    // The client as trusted proxies name it: in the record, to the plugin.
+    let (resolved, peer_trusted) =
+        crate::http::forwarded::resolve(head, client.addr, &snapshot.config.server.trusted_proxies);
+    trace.client = resolved;
+    let hop = Hop {
+        peer_trusted,
+        via: snapshot.config.server.via,
     };
+    let current = CurrentRequest { head, client: resolved };
     let redirect = client.edge.as_deref().and_then(|edge| edge.redirect_https);
     let answer = if let Some(port) = redirect {
         Answer::Local(LocalReply::to_https(head, port))
@@ -290,7 +295,7 @@ pub async fn serve<B: BodySource>(
             )),
             Some((index, pool)) => {
                 trace.pool = Some(index);
-                forward(pool, client, &current, source, timer, trace).await
+                forward(pool, client, hop, &current, source, timer, trace).await
             }
         }
     };
@@ -353,6 +358,15 @@ impl RequestId {
     }
 }
 
+/// What the request sent upstream says of the hop it took.
+#[derive(Debug, Clone, Copy)]
+struct Hop {
+    /// The connection's client is a trusted proxy.
+    peer_trusted: bool,
+    /// `server.via`.
+    via: bool,
+}
+
 /// How the request body can be sent, and sent again.
 enum BodyState {
     /// The client's body, streamed: it can be sent once.
@@ -400,6 +414,7 @@ async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize
 async fn forward<B: BodySource>(
     pool: &Pool,
     client: &ClientAddr,
+    hop: Hop,
     current: &CurrentRequest<'_>,
     source: &mut B,
     mut timer: Pin<&mut tokio::time::Sleep>,
@@ -446,7 +461,7 @@ async fn forward<B: BodySource>(
         let out_of_tries = tried.len() > pool.config.retries as usize;
         let in_flight = backend.state.start_request();
 
-        let conn = match pool.upstream.checkout(index, backend.socket).await {
+        let conn = match pool.upstream.checkout(index, backend.socket, current.client).await {
             Ok(conn) => conn,
             Err(error) => {
                 report(backend, Outcome::Failure);
@@ -485,6 +500,8 @@ async fn forward<B: BodySource>(
             framing: out_framing,
             fallback_host: &backend.address,
             request_id: made_id.as_ref().map(RequestId::as_str),
+            peer_trusted: hop.peer_trusted,
+            via: hop.via,
             encoded: &mut encoded,
         };
 

@@ -65,6 +65,7 @@ impl Listener {
                 client_cert: None,
                 hsts: settings.hsts.clone(),
                 redirect_https: None,
+                proxied_by: None,
             })),
             None => config.redirect_https.map(|port| {
                 Arc::new(Edge {
@@ -163,28 +164,54 @@ async fn accept(app: &Arc<App>, socket: &TcpListener, listener: &Arc<Listener>, 
             }
         };
         let _ = stream.set_nodelay(true);
-        match &listener.tls {
+        if listener.tls.is_none() && !listener.config.proxy_protocol {
             // Plain HTTP: straight to the front end, as before listeners had settings.
-            None => {
-                tokio::spawn(crate::frontend::serve_connection(
-                    app.clone(),
-                    stream,
-                    peer,
-                    listener.edge.clone(),
-                    shutdown.open(),
-                ));
+            tokio::spawn(crate::frontend::serve_connection(
+                app.clone(),
+                stream,
+                peer,
+                listener.edge.clone(),
+                shutdown.open(),
+            ));
+        } else {
+            tokio::spawn(serve_edge(app.clone(), listener.clone(), stream, peer, shutdown.open()));
+        }
+    }
+}
+
+/// A connection that has more to go through before HTTP: its PROXY header
+/// (read first, then required), then its TLS handshake, each within
+/// `header_read_timeout`.
+async fn serve_edge(
+    app: Arc<App>,
+    listener: Arc<Listener>,
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
+    open: crate::shutdown::Open,
+) {
+    let deadline = app.snapshot().config.server.header_read_timeout;
+    let mut edge = listener.edge.clone();
+    let mut peer = socket_peer;
+    if listener.config.proxy_protocol {
+        match crate::proxy_protocol::read_header(&mut stream, deadline).await {
+            // LOCAL (the balancer's own health check), or no address: the socket's peer.
+            Ok(None) => {}
+            Ok(Some(client)) => {
+                peer = client;
+                edge = Some(Arc::new(Edge {
+                    proxied_by: Some(socket_peer),
+                    ..edge.as_deref().cloned().unwrap_or_default()
+                }));
             }
-            Some(terminator) => {
-                tokio::spawn(serve_tls(
-                    app.clone(),
-                    listener.clone(),
-                    terminator.acceptor(),
-                    stream,
-                    peer,
-                    shutdown.open(),
-                ));
+            Err(error) => {
+                tracing::debug!(peer = %socket_peer, listener = %listener.config.key, %error, "PROXY header refused; connection closed");
+                return;
             }
         }
+    }
+    match &listener.tls {
+        None => crate::frontend::serve_connection(app, stream, peer, edge, open).await,
+        Some(terminator) => serve_tls(app, &listener, terminator.acceptor(), stream, peer, edge, open).await,
     }
 }
 
@@ -192,10 +219,11 @@ async fn accept(app: &Arc<App>, socket: &TcpListener, listener: &Arc<Listener>, 
 /// serves it.
 async fn serve_tls(
     app: Arc<App>,
-    listener: Arc<Listener>,
+    listener: &Listener,
     acceptor: tokio_rustls::TlsAcceptor,
     stream: TcpStream,
     peer: SocketAddr,
+    edge: Option<Arc<Edge>>,
     open: crate::shutdown::Open,
 ) {
     let deadline = app.snapshot().config.server.header_read_timeout;
@@ -217,10 +245,10 @@ async fn serve_tls(
         .and_then(|chain| chain.first())
         .map(crate::tls::client_identity);
     let edge = match client_cert {
-        None => listener.edge.clone(),
+        None => edge,
         Some(client_cert) => Some(Arc::new(Edge {
             client_cert: Some(client_cert),
-            ..listener.edge.as_deref().cloned().unwrap_or_default()
+            ..edge.as_deref().cloned().unwrap_or_default()
         })),
     };
     crate::frontend::serve_connection(app, TlsClient(stream), peer, edge, open).await;

@@ -135,11 +135,18 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
                 idle,
                 Arc::new(TcpConnector),
                 PoolLimits {
-                    max_idle: pool.max_idle_per_backend,
+                    // A connection that opened with one client's PROXY header
+                    // is that client's: never reused for another.
+                    max_idle: if pool.send_proxy_protocol.is_some() {
+                        0
+                    } else {
+                        pool.max_idle_per_backend
+                    },
                     idle_timeout: pool.upstream_idle_timeout,
                 },
                 pool.connect_timeout,
-            ),
+            )
+            .sending_proxy_protocol(pool.send_proxy_protocol),
         });
     }
     // Forget state of backends no longer running.

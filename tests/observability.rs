@@ -138,7 +138,16 @@ async fn metrics_count_every_request_and_drop_a_removed_backend() {
         .expect("request");
     assert_eq!(send(fulcrum.addr, missing).await.expect("answer").status, 404);
 
-    let text = scrape(fulcrum.admin).await;
+    // Each request is recorded just after its answer is written: wait until
+    // the last one is (then every count must be exact).
+    let mut text = scrape(fulcrum.admin).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while sum(&parse(&text), "fulcrum_requests_total", &[]) < f64::from(sent + 1)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        text = scrape(fulcrum.admin).await;
+    }
     let (clean, said) = promtool(&text);
     assert!(clean, "promtool check metrics: {said}\n{text}");
     let metrics = parse(&text);
@@ -349,7 +358,13 @@ async fn the_monitoring_examples_match_what_fulcrum_exports() {
     );
     let fulcrum = Fulcrum::start(&config, &[]);
     assert_eq!(get(fulcrum.addr, "/").await.expect("answer").status, 200);
-    let exported = scrape(fulcrum.admin).await;
+    // A request is recorded just after its answer is written: wait for it.
+    let mut exported = scrape(fulcrum.admin).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    while !exported.contains("\nfulcrum_requests_total{") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        exported = scrape(fulcrum.admin).await;
+    }
     let dashboard: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(root.join("examples/monitoring/grafana-dashboard.json")).expect("dashboard"),
     )

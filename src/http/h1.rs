@@ -578,7 +578,7 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
 fn rewritten_upstream(name: &[u8]) -> bool {
     // x-forwarded-client-cert: only Fulcrum may say which certificate a
     // client proved it holds; a client's own is dropped.
-    const REWRITTEN: [&str; 7] = [
+    const REWRITTEN: [&str; 8] = [
         "content-length",
         "host",
         "expect",
@@ -586,26 +586,41 @@ fn rewritten_upstream(name: &[u8]) -> bool {
         "x-forwarded-host",
         "x-forwarded-proto",
         "x-forwarded-client-cert",
+        "forwarded",
     ];
     REWRITTEN.iter().any(|r| r.as_bytes().eq_ignore_ascii_case(name)) || is_hop_by_hop(name)
 }
 
+/// What the head sent upstream says about the client and the hops before.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The connection's client (as the PROXY protocol named it, if it did).
+    pub client: &'a ClientAddr,
+    /// The connection's client is a trusted proxy: its `X-Forwarded-*` and
+    /// `Forwarded` are passed on, the chain appended to; otherwise replaced.
+    pub peer_trusted: bool,
+    /// Add `Via: 1.1 fulcrum`.
+    pub via: bool,
+    /// An `X-Request-Id` Fulcrum made, added (a client's own is passed on as
+    /// it came).
+    pub request_id: Option<&'a str>,
+}
+
 /// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
-/// headers (and those `Connection` names) removed, `X-Forwarded-*` added, the
-/// client's host kept (an HTTP/2 `:authority` or absolute-form target becomes
-/// `Host`; with none, `fallback_host`), framed by `framing`. `upgrade`: the
-/// client asks to switch protocols, and its `Upgrade` is passed on.
-/// `request_id`: an `X-Request-Id` Fulcrum made, added (a client's own is
-/// passed on as it came).
+/// headers (and those `Connection` names) removed, `X-Forwarded-*` added as
+/// `forwarding` says, the client's host kept (an HTTP/2 `:authority` or
+/// absolute-form target becomes `Host`; with none, `fallback_host`), framed by
+/// `framing`. `upgrade`: the client asks to switch protocols, and its
+/// `Upgrade` is passed on.
 pub fn encode_request_head(
     request: &RequestHead,
-    client: &ClientAddr,
+    forwarding: &Forwarding<'_>,
     framing: Framing,
     fallback_host: &str,
     upgrade: bool,
-    request_id: Option<&str>,
     out: &mut Vec<u8>,
 ) -> Result<(), &'static str> {
+    let client = forwarding.client;
     if request.method == Method::CONNECT {
         return Err("the request target cannot be forwarded");
     }
@@ -631,29 +646,52 @@ pub fn encode_request_head(
         out.extend_from_slice(b"\r\n");
     }
 
+    // From a trusted proxy the chain goes on; from anyone else it starts here.
     out.extend_from_slice(b"x-forwarded-for: ");
-    for earlier in request.header_all("x-forwarded-for") {
-        out.extend_from_slice(earlier);
-        out.extend_from_slice(b", ");
+    if forwarding.peer_trusted {
+        for earlier in request.header_all("x-forwarded-for") {
+            out.extend_from_slice(earlier);
+            out.extend_from_slice(b", ");
+        }
     }
     out.extend_from_slice(client.ip_text());
     out.extend_from_slice(b"\r\nx-forwarded-host: ");
-    out.extend_from_slice(host);
-    match client.edge.as_deref() {
-        None => out.extend_from_slice(b"\r\nx-forwarded-proto: http\r\n"),
-        Some(edge) => {
-            out.extend_from_slice(if edge.secure {
-                b"\r\nx-forwarded-proto: https\r\n"
-            } else {
-                b"\r\nx-forwarded-proto: http\r\n"
-            });
-            if let Some(cert) = &edge.client_cert {
-                out.extend_from_slice(b"x-forwarded-client-cert: ");
-                out.extend_from_slice(cert.as_bytes());
-                out.extend_from_slice(b"\r\n");
-            }
+    // Looked up only for a trusted peer: a header scan per request otherwise.
+    match forwarding
+        .peer_trusted
+        .then(|| request.header("x-forwarded-host"))
+        .flatten()
+    {
+        Some(theirs) => out.extend_from_slice(theirs),
+        None => out.extend_from_slice(host),
+    }
+    out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+    match forwarding
+        .peer_trusted
+        .then(|| request.header("x-forwarded-proto"))
+        .flatten()
+    {
+        Some(theirs) => out.extend_from_slice(theirs),
+        None if client.secure() => out.extend_from_slice(b"https"),
+        None => out.extend_from_slice(b"http"),
+    }
+    out.extend_from_slice(b"\r\n");
+    if forwarding.peer_trusted {
+        for forwarded in request.header_all("forwarded") {
+            out.extend_from_slice(b"forwarded: ");
+            out.extend_from_slice(forwarded);
+            out.extend_from_slice(b"\r\n");
         }
     }
+    if let Some(cert) = client.edge.as_deref().and_then(|e| e.client_cert.as_deref()) {
+        out.extend_from_slice(b"x-forwarded-client-cert: ");
+        out.extend_from_slice(cert.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if forwarding.via {
+        out.extend_from_slice(b"via: 1.1 fulcrum\r\n");
+    }
+    let request_id = forwarding.request_id;
     if let Some(id) = request_id {
         out.extend_from_slice(b"x-request-id: ");
         out.extend_from_slice(id.as_bytes());
@@ -694,13 +732,31 @@ mod tests {
         );
         let request = parse_request(&mut buf).expect("valid").expect("complete");
         let client = ClientAddr::new("127.0.0.9:5555".parse().expect("addr"));
+        let mut forwarding = Forwarding {
+            client: &client,
+            peer_trusted: false,
+            via: false,
+            request_id: None,
+        };
         let mut out = Vec::new();
-        encode_request_head(&request, &client, request.body, "backend:1", false, None, &mut out).expect("encodes");
+        encode_request_head(&request, &forwarding, request.body, "backend:1", false, &mut out).expect("encodes");
+        // From a client no one trusts, its X-Forwarded-For is replaced.
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nAccept: */*\r\n\
+             x-forwarded-for: 127.0.0.9\r\nx-forwarded-host: example.com\r\n\
+             x-forwarded-proto: http\r\ncontent-length: 3\r\n\r\n"
+        );
+        // From a trusted proxy the chain is appended to, and Via added when asked.
+        forwarding.peer_trusted = true;
+        forwarding.via = true;
+        out.clear();
+        encode_request_head(&request, &forwarding, request.body, "backend:1", false, &mut out).expect("encodes");
         assert_eq!(
             String::from_utf8_lossy(&out),
             "POST /a?b=1 HTTP/1.1\r\nhost: example.com\r\nAccept: */*\r\n\
              x-forwarded-for: 10.0.0.1, 127.0.0.9\r\nx-forwarded-host: example.com\r\n\
-             x-forwarded-proto: http\r\ncontent-length: 3\r\n\r\n"
+             x-forwarded-proto: http\r\nvia: 1.1 fulcrum\r\ncontent-length: 3\r\n\r\n"
         );
     }
 
@@ -710,16 +766,13 @@ mod tests {
         let request = RequestHead::from_parts(&parts, Framing::Chunked).expect("fits");
         let client = ClientAddr::new("[::1]:5555".parse().expect("addr"));
         let mut out = Vec::new();
-        encode_request_head(
-            &request,
-            &client,
-            Framing::Chunked,
-            "10.0.0.2:80",
-            false,
-            Some("abc"),
-            &mut out,
-        )
-        .expect("encodes");
+        let forwarding = Forwarding {
+            client: &client,
+            peer_trusted: false,
+            via: false,
+            request_id: Some("abc"),
+        };
+        encode_request_head(&request, &forwarding, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
         let text = String::from_utf8_lossy(&out);
         assert!(text.starts_with("GET /x HTTP/1.1\r\nhost: 10.0.0.2:80\r\n"), "{text}");
         assert!(text.contains("x-forwarded-for: ::1\r\n"), "{text}");

@@ -3,6 +3,7 @@
 //! request body's source, the client's address),
 //! the request head ([`request`]) and the HTTP/1.1 codec ([`h1`]).
 
+pub mod forwarded;
 pub mod h1;
 pub mod request;
 
@@ -165,6 +166,9 @@ pub struct Edge {
     pub hsts: Option<String>,
     /// A plain listener that redirects every request to HTTPS on this port.
     pub redirect_https: Option<u16>,
+    /// The TCP peer, when a PROXY protocol header named the client (then
+    /// [`ClientAddr::addr`] is the client it named).
+    pub proxied_by: Option<SocketAddr>,
 }
 
 impl ClientAddr {

@@ -51,13 +51,18 @@ impl Conn {
         let upgrade = request.head.upgrade;
         let head_request = request.head.method == http::Method::HEAD;
         if request.encoded.is_empty() {
+            let forwarding = h1::Forwarding {
+                client: request.client,
+                peer_trusted: request.peer_trusted,
+                via: request.via,
+                request_id: request.request_id,
+            };
             h1::encode_request_head(
                 request.head,
-                request.client,
+                &forwarding,
                 request.framing,
                 request.fallback_host,
                 upgrade,
-                request.request_id,
                 request.encoded,
             )
             .map_err(ExchangeError::Unsendable)?;

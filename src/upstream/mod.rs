@@ -30,6 +30,8 @@ pub struct Upstream {
     connector: Arc<dyn Connector>,
     limits: PoolLimits,
     connect_timeout: Duration,
+    /// A PROXY protocol header opens each new connection.
+    send_proxy: Option<crate::proxy_protocol::Version>,
 }
 
 impl Upstream {
@@ -45,7 +47,15 @@ impl Upstream {
             connector,
             limits,
             connect_timeout,
+            send_proxy: None,
         }
+    }
+
+    /// Opens each new connection with a PROXY protocol header of `version`
+    /// (with `max_idle` 0, so that a connection carries one client only).
+    pub fn sending_proxy_protocol(mut self, version: Option<crate::proxy_protocol::Version>) -> Upstream {
+        self.send_proxy = version;
+        self
     }
 
     /// Idle connections held for the backend at `index`.
@@ -66,8 +76,9 @@ impl Upstream {
     }
 
     /// A connection to the backend at `index` (reached at `addr`) ready to
-    /// send: a warm idle one, else a new one.
-    pub async fn checkout(&self, index: usize, addr: SocketAddr) -> Result<Conn, ConnectError> {
+    /// send: a warm idle one, else a new one (opened with a PROXY header
+    /// naming `client` when the pool sends one).
+    pub async fn checkout(&self, index: usize, addr: SocketAddr, client: SocketAddr) -> Result<Conn, ConnectError> {
         let idle = self.idle.get(index).cloned().unwrap_or_default();
         if let Some(stream) = idle.take(self.limits) {
             return Ok(Conn::Http1(h1::Conn {
@@ -79,8 +90,15 @@ impl Upstream {
             }));
         }
         let connecting = quanta::Instant::now();
-        let stream = self.connector.connect(addr, self.connect_timeout).await?;
+        let mut stream = self.connector.connect(addr, self.connect_timeout).await?;
         idle.count_opened();
+        if let Some(version) = self.send_proxy {
+            use tokio::io::AsyncWriteExt;
+            // The destination is the backend's address: the address each client
+            // reached is not kept per connection.
+            let header = crate::proxy_protocol::encode(version, client, addr);
+            stream.write_all(&header).await.map_err(|e| ConnectError::Io(addr, e))?;
+        }
         Ok(Conn::Http1(h1::Conn {
             stream,
             idle,
@@ -101,6 +119,10 @@ pub struct UpstreamRequest<'a> {
     pub fallback_host: &'a str,
     /// An `X-Request-Id` to add (one Fulcrum made).
     pub request_id: Option<&'a str>,
+    /// The client's connection comes from a trusted proxy (`server.trusted_proxies`).
+    pub peer_trusted: bool,
+    /// Add `Via` (`server.via`).
+    pub via: bool,
     /// The head as written for the wire: encoded at the first try, reused by the others.
     pub encoded: &'a mut Vec<u8>,
 }
@@ -258,7 +280,7 @@ mod tests {
         let client = ClientAddr::new("192.0.2.1:5000".parse().expect("addr"));
         let addr: SocketAddr = "192.0.2.80:80".parse().expect("addr");
         for round in 0..3 {
-            let conn = upstream.checkout(0, addr).await.expect("connected");
+            let conn = upstream.checkout(0, addr, addr).await.expect("connected");
             assert_eq!(conn.reused(), round > 0, "round {round}");
             let mut encoded = Vec::new();
             let request = UpstreamRequest {
@@ -267,6 +289,8 @@ mod tests {
                 framing: Framing::Empty,
                 fallback_host: "unused",
                 request_id: None,
+                peer_trusted: false,
+                via: false,
                 encoded: &mut encoded,
             };
             let (response, mut body) = conn
