@@ -215,9 +215,11 @@ pub fn finish(snapshot: &Snapshot, trace: &Trace, head: Option<&RequestHead>, de
         duration: trace.started.elapsed(),
         head,
         client: trace.client,
+        // Only the access log reads it: no header scan per request without one.
         request_id: match &trace.made_id {
             Some(id) => Some(id.as_str()),
-            None => head.and_then(request_id_of),
+            None if snapshot.access_log.is_some() => head.and_then(request_id_of),
+            None => None,
         },
         connect: trace.connect,
     };
@@ -275,8 +277,12 @@ pub async fn serve<B: BodySource>(
         trace.made_id = Some(RequestId::new());
     }
     // The client as trusted proxies name it: in the record, to the plugin.
-    let (resolved, peer_trusted) =
-        crate::http::forwarded::resolve(head, client.addr, &snapshot.config.server.trusted_proxies);
+    let trusted = &snapshot.config.server.trusted_proxies;
+    let (resolved, peer_trusted) = if trusted.is_empty() {
+        (client.addr, false)
+    } else {
+        crate::http::forwarded::resolve(head, client.addr, trusted)
+    };
     trace.client = resolved;
     let hop = Hop {
         peer_trusted,

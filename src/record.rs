@@ -91,9 +91,11 @@ pub struct RequestRecord<'a> {
     pub duration: Duration,
     /// The request's head; `None` for one refused before it parsed.
     pub head: Option<&'a RequestHead>,
-    /// Where the request came from.
+    /// Where the request came from: the client as the PROXY protocol and
+    /// trusted proxies name it (`crate::http::forwarded`).
     pub client: SocketAddr,
-    /// `X-Request-Id` as the client sent it or as Fulcrum made it (with the access log on).
+    /// `X-Request-Id` as the client sent it or as Fulcrum made it; read only
+    /// while the access log is on (`None` otherwise).
     pub request_id: Option<&'a str>,
     /// How long making a new connection to the backend took (`None`: a pooled one).
     pub connect: Option<Duration>,
