@@ -107,6 +107,8 @@ pub struct TlsConfig {
     pub client_auth: ClientAuth,
     /// The `Strict-Transport-Security` value added to every answer.
     pub hsts: Option<String>,
+    /// Session resumption (tickets and the session cache); on by default.
+    pub session_resumption: bool,
 }
 
 /// A certificate chain and its private key, as PEM files.
@@ -313,6 +315,7 @@ struct RawTls {
     client_ca: Option<PathBuf>,
     client_auth: Option<String>,
     hsts: Option<String>,
+    session_resumption: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -611,6 +614,7 @@ fn tls(key: &str, raw: RawTls, folder: &Path) -> Result<TlsConfig, KeyError> {
         client_ca: raw.client_ca.map(|ca| folder.join(ca)),
         client_auth,
         hsts: raw.hsts,
+        session_resumption: raw.session_resumption.unwrap_or(true),
     })
 }
 

@@ -260,8 +260,14 @@ fn build(
         strict: settings.strict_sni,
     }));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    config.ticketer = tickets.clone();
-    config.session_storage = sessions.clone();
+    if settings.session_resumption {
+        config.ticketer = tickets.clone();
+        config.session_storage = sessions.clone();
+    } else {
+        // Every handshake a full one (the default ticketer sends none).
+        config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+        config.send_tls13_tickets = 0;
+    }
     // No 0-RTT: early data can be replayed.
     config.max_early_data_size = 0;
     Ok((config, summaries))

@@ -425,3 +425,60 @@ fn check_refuses_unusable_tls_files_naming_the_key_and_file() {
         assert!(said.contains(key) && said.contains(reason), "{tls}: {said}");
     }
 }
+
+/// `openssl s_client -reconnect` (TLS 1.2: five reconnections offering the
+/// first session): how many handshakes were resumptions.
+fn resumed_handshakes(port: u16, name: &str) -> usize {
+    let mut child = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            &format!("127.0.0.1:{port}"),
+            "-servername",
+            name,
+        ])
+        .args(["-tls1_2", "-reconnect"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl runs (.ci/run installs it)");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().expect("wait").is_none() {
+        assert!(Instant::now() < deadline, "openssl s_client within 20 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let output = child.wait_with_output().expect("output");
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter(|l| l.starts_with("Reused,"))
+        .count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_resume_unless_turned_off() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let pki = tempfile::tempdir().expect("pki dir");
+    let ca = Ca::new(pki.path(), "main");
+    let (cert, key) = ca.server(pki.path(), "site", &["site.example"], 2031);
+    let off_port = free_port();
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\ntls = {{ cert = \"{cert}\", key = \"{key}\" }}\n\
+         [[server.listeners]]\nlisten = \"127.0.0.1:{off_port}\"\n\
+         tls = {{ cert = \"{cert}\", key = \"{key}\", session_resumption = false }}\n\
+         [pools.web]\nbackends = [\"{}\"]\n",
+        backends[0].addr,
+        cert = toml_path(&cert),
+        key = toml_path(&key),
+    );
+    let fulcrum = Fulcrum::start(&config, &[]);
+    assert!(
+        resumed_handshakes(fulcrum.addr.port(), "site.example") >= 4,
+        "sessions resume"
+    );
+    assert_eq!(
+        resumed_handshakes(off_port, "site.example"),
+        0,
+        "every handshake a full one"
+    );
+}
