@@ -11,7 +11,11 @@ connection; idle: 1 s after the last answer, all clients held; after_close:
 connection to the last answer.
 
 usage: idle_conns.py [--mode gentle|wave|burst] [--settle S] [--timeout S] [--deadline S]
-                     PORT N PID [PID...]
+                     [--protocol http1|tls|h2] PORT N PID [PID...]
+
+  --protocol tls  HTTPS (HTTP/1.1 over TLS, certificate not checked)
+  --protocol h2   HTTP/2 over TLS (ALPN h2): the client preface and SETTINGS are
+                  sent and the server's SETTINGS read, instead of a GET; then held
 
   gentle  batches of 500 clients, each connects, asks and reads; answers read at once
   wave    clients one after another (at most 8 in progress at once): connect,
@@ -33,6 +37,7 @@ exit.
 import argparse
 import asyncio
 import resource
+import ssl
 import sys
 import time
 
@@ -116,20 +121,47 @@ async def timed(awaitable, timeout):
         raise Failure("timeout") from None
 
 
+PROTOCOL = "http1"   # set from --protocol
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"       # an empty SETTINGS frame
+H2_SETTINGS_ACK = b"\x00\x00\x00\x04\x01\x00\x00\x00\x00"
+
+
+def tls_context():
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    context.set_alpn_protocols(["h2"] if PROTOCOL == "h2" else ["http/1.1"])
+    return context
+
+
 async def connect(port, timeout):
     try:
-        return await timed(asyncio.open_connection("127.0.0.1", port), timeout)
-    except OSError:
+        if PROTOCOL == "http1":
+            return await timed(asyncio.open_connection("127.0.0.1", port), timeout)
+        return await timed(
+            asyncio.open_connection("127.0.0.1", port, ssl=tls_context(), server_hostname="bench.local"), timeout)
+    except (OSError, ssl.SSLError):
         raise Failure("connect") from None
 
 
 async def send(writer, timeout):
-    writer.write(REQUEST)
+    writer.write(H2_PREFACE + H2_SETTINGS if PROTOCOL == "h2" else REQUEST)
     await timed(writer.drain(), timeout)
 
 
 async def read_answer(reader, timeout):
-    """Reads one whole answer (Content-Length or chunked); fails unless 2xx and kept alive."""
+    """Reads one whole answer (Content-Length or chunked); fails unless 2xx and kept alive.
+    Over HTTP/2: the server's SETTINGS frame, acknowledged."""
+    if PROTOCOL == "h2":
+        try:
+            header = await timed(reader.readexactly(9), timeout)
+            if header[3] != 0x04:
+                raise Failure("no SETTINGS first")
+            await timed(reader.readexactly(int.from_bytes(header[:3], "big")), timeout)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            raise Failure("closed by peer") from None
+        return
     try:
         head = await timed(reader.readuntil(b"\r\n\r\n"), timeout)
         lines = head.split(b"\r\n")
@@ -199,6 +231,8 @@ class Clients:
             reader, writer = await self.connect()
             await send(writer, self.timeout)
             await read_answer(reader, self.timeout)
+            if PROTOCOL == "h2":
+                writer.write(H2_SETTINGS_ACK)
             self.held.append((reader, writer))
         except Failure as failure:
             self.fail(failure.kind)
@@ -294,7 +328,7 @@ def main():
     parser = argparse.ArgumentParser(
         description="Hold N idle keep-alive clients on a proxy and print its RSS.",
         usage="%(prog)s [--mode gentle|wave|burst] [--settle S] [--timeout S] [--deadline S] "
-              "PORT N PID [PID...]")
+              "[--protocol http1|tls|h2] PORT N PID [PID...]")
     parser.add_argument("--mode", choices=("gentle", "wave", "burst"), default="gentle")
     parser.add_argument("--settle", type=float, default=5.0,
                         help="seconds between closing every client and the last measure (5)")
@@ -302,12 +336,15 @@ def main():
                         help="bound on every connect, send and read, seconds (10)")
     parser.add_argument("--deadline", type=float, default=120.0,
                         help="no client starts later than this after the first, seconds (120)")
+    parser.add_argument("--protocol", choices=("http1", "tls", "h2"), default="http1")
     parser.add_argument("port", type=int, metavar="PORT")
     parser.add_argument("count", type=int, metavar="N")
     parser.add_argument("pids", type=int, nargs="+", metavar="PID")
     args = parser.parse_args()
     if args.count < 1:
         parser.error("N must be at least 1")
+    global PROTOCOL
+    PROTOCOL = args.protocol
     check_limits(args.mode, args.count, args.pids)
     asyncio.run(run(args))
 

@@ -113,6 +113,7 @@ fn host_work(c: &mut Criterion) {
         host: host.map(str::to_string),
         path_prefix: prefix.to_string(),
         pool: format!("p{i}"),
+        max_body_size: None,
     })
     .collect();
     let router = Router::new(&routes, |name| name.strip_prefix('p').and_then(|n| n.parse().ok()));

@@ -91,6 +91,8 @@ pub struct ListenerConfig {
     /// A plain listener that answers every request with a redirect to
     /// `https://` on this port.
     pub redirect_https: Option<u16>,
+    /// What a request head may be (`max_head_size`, `max_uri_length`, `max_headers`).
+    pub limits: crate::http::HeadLimits,
 }
 
 /// A TLS listener's settings.
@@ -249,6 +251,9 @@ pub struct RouteConfig {
     pub host: Option<String>,
     pub path_prefix: String,
     pub pool: String,
+    /// The largest request body taken (413 above); `server.max_body_size`
+    /// when not set; no limit when neither is.
+    pub max_body_size: Option<u64>,
 }
 
 // ---- the file as written -------------------------------------------------
@@ -275,6 +280,11 @@ struct RawServer {
     tls: Option<RawTls>,
     proxy_protocol: Option<bool>,
     redirect_https: Option<u16>,
+    max_head_size: Option<String>,
+    max_uri_length: Option<String>,
+    max_headers: Option<usize>,
+    /// The default of every route's `max_body_size`.
+    max_body_size: Option<String>,
     #[serde(default)]
     listeners: Vec<RawListener>,
     #[serde(default)]
@@ -294,6 +304,9 @@ struct RawListenerSettings {
     tls: Option<RawTls>,
     proxy_protocol: Option<bool>,
     redirect_https: Option<u16>,
+    max_head_size: Option<String>,
+    max_uri_length: Option<String>,
+    max_headers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -303,6 +316,9 @@ struct RawListener {
     tls: Option<RawTls>,
     proxy_protocol: Option<bool>,
     redirect_https: Option<u16>,
+    max_head_size: Option<String>,
+    max_uri_length: Option<String>,
+    max_headers: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -403,6 +419,7 @@ struct RawRoute {
     host: Option<String>,
     path_prefix: Option<String>,
     pool: String,
+    max_body_size: Option<String>,
 }
 
 // ---- loading -------------------------------------------------------------
@@ -536,6 +553,32 @@ fn listener(
             return Err((format!("{key}.redirect_https"), "a port, 1 to 65535".into()));
         }
     }
+    let defaults = crate::http::HeadLimits::DEFAULT;
+    let limits = crate::http::HeadLimits {
+        max_head: size(
+            &format!("{key}.max_head_size"),
+            settings.max_head_size.as_deref(),
+            defaults.max_head,
+        )?,
+        max_uri: size(
+            &format!("{key}.max_uri_length"),
+            settings.max_uri_length.as_deref(),
+            defaults.max_uri,
+        )?,
+        max_headers: settings.max_headers.unwrap_or(defaults.max_headers),
+    };
+    if !(1024..=1 << 20).contains(&limits.max_head) {
+        return Err((format!("{key}.max_head_size"), "from 1KiB to 1MiB".into()));
+    }
+    if !(16..=limits.max_head).contains(&limits.max_uri) {
+        return Err((format!("{key}.max_uri_length"), "from 16 bytes to max_head_size".into()));
+    }
+    if !(1..=crate::http::MAX_HEADERS).contains(&limits.max_headers) {
+        return Err((
+            format!("{key}.max_headers"),
+            format!("from 1 to {}", crate::http::MAX_HEADERS),
+        ));
+    }
     Ok(ListenerConfig {
         key: record_key,
         table: key.to_string(),
@@ -543,6 +586,7 @@ fn listener(
         tls,
         proxy_protocol: settings.proxy_protocol.unwrap_or(false),
         redirect_https: settings.redirect_https,
+        limits,
     })
 }
 
@@ -682,10 +726,19 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         tls: raw.server.tls,
         proxy_protocol: raw.server.proxy_protocol,
         redirect_https: raw.server.redirect_https,
+        max_head_size: raw.server.max_head_size,
+        max_uri_length: raw.server.max_uri_length,
+        max_headers: raw.server.max_headers,
     };
     match raw.server.listen.as_deref() {
         Some(listen) => listeners.push(listener("server", "server.listen", listen, settings, folder)?),
-        None if settings.tls.is_some() || settings.proxy_protocol.is_some() || settings.redirect_https.is_some() => {
+        None if settings.tls.is_some()
+            || settings.proxy_protocol.is_some()
+            || settings.redirect_https.is_some()
+            || settings.max_head_size.is_some()
+            || settings.max_uri_length.is_some()
+            || settings.max_headers.is_some() =>
+        {
             return Err((
                 "server.listen".into(),
                 "server.tls, server.proxy_protocol and server.redirect_https are settings of server.listen, which is not set".into(),
@@ -699,6 +752,9 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             tls: entry.tls,
             proxy_protocol: entry.proxy_protocol,
             redirect_https: entry.redirect_https,
+            max_head_size: entry.max_head_size,
+            max_uri_length: entry.max_uri_length,
+            max_headers: entry.max_headers,
         };
         listeners.push(listener(
             &key,
@@ -870,6 +926,12 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         pools.insert(name, config);
     }
 
+    let max_body_default = raw
+        .server
+        .max_body_size
+        .as_deref()
+        .map(|text| size("server.max_body_size", Some(text), 0).map(|n| n as u64))
+        .transpose()?;
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, route) in raw.routes.into_iter().enumerate() {
         if !pools.contains_key(&route.pool) {
@@ -889,10 +951,15 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 format!("`{path_prefix}` must start with /"),
             ));
         }
+        let max_body_size = match route.max_body_size.as_deref() {
+            Some(text) => Some(size(&format!("routes[{i}].max_body_size"), Some(text), 0)? as u64),
+            None => max_body_default,
+        };
         routes.push(RouteConfig {
             host: route.host.map(|h| h.to_ascii_lowercase()),
             path_prefix,
             pool: route.pool,
+            max_body_size,
         });
     }
     if routes.is_empty() {
@@ -907,6 +974,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 host: None,
                 path_prefix: "/".into(),
                 pool: pool.clone(),
+                max_body_size: max_body_default,
             });
         }
     }
@@ -1071,7 +1139,8 @@ mod tests {
             vec![RouteConfig {
                 host: None,
                 path_prefix: "/".into(),
-                pool: "web".into()
+                pool: "web".into(),
+                max_body_size: None,
             }]
         );
     }

@@ -250,10 +250,11 @@ fn observe(snapshot: &Snapshot, record: &RequestRecord<'_>) {
     tests::capture(record);
 }
 
-/// The pool a request goes to, by its host and path, with its index.
-pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<(usize, &'a Pool)> {
-    let index = snapshot.router.pool_for(head.host(), head.path())?;
-    Some((index, snapshot.pools.get(index)?))
+/// The pool a request goes to, by its host and path, with its index and the
+/// route's body limit.
+pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<(usize, &'a Pool, Option<u64>)> {
+    let matched = snapshot.router.route_for(head.host(), head.path())?;
+    Some((matched.pool, snapshot.pools.get(matched.pool)?, matched.max_body_size))
 }
 
 /// Serves one request: route, select, forward; what it learns goes in
@@ -299,9 +300,19 @@ pub async fn serve<B: BodySource>(
                 Termination::NoRoute,
                 "no route matches this request",
             )),
-            Some((index, pool)) => {
+            Some((index, pool, max_body)) => {
                 trace.pool = Some(index);
-                forward(pool, client, hop, &current, source, timer, trace).await
+                match max_body {
+                    // A declared length over the limit: refused before anything is sent.
+                    Some(max) if matches!(source.framing(), Framing::Length(n) if n > max) => {
+                        Answer::Local(body_too_large(max))
+                    }
+                    Some(max) => {
+                        source.limit(max);
+                        forward(pool, client, hop, &current, source, timer, trace).await
+                    }
+                    None => forward(pool, client, hop, &current, source, timer, trace).await,
+                }
             }
         }
     };
@@ -394,9 +405,19 @@ fn is_idempotent(method: &Method) -> bool {
 fn client_body_reply(error: &ClientBodyError) -> LocalReply {
     let status = match error {
         ClientBodyError::Timeout(_) => StatusCode::REQUEST_TIMEOUT,
+        ClientBodyError::TooLarge(max) => return body_too_large(*max),
         _ => StatusCode::BAD_REQUEST,
     };
     LocalReply::new(status, Termination::ClientBodyFailed, error.to_string())
+}
+
+/// 413 for a body over the route's `max_body_size`.
+fn body_too_large(max: u64) -> LocalReply {
+    LocalReply::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Termination::BodyTooLarge,
+        format!("the request body is larger than this route takes ({max} bytes)"),
+    )
 }
 
 /// Reads the body into memory when the request may be retried after reaching a

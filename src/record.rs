@@ -36,11 +36,13 @@ pub enum Termination {
     ClientClosed,
     /// Answered with a redirect to HTTPS by a listener with `redirect_https`.
     RedirectedToHttps,
+    /// The request body was larger than the route's `max_body_size` (413).
+    BodyTooLarge,
 }
 
 impl Termination {
     /// Every cause, in declaration order: `ALL[cause as usize] == cause`.
-    pub const ALL: [Termination; 11] = [
+    pub const ALL: [Termination; 12] = [
         Termination::Completed,
         Termination::BadRequest,
         Termination::NoRoute,
@@ -52,6 +54,7 @@ impl Termination {
         Termination::ClientBodyFailed,
         Termination::ClientClosed,
         Termination::RedirectedToHttps,
+        Termination::BodyTooLarge,
     ];
 
     /// The name in logs and metric labels.
@@ -68,6 +71,7 @@ impl Termination {
             Termination::ClientBodyFailed => "client_body_failed",
             Termination::ClientClosed => "client_closed",
             Termination::RedirectedToHttps => "redirected_to_https",
+            Termination::BodyTooLarge => "body_too_large",
         }
     }
 }

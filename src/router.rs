@@ -17,6 +17,16 @@ struct Route {
     host: Option<String>,
     path_prefix: String,
     pool: usize,
+    max_body_size: Option<u64>,
+}
+
+/// The route a request matched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Matched {
+    /// The pool's index.
+    pub pool: usize,
+    /// The largest request body the route takes.
+    pub max_body_size: Option<u64>,
 }
 
 impl Router {
@@ -33,6 +43,7 @@ impl Router {
                         host: r.host.clone(),
                         path_prefix: r.path_prefix.clone(),
                         pool,
+                        max_body_size: r.max_body_size,
                     },
                 ))
             })
@@ -51,6 +62,11 @@ impl Router {
 
     /// The pool for a request to `host` (may carry a port; any case) and `path`.
     pub fn pool_for(&self, host: Option<&str>, path: &str) -> Option<usize> {
+        self.route_for(host, path).map(|m| m.pool)
+    }
+
+    /// The route a request to `host` and `path` takes.
+    pub fn route_for(&self, host: Option<&str>, path: &str) -> Option<Matched> {
         let host = host.map(strip_port);
         self.routes
             .iter()
@@ -62,7 +78,10 @@ impl Router {
                 };
                 host_ok && path.starts_with(r.path_prefix.as_str())
             })
-            .map(|r| r.pool)
+            .map(|r| Matched {
+                pool: r.pool,
+                max_body_size: r.max_body_size,
+            })
     }
 }
 
@@ -83,6 +102,7 @@ mod tests {
             host: host.map(str::to_string),
             path_prefix: prefix.into(),
             pool: pool.into(),
+            max_body_size: None,
         }
     }
 

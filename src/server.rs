@@ -66,13 +66,15 @@ impl Listener {
                 hsts: settings.hsts.clone(),
                 redirect_https: None,
                 proxied_by: None,
+                limits: config.limits,
             })),
-            None => config.redirect_https.map(|port| {
-                Arc::new(Edge {
-                    redirect_https: Some(port),
-                    ..Edge::default()
-                })
-            }),
+            // A plain listener with defaults has no edge: nothing per connection.
+            None if config.redirect_https.is_none() && config.limits == crate::http::HeadLimits::DEFAULT => None,
+            None => Some(Arc::new(Edge {
+                redirect_https: config.redirect_https,
+                limits: config.limits,
+                ..Edge::default()
+            })),
         };
         Ok(Listener {
             config: config.clone(),

@@ -11,7 +11,7 @@ use super::ClientStream;
 use crate::app::App;
 use crate::buffers;
 use crate::http::h1::{self, BodyDecoder, Decoded, ResponseHead};
-use crate::http::{BodySource, ClientAddr, ClientBodyError, Edge, Framing, RequestHead};
+use crate::http::{BodySource, ClientAddr, ClientBodyError, Edge, Framing, HeadLimits, RequestHead};
 use crate::proxy::{self, Answer, Delivery, Forwarded, LocalReply, Termination, Trace};
 use crate::shutdown::Shutdown;
 use crate::snapshot::Snapshot;
@@ -64,7 +64,8 @@ pub async fn serve<S: ClientStream>(
     // room for a whole request head in every idle connection's state.
     let refusal = loop {
         timer.as_mut().reset(deadline);
-        let head = match next_head(&mut stream, &mut buf, timer.as_mut()).await {
+        let limits = client.edge.as_deref().map_or(&HeadLimits::DEFAULT, |edge| &edge.limits);
+        let head = match next_head(&mut stream, &mut buf, timer.as_mut(), limits).await {
             NextHead::Head(head) => head,
             NextHead::Close => {
                 buffers::give(buf);
@@ -85,9 +86,14 @@ pub async fn serve<S: ClientStream>(
             &client,
             response_timer.as_mut(),
         ));
-        let keep = request.await;
+        let (keep, unread) = request.await;
         drop(busy);
         if !keep || shutdown.is_stopping() {
+            if unread {
+                // Answered before the client finished sending (413, 408...).
+                buffers::give(std::mem::take(&mut buf));
+                linger(&mut stream).await;
+            }
             buffers::give(buf);
             return;
         }
@@ -104,13 +110,21 @@ pub async fn serve<S: ClientStream>(
     let (_, delivery, bytes_out) = write_local(&mut stream, &refusal, false, false, client.edge.as_deref()).await;
     let trace = Trace::refused(status, cause, peer);
     proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
+    // What follows a refused head (the rest of a huge header, a body) is
+    // still coming: the answer must not be lost to a reset.
+    linger(&mut stream).await;
 }
 
 /// Reads until a whole request head is in `buf`, within the timer's deadline.
-async fn next_head<S: ClientStream>(stream: &mut S, buf: &mut BytesMut, mut timer: Pin<&mut Sleep>) -> NextHead {
+async fn next_head<S: ClientStream>(
+    stream: &mut S,
+    buf: &mut BytesMut,
+    mut timer: Pin<&mut Sleep>,
+    limits: &HeadLimits,
+) -> NextHead {
     loop {
         if !buf.is_empty() {
-            match h1::parse_request(buf) {
+            match h1::parse_request_within(buf, limits) {
                 Ok(Some(head)) => return NextHead::Head(head),
                 Ok(None) => {}
                 Err(error) => return NextHead::Refuse(error.status(), error.to_string()),
@@ -141,7 +155,9 @@ async fn next_head<S: ClientStream>(stream: &mut S, buf: &mut BytesMut, mut time
     }
 }
 
-/// Serves one request; returns whether the connection can carry another.
+/// Serves one request; returns whether the connection can carry another, and
+/// whether the client may still be sending a body no one read (then the
+/// connection is closed lingering).
 async fn serve_request<S: ClientStream>(
     snapshot: &Snapshot,
     stream: &mut S,
@@ -149,7 +165,7 @@ async fn serve_request<S: ClientStream>(
     head: RequestHead,
     client: &ClientAddr,
     timer: Pin<&mut Sleep>,
-) -> bool {
+) -> (bool, bool) {
     let framing = head.body;
     let keep_alive = head.keep_alive;
     let upgrade = head.upgrade;
@@ -162,10 +178,12 @@ async fn serve_request<S: ClientStream>(
         continue_due: head.expect_continue,
         read_timeout: snapshot.config.server.client_idle_timeout,
         received: 0,
+        max: u64::MAX,
     };
     let mut trace = Trace::start(client.addr);
     let mut answer = proxy::serve(snapshot, client, &head, &mut source, timer, &mut trace).await;
-    let keep = keep_alive && source.decoder.is_done();
+    let unread = !source.decoder.is_done();
+    let keep = keep_alive && !unread;
     // Written from where it lies: moving a backend's answer is a copy of it.
     let (keep, delivery, bytes_out) = match &mut answer {
         Answer::Local(reply) => write_local(stream, reply, keep, http10, client.edge.as_deref()).await,
@@ -189,7 +207,33 @@ async fn serve_request<S: ClientStream>(
         }
     };
     proxy::finish(snapshot, &trace, Some(&head), delivery, bytes_out);
-    keep
+    (keep, unread && !upgrade)
+}
+
+/// How long a client that is still sending gets to read an answer given
+/// before its request was read whole, and the longest pause in its sending.
+const LINGER_TIME: Duration = Duration::from_secs(5);
+const LINGER_QUIET: Duration = Duration::from_secs(1);
+
+/// Closes a connection whose client may still be sending, as nginx's
+/// `lingering_close` does: the answer is followed by a FIN, then what the
+/// client still sends is read and dropped (up to [`LINGER_TIME`], or until
+/// it pauses [`LINGER_QUIET`] or closes). Closing at once with unread bytes
+/// would make the kernel send a reset, which can destroy the answer before
+/// the client reads it.
+async fn linger<S: AsyncRead + AsyncWrite + Unpin>(stream: &mut S) {
+    let _ = stream.shutdown().await;
+    let mut sink = buffers::take();
+    let until = Instant::now() + LINGER_TIME;
+    loop {
+        sink.clear();
+        let quiet = LINGER_QUIET.min(until.saturating_duration_since(Instant::now()));
+        match tokio::time::timeout(quiet, stream.read_buf(&mut sink)).await {
+            Ok(Ok(n)) if n > 0 && Instant::now() < until => {}
+            _ => break,
+        }
+    }
+    buffers::give(sink);
 }
 
 /// Writes the balancer's own answer; the one place an HTTP/1 local reply is
@@ -403,6 +447,8 @@ struct ClientBody<'a, S> {
     read_timeout: Duration,
     /// Body bytes decoded so far.
     received: u64,
+    /// The most body bytes taken (`u64::MAX`: no limit).
+    max: u64,
 }
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send> BodySource for ClientBody<'_, S> {
@@ -414,7 +460,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> BodySource for ClientBody<'_, S> 
         self.received
     }
 
+    fn limit(&mut self, max: u64) {
+        self.max = max;
+    }
+
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
+        if self.received > self.max {
+            return Err(ClientBodyError::TooLarge(self.max));
+        }
         if self.continue_due {
             self.continue_due = false;
             if self.buf.is_empty() {
@@ -425,6 +478,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> BodySource for ClientBody<'_, S> 
             match self.decoder.decode(self.buf)? {
                 Decoded::Data(data) => {
                     self.received += data.len() as u64;
+                    if self.received > self.max {
+                        return Err(ClientBodyError::TooLarge(self.max));
+                    }
                     return Ok(Some(data));
                 }
                 Decoded::End => return Ok(None),

@@ -3,7 +3,7 @@
 //! back as hyper's response, its body streamed from the backend.
 
 use crate::app::App;
-use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
+use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, HeadLimits, RequestHead};
 use crate::proxy::{self, Answer, Delivery, LocalReply, Trace};
 use crate::shutdown::Shutdown;
 use crate::snapshot::Snapshot;
@@ -30,6 +30,7 @@ where
 {
     let _busy = shutdown.busy();
     let idle = app.snapshot().config.server.client_idle_timeout;
+    let limits = client.edge.as_deref().map_or(HeadLimits::DEFAULT, |edge| edge.limits);
     let client = Arc::new(client);
     let peer = client.addr;
     let service = service_fn(move |request| {
@@ -41,6 +42,8 @@ where
         .timer(TokioTimer::new())
         .keep_alive_interval(Some(idle / 2))
         .keep_alive_timeout(idle / 2)
+        // The decoded header list, as the listener's head limit counts it.
+        .max_header_list_size(limits.max_head as u32)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -58,8 +61,13 @@ where
 /// Serves one request of an HTTP/2 client.
 async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
-    let mut source = IncomingSource { body, received: 0 };
-    let head = match RequestHead::from_parts(&parts, source.framing()) {
+    let mut source = IncomingSource {
+        body,
+        received: 0,
+        max: u64::MAX,
+    };
+    let limits = client.edge.as_deref().map_or(&HeadLimits::DEFAULT, |edge| &edge.limits);
+    let head = match RequestHead::from_parts_within(&parts, source.framing(), limits) {
         Ok(head) => head,
         Err(error) => {
             let reply = LocalReply::new(error.status(), proxy::Termination::BadRequest, error.to_string());
@@ -213,6 +221,8 @@ impl Body for ProxyBody {
 struct IncomingSource {
     body: Incoming,
     received: u64,
+    /// The most body bytes taken (`u64::MAX`: no limit).
+    max: u64,
 }
 
 impl BodySource for IncomingSource {
@@ -230,11 +240,18 @@ impl BodySource for IncomingSource {
         self.received
     }
 
+    fn limit(&mut self, max: u64) {
+        self.max = max;
+    }
+
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
         while let Some(frame) = self.body.frame().await {
             let frame = frame.map_err(|e| ClientBodyError::Other(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
                 self.received += data.len() as u64;
+                if self.received > self.max {
+                    return Err(ClientBodyError::TooLarge(self.max));
+                }
                 return Ok(Some(data));
             }
         }

@@ -9,7 +9,9 @@
 //! HTTP/1.0 request is refused, never guessed at.
 
 use super::request;
-pub use super::{BodyError, ClientAddr, Framing, HeadError, MAX_HEAD, MAX_HEADERS, RequestHead, Span, is_hop_by_hop};
+pub use super::{
+    BodyError, ClientAddr, Framing, HeadError, HeadLimits, MAX_HEAD, MAX_HEADERS, RequestHead, Span, is_hop_by_hop,
+};
 use crate::buffers::HeadBytes;
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{HeaderMap, HeaderName, HeaderValue};
@@ -22,16 +24,29 @@ const MAX_CHUNK_LINE: usize = 4 * 1024;
 
 /// Parses a request head at the start of `buf`. On success the head is taken
 /// out of `buf`, leaving whatever follows it (body or pipelined requests).
-/// `Ok(None)`: the head is not complete yet.
+/// `Ok(None)`: the head is not complete yet. The default limits
+/// ([`HeadLimits::DEFAULT`]); a listener's own: [`parse_request_within`].
 pub fn parse_request(buf: &mut BytesMut) -> Result<Option<RequestHead>, HeadError> {
+    parse_request_within(buf, &HeadLimits::DEFAULT)
+}
+
+/// [`parse_request`] within a listener's `limits`: a head too large or with
+/// too many fields is refused (431), a target too long too (414).
+pub fn parse_request_within(buf: &mut BytesMut, limits: &HeadLimits) -> Result<Option<RequestHead>, HeadError> {
     // Uninitialised: httparse writes only the fields it finds, so a short head
     // does not pay for clearing room for a hundred.
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut request = httparse::Request::new(&mut []);
     let parsed = request.parse_with_uninit_headers(buf, &mut fields);
-    let Some(head_len) = head_length(parsed, buf.len(), "not an HTTP/1 request")? else {
+    let Some(head_len) = head_length(parsed, buf.len(), "not an HTTP/1 request", limits.max_head)? else {
         return Ok(None);
     };
+    if request.headers.len() > limits.max_headers {
+        return Err(HeadError::TooManyHeaders(limits.max_headers));
+    }
+    if request.path.is_some_and(|path| path.len() > limits.max_uri) {
+        return Err(HeadError::UriTooLong(limits.max_uri));
+    }
     let version = if request.version == Some(0) {
         Version::HTTP_10
     } else {
@@ -111,13 +126,14 @@ fn head_length(
     parsed: httparse::Result<usize>,
     buffered: usize,
     not_http: &'static str,
+    max_head: usize,
 ) -> Result<Option<usize>, HeadError> {
     match parsed {
-        Ok(httparse::Status::Complete(len)) if len > MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Complete(len)) if len > max_head => Err(HeadError::TooLarge(max_head)),
         Ok(httparse::Status::Complete(len)) => Ok(Some(len)),
-        Ok(httparse::Status::Partial) if buffered > MAX_HEAD => Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) if buffered > max_head => Err(HeadError::TooLarge(max_head)),
         Ok(httparse::Status::Partial) => Ok(None),
-        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders),
+        Err(httparse::Error::TooManyHeaders) => Err(HeadError::TooManyHeaders(MAX_HEADERS)),
         Err(httparse::Error::Version) => Err(HeadError::Malformed("unsupported HTTP version")),
         Err(_) => Err(HeadError::Malformed(not_http)),
     }
@@ -234,7 +250,7 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<R
     let mut fields = [const { MaybeUninit::uninit() }; MAX_HEADERS];
     let mut response = httparse::Response::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut response, buf, &mut fields);
-    let Some(head_len) = head_length(parsed, buf.len(), "not an HTTP/1 response")? else {
+    let Some(head_len) = head_length(parsed, buf.len(), "not an HTTP/1 response", MAX_HEAD)? else {
         return Ok(None);
     };
     let status = StatusCode::from_u16(response.code.unwrap_or_default())
@@ -801,7 +817,7 @@ mod tests {
     fn partial_heads_wait_and_huge_ones_are_refused() {
         assert!(request("GET / HTTP/1.1\r\nHost: x\r\n").expect("fine so far").is_none());
         let huge = format!("GET / HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\n", "a".repeat(MAX_HEAD));
-        assert_eq!(request(&huge).err(), Some(HeadError::TooLarge));
+        assert_eq!(request(&huge).err(), Some(HeadError::TooLarge(MAX_HEAD)));
     }
 
     #[test]

@@ -27,10 +27,12 @@ pub const MAX_HEADERS: usize = 100;
 pub enum HeadError {
     #[error("malformed message head: {0}")]
     Malformed(&'static str),
-    #[error("message head larger than {MAX_HEAD} bytes")]
-    TooLarge,
-    #[error("more than {MAX_HEADERS} header fields")]
-    TooManyHeaders,
+    #[error("message head larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("more than {0} header fields")]
+    TooManyHeaders(usize),
+    #[error("request target longer than {0} bytes")]
+    UriTooLong(usize),
     #[error("unsupported transfer coding (only `chunked` is accepted)")]
     UnsupportedCoding,
 }
@@ -40,9 +42,36 @@ impl HeadError {
     pub fn status(self) -> StatusCode {
         match self {
             HeadError::Malformed(_) => StatusCode::BAD_REQUEST,
-            HeadError::TooLarge | HeadError::TooManyHeaders => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::TooLarge(_) | HeadError::TooManyHeaders(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UriTooLong(_) => StatusCode::URI_TOO_LONG,
             HeadError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
         }
+    }
+}
+
+/// What a listener accepts in a request head (`max_head_size`,
+/// `max_uri_length`, `max_headers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeadLimits {
+    /// The whole head, request line and fields, in bytes (431 above).
+    pub max_head: usize,
+    /// The request target, in bytes (414 above).
+    pub max_uri: usize,
+    /// Header fields, at most [`MAX_HEADERS`] (431 above).
+    pub max_headers: usize,
+}
+
+impl HeadLimits {
+    pub const DEFAULT: HeadLimits = HeadLimits {
+        max_head: MAX_HEAD,
+        max_uri: 8 * 1024,
+        max_headers: MAX_HEADERS,
+    };
+}
+
+impl Default for HeadLimits {
+    fn default() -> Self {
+        HeadLimits::DEFAULT
     }
 }
 
@@ -125,6 +154,9 @@ pub trait BodySource: Send {
     fn next_chunk(&mut self) -> impl Future<Output = Result<Option<Bytes>, ClientBodyError>> + Send;
     /// Body bytes read so far.
     fn received(&self) -> u64;
+    /// Refuses a body longer than `max` bytes (the route's `max_body_size`):
+    /// the chunk that goes past it fails with [`ClientBodyError::TooLarge`].
+    fn limit(&mut self, max: u64);
 }
 
 /// The client's body could not be read.
@@ -138,6 +170,8 @@ pub enum ClientBodyError {
     Io(#[from] std::io::Error),
     #[error("reading the client's body failed: {0}")]
     Other(String),
+    #[error("the request body is larger than {0} bytes")]
+    TooLarge(u64),
 }
 
 /// Where a request came from, with the client's IP already written out for
@@ -169,6 +203,8 @@ pub struct Edge {
     /// The TCP peer, when a PROXY protocol header named the client (then
     /// [`ClientAddr::addr`] is the client it named).
     pub proxied_by: Option<SocketAddr>,
+    /// The listener's head limits.
+    pub limits: HeadLimits,
 }
 
 impl ClientAddr {

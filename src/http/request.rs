@@ -6,7 +6,7 @@
 //! Built from an HTTP/1.1 head by [`super::h1::parse_request`] (which owns
 //! the framing rules) or from an HTTP/2 request by [`RequestHead::from_parts`].
 
-use super::{Framing, HeadError, MAX_HEAD, Span};
+use super::{Framing, HeadError, Span};
 use crate::buffers::{self, HeadBytes};
 use http::{Method, Version};
 use smallvec::SmallVec;
@@ -50,6 +50,25 @@ pub struct Target {
 impl RequestHead {
     /// An HTTP/2 request's head (hyper has checked it), to be sent on as HTTP/1.1.
     pub fn from_parts(parts: &http::request::Parts, body: Framing) -> Result<RequestHead, HeadError> {
+        RequestHead::from_parts_within(parts, body, &super::HeadLimits::DEFAULT)
+    }
+
+    /// [`RequestHead::from_parts`] within a listener's `limits`.
+    pub fn from_parts_within(
+        parts: &http::request::Parts,
+        body: Framing,
+        limits: &super::HeadLimits,
+    ) -> Result<RequestHead, HeadError> {
+        if parts.headers.len() > limits.max_headers {
+            return Err(HeadError::TooManyHeaders(limits.max_headers));
+        }
+        if parts
+            .uri
+            .path_and_query()
+            .is_some_and(|pq| pq.as_str().len() > limits.max_uri)
+        {
+            return Err(HeadError::UriTooLong(limits.max_uri));
+        }
         let mut raw = buffers::take_write();
         let put = |raw: &mut Vec<u8>, bytes: &[u8]| {
             let start = raw.len();
@@ -68,8 +87,9 @@ impl RequestHead {
         for (name, value) in &parts.headers {
             fields.push((put(&mut raw, name.as_str().as_bytes()), put(&mut raw, value.as_bytes())));
         }
-        if raw.len() > MAX_HEAD {
-            return Err(HeadError::TooLarge);
+        if raw.len() > limits.max_head {
+            buffers::give_write(raw);
+            return Err(HeadError::TooLarge(limits.max_head));
         }
         Ok(RequestHead {
             raw: HeadBytes::new(raw),

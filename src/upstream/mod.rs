@@ -253,6 +253,8 @@ mod tests {
     struct NoBody;
 
     impl BodySource for NoBody {
+        fn limit(&mut self, _max: u64) {}
+
         fn framing(&self) -> Framing {
             Framing::Empty
         }
