@@ -302,16 +302,16 @@ pub async fn serve<B: BodySource>(
             )),
             Some((index, pool, max_body)) => {
                 trace.pool = Some(index);
-                match max_body {
-                    // A declared length over the limit: refused before anything is sent.
-                    Some(max) if matches!(source.framing(), Framing::Length(n) if n > max) => {
-                        Answer::Local(body_too_large(max))
-                    }
-                    Some(max) => {
+                // A declared length over the limit: refused before anything is sent.
+                let refused = max_body.filter(|&max| matches!(source.framing(), Framing::Length(n) if n > max));
+                if let Some(max) = refused {
+                    Answer::Local(body_too_large(max))
+                } else {
+                    if let Some(max) = max_body {
                         source.limit(max);
-                        forward(pool, client, hop, &current, source, timer, trace).await
                     }
-                    None => forward(pool, client, hop, &current, source, timer, trace).await,
+                    // One call site: two would each keep room in the request's future.
+                    forward(pool, client, hop, &current, source, timer, trace).await
                 }
             }
         }
