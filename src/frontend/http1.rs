@@ -92,7 +92,8 @@ pub async fn serve<S: ClientStream>(
             if unread {
                 // Answered before the client finished sending (413, 408...).
                 buffers::give(std::mem::take(&mut buf));
-                linger(&mut stream).await;
+                // Boxed: a rare path, kept out of every idle connection's state.
+                Box::pin(linger(&mut stream)).await;
             }
             buffers::give(buf);
             return;
@@ -112,7 +113,7 @@ pub async fn serve<S: ClientStream>(
     proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
     // What follows a refused head (the rest of a huge header, a body) is
     // still coming: the answer must not be lost to a reset.
-    linger(&mut stream).await;
+    Box::pin(linger(&mut stream)).await;
 }
 
 /// Reads until a whole request head is in `buf`, within the timer's deadline.
