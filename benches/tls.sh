@@ -138,11 +138,20 @@ to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
 }
 
 taskset -c 0 nginx -c "$WORK/backends/nginx.conf" & PIDS+=($!)
-taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" & PIDS+=($!); NGINX_PID=$!
-RUST_LOG=warn taskset -c 1 "$FULCRUM" run --config "$WORK/fulcrum.toml" & PIDS+=($!); FULCRUM_PID=$!
-wait_port $B1; wait_port $P_NGINX; wait_port $P_FULCRUM
-for _ in $(seq 100); do [[ -n "$(pgrep -P "$NGINX_PID")" ]] && break; sleep 0.05; done
-declare -A PORT=([nginx]=$P_NGINX [fulcrum]=$P_FULCRUM) PID=([nginx]=$NGINX_PID [fulcrum]=$FULCRUM_PID)
+wait_port $B1
+declare -A PORT=([nginx]=$P_NGINX [fulcrum]=$P_FULCRUM) PID=()
+# Starts the two proxies (again: fresh processes, so one row's freed memory is not the next's).
+start_proxies() {
+  local pid
+  for pid in ${PID[nginx]:-} ${PID[fulcrum]:-}; do kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; done
+  while (exec 3<>"/dev/tcp/127.0.0.1/$P_NGINX") 2>/dev/null || (exec 3<>"/dev/tcp/127.0.0.1/$P_FULCRUM") 2>/dev/null; do sleep 0.05; done
+  taskset -c 1 nginx -c "$WORK/nginx/nginx.conf" & PIDS+=($!); PID[nginx]=$!
+  RUST_LOG=warn taskset -c 1 "$FULCRUM" run --config "$WORK/fulcrum.toml" & PIDS+=($!); PID[fulcrum]=$!
+  wait_port $P_NGINX; wait_port $P_FULCRUM
+  for _ in $(seq 100); do [[ -n "$(pgrep -P "${PID[nginx]}")" ]] && break; sleep 0.05; done
+  sleep 0.5
+}
+start_proxies
 
 # One run: prints "req/s p99_ms cpu_us_per_req" (p99 0 for h2load, which prints none).
 run() {  # $1 row, $2 proxy
@@ -217,6 +226,7 @@ if ((IDLE > 0)); then
   echo "| protocol | proxy | held | RSS before | RSS held | bytes per connection |"
   echo "| --- | --- | --- | --- | --- | --- |"
   for protocol in tls h2; do
+    start_proxies
     for proxy in nginx fulcrum; do
       read -r held before idle _ _ <<<"$(python3 benches/idle_conns.py --protocol "$protocol" --settle 1 \
         "${PORT[$proxy]}" "$IDLE" $(tree_pids "${PID[$proxy]}"))"
