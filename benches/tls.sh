@@ -88,7 +88,6 @@ events { worker_connections 16384; }
 http {
   access_log off;
   keepalive_requests 1000000;
-  http2_max_requests 1000000;
   upstream backends {
     least_conn;
     server 127.0.0.1:$B1; server 127.0.0.1:$B2; server 127.0.0.1:$B3;
