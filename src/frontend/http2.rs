@@ -19,6 +19,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -33,10 +34,20 @@ where
     let limits = client.edge.as_deref().map_or(HeadLimits::DEFAULT, |edge| edge.limits);
     let client = Arc::new(client);
     let peer = client.addr;
+    let cancels = Arc::new(Cancels::default());
+    let counted = cancels.clone();
     let service = service_fn(move |request| {
-        let (app, client) = (app.clone(), client.clone());
-        Box::pin(async move { Ok::<_, Infallible>(handle(app.snapshot(), &client, request).await) })
-            as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
+        let (app, client, cancels) = (app.clone(), client.clone(), counted.clone());
+        Box::pin(async move {
+            // Dropped before it answers: the client reset the stream.
+            let mut pending = Pending {
+                cancels,
+                answered: false,
+            };
+            let response = handle(app.snapshot(), &client, request).await;
+            pending.answered = true;
+            Ok::<_, Infallible>(response)
+        }) as Pin<Box<dyn Future<Output = Result<_, Infallible>> + Send>>
     });
     let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
@@ -44,6 +55,16 @@ where
         .keep_alive_timeout(idle / 2)
         // The decoded header list, as the listener's head limit counts it.
         .max_header_list_size(limits.max_head as u32)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        // What a client may send ahead of what is read: 64 KiB a stream and
+        // 256 KiB a connection (hyper's default is 1 MiB each), so an idle
+        // client cannot park megabytes in Fulcrum.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_send_buf_size(SEND_BUFFER)
+        // Rapid reset, first form: streams reset before they are accepted.
+        .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
         .serve_connection(TokioIo::new(io), service);
     tokio::pin!(connection);
     let result = tokio::select! {
@@ -52,9 +73,59 @@ where
             connection.as_mut().graceful_shutdown();
             connection.await
         }
+        // Rapid reset, second form: streams reset after they were forwarded,
+        // each costing a backend request.
+        () = cancels.abusive.notified() => {
+            tracing::warn!(client = %peer, cancelled = cancels.cancelled.load(Ordering::Relaxed), "HTTP/2 client resets its streams faster than it lets them finish: GOAWAY");
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
     };
     if let Err(error) = result {
         tracing::debug!(client = %peer, %error, "HTTP/2 client connection ended with an error");
+    }
+}
+
+/// Streams a connection may have open at once.
+const MAX_CONCURRENT_STREAMS: u32 = 128;
+/// Flow-control windows Fulcrum grants a client, per stream and per connection.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// Response bytes buffered per stream before the backend is read further.
+const SEND_BUFFER: usize = 128 * 1024;
+/// Streams reset before they were accepted, at once, before GOAWAY.
+const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams Fulcrum itself reset (protocol errors), before GOAWAY.
+const MAX_LOCAL_ERROR_RESETS: usize = 128;
+/// Streams a client may reset before they were answered before the
+/// connection is closed, when they are also more than half of its requests.
+const MAX_CANCELLED_STREAMS: u32 = 100;
+
+/// A connection's streams reset by the client before their answer.
+#[derive(Default)]
+struct Cancels {
+    cancelled: AtomicU32,
+    answered: AtomicU32,
+    abusive: tokio::sync::Notify,
+}
+
+/// A request being served; counted as cancelled when dropped unanswered.
+struct Pending {
+    cancels: Arc<Cancels>,
+    answered: bool,
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        if self.answered {
+            self.cancels.answered.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let cancelled = self.cancels.cancelled.fetch_add(1, Ordering::Relaxed) + 1;
+        let answered = self.cancels.answered.load(Ordering::Relaxed);
+        if cancelled > MAX_CANCELLED_STREAMS && cancelled > answered {
+            self.cancels.abusive.notify_one();
+        }
     }
 }
 

@@ -1,0 +1,134 @@
+//! HTTP/2 clients that abuse the protocol (CVE-2023-44487, rapid reset) are
+//! cut off with GOAWAY and cost a bounded number of backend requests, while a
+//! well-behaved client on another connection sees no error.
+
+mod common;
+
+use common::*;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+/// Opens an HTTP/2 connection (prior knowledge) and sends up to `streams`
+/// requests for `path` in batches of `batch`, resetting each batch (the
+/// responses dropped) after `hold` (zero: at once, before the server can
+/// accept them). Returns how many were sent before the server refused more,
+/// and whether it closed the connection within 10 s.
+async fn rapid_reset(
+    addr: std::net::SocketAddr,
+    path: &str,
+    streams: usize,
+    batch: usize,
+    hold: Duration,
+) -> (usize, bool) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    let driver = tokio::spawn(connection);
+    let mut sent = 0;
+    'attack: while sent < streams {
+        let mut open = Vec::new();
+        for _ in 0..batch {
+            let Ok(mut ready) = tokio::time::timeout(Duration::from_secs(5), client.clone().ready()).await else {
+                break 'attack;
+            };
+            let Ok(client) = ready.as_mut() else { break 'attack };
+            let request = http::Request::get(format!("http://{addr}{path}"))
+                .body(())
+                .expect("request");
+            match client.send_request(request, true) {
+                Ok((response, _)) => open.push(response),
+                Err(_) => break 'attack,
+            }
+            sent += 1;
+        }
+        if !hold.is_zero() {
+            tokio::time::sleep(hold).await;
+        }
+        // Dropped: RST_STREAM(CANCEL) for each.
+        drop(open);
+    }
+    drop(client);
+    let closed = tokio::time::timeout(Duration::from_secs(10), driver).await.is_ok();
+    (sent, closed)
+}
+
+/// Whether the log shows a connection cut off for resets: by h2 itself
+/// (streams reset before hyper accepted them) or by Fulcrum (streams reset
+/// after they were forwarded). Which one fires depends on timing: the same
+/// burst of resets can arrive before or after the streams are accepted.
+fn cut_off(fulcrum: &Fulcrum) -> bool {
+    fulcrum.wait_for_log("pending-accept streams reached limit", Duration::from_secs(2))
+        || fulcrum.log().contains("resets its streams faster")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_is_cut_off_and_a_parallel_client_is_unaffected() {
+    // Slow backends: a reset stream has already been forwarded (the second form).
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    // The abuser's requests go to a pool of their own, so they are counted apart.
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n\
+         [pools.web]\nbackends = [\"{}\"]\n[pools.slow]\nbackends = [\"{}\"]\n\
+         [[routes]]\npath_prefix = \"/slow\"\npool = \"slow\"\n[[routes]]\npath_prefix = \"/\"\npool = \"web\"\n",
+        backends[0].addr, backends[1].addr
+    );
+    let fulcrum = Fulcrum::start(&config, &[]);
+    let served = || backends[1].stats.requests.load(Ordering::Relaxed);
+
+    // A well-behaved client meanwhile: every request answered.
+    let addr = fulcrum.addr;
+    let polite = tokio::spawn(async move {
+        let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        tokio::spawn(connection);
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut answered = 0;
+        while Instant::now() < deadline {
+            let mut client = client.clone().ready().await.expect("the polite connection stays open");
+            let request = http::Request::get(format!("http://{addr}/")).body(()).expect("request");
+            let (response, _) = client.send_request(request, true).expect("sent");
+            let response = match response.await {
+                Ok(response) => response,
+                Err(error) => return Err(format!("after {answered} answers: {error}")),
+            };
+            assert_eq!(response.status(), 200);
+            let mut body = response.into_body();
+            while let Some(chunk) = body.data().await {
+                chunk.expect("body");
+            }
+            answered += 1;
+        }
+        Ok(answered)
+    });
+
+    // Reset before accepted: thousands of HEADERS + RST_STREAM in a row.
+    let (sent, closed) = rapid_reset(fulcrum.addr, "/slow/200", 20_000, 100, Duration::ZERO).await;
+    assert!(closed && sent < 20_000, "cut off: sent {sent}, closed {closed}");
+    assert!(cut_off(&fulcrum), "{}", fulcrum.log());
+
+    // Reset after forwarding: each batch reaches the backend (which takes
+    // 200 ms) before it is reset, so each stream costs a backend request.
+    let before = served();
+    let (sent, closed) = rapid_reset(fulcrum.addr, "/slow/200", 5_000, 50, Duration::from_millis(30)).await;
+    assert!(closed, "the abusive connection is closed");
+    assert!(sent < 5_000, "the abuser is refused before 5,000 streams (sent {sent})");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let reached = served() - before;
+    assert!(
+        reached <= 300,
+        "backend requests are bounded: {reached} for {sent} streams"
+    );
+    assert!(
+        fulcrum.wait_for_log("resets its streams faster", Duration::from_secs(2)) || cut_off(&fulcrum),
+        "{}",
+        fulcrum.log()
+    );
+
+    let answered = polite
+        .await
+        .expect("polite client")
+        .unwrap_or_else(|e| panic!("the polite client failed {e}\n{}", fulcrum.log()));
+    assert!(
+        answered > 10,
+        "the polite client was served throughout ({answered} answers)"
+    );
+}
