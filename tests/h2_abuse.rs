@@ -132,3 +132,58 @@ async fn rapid_reset_is_cut_off_and_a_parallel_client_is_unaffected() {
         "the polite client was served throughout ({answered} answers)"
     );
 }
+
+/// One HTTP/2 frame: 9-byte header, then `payload`.
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(9 + payload.len());
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_continuation_flood_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let config = format!(
+        "[server]\nlisten = \"{{listen}}\"\n[pools.web]\nbackends = {}\n",
+        backends_toml(&backends, &[])
+    );
+    let fulcrum = Fulcrum::start(&config, &[]);
+    let mut stream = tokio::net::TcpStream::connect(fulcrum.addr).await.expect("connect");
+    let (mut reader, mut writer) = stream.split();
+    let mut opening = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    opening.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+    // HEADERS without END_HEADERS: `:method: GET`, `:scheme: http`, `:path: /`.
+    opening.extend(frame(0x1, 0x1, 1, &[0x82, 0x86, 0x84]));
+    writer.write_all(&opening).await.expect("preface");
+    // CONTINUATION frames, never ending the header block: each byte is one
+    // more `:method: GET` in the header list.
+    let block = frame(0x9, 0, 1, &[0x82; 16 * 1024]);
+    let mut sent = 0usize;
+    let flood = async {
+        while sent < 10 << 20 {
+            if writer.write_all(&block).await.is_err() {
+                break;
+            }
+            sent += block.len();
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(10), flood).await;
+    // The server ended the connection (GOAWAY, then close) long before 10 MB.
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), reader.read_to_end(&mut rest)).await;
+    assert!(
+        sent < 10 << 20,
+        "cut off before 10 MB of CONTINUATION ({sent} bytes sent)"
+    );
+    assert!(read.is_ok(), "the connection is closed");
+    assert_eq!(
+        backends[0].stats.requests.load(Ordering::Relaxed),
+        0,
+        "nothing forwarded"
+    );
+}
