@@ -32,6 +32,7 @@
 # RSS at the end of the row, and ratios to nginx. Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 
 DURATION=${DURATION:-10}
 WORKERS=${WORKERS:-1}
@@ -193,19 +194,7 @@ EOF
 sed "s/127.0.0.1:$P_FULCRUM/127.0.0.1:$P_BASE/" "$WORK/fulcrum.toml" > "$WORK/fulcrum-base.toml"
 sed "s/127.0.0.1:$P_FULCRUM/127.0.0.1:$P_BASE2/" "$WORK/fulcrum.toml" > "$WORK/fulcrum-base2.toml"
 
-wait_port() {
-  for _ in $(seq 100); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
 
-# All pids of a process tree (nginx master + workers).
-tree_pids() { echo "$1" $(pgrep -P "$1" 2>/dev/null || true); }
-cpu_ticks() { local t=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/stat ]] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
-rss_kib() { local r=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/status ]] && r=$((r + $(awk '/VmRSS/{print $2}' /proc/$p/status))); done; echo $r; }
-HZ=$(getconf CLK_TCK)
 
 start_backends() {  # $1: taskset prefix
   $1 nginx -c "$WORK/backends/nginx.conf" & PIDS+=($!)
@@ -295,9 +284,6 @@ rows = [list(map(float, l.split())) for l in sys.stdin if l.strip()]
 print(" ".join("%g" % statistics.median(c) for c in zip(*rows)))'
 }
 
-to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
-  awk -v v="$1" 'BEGIN{ if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; else print v }'
-}
 
 # Reads "base base2 new" CPU µs/request per pair on stdin; prints the medians of the
 # per-pair ratios new ÷ base, new ÷ base2 and base2 ÷ base (the A/A one).

@@ -20,6 +20,7 @@
 # when missing. Every process it starts is stopped on exit. Traffic stays on 127.0.0.1.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. benches/common.sh
 
 DURATION=${DURATION:-10}
 REPEAT=${REPEAT:-3}
@@ -122,19 +123,6 @@ policy = "least-conn"
 backends = ["127.0.0.1:$B1", "127.0.0.1:$B2", "127.0.0.1:$B3"]
 EOF
 
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
-tree_pids() { echo "$1" $(pgrep -P "$1" 2>/dev/null || true); }
-cpu_ticks() { local t=0; for p in $(tree_pids "$1"); do [[ -r /proc/$p/stat ]] && t=$((t + $(awk '{print $14+$15}' /proc/$p/stat))); done; echo $t; }
-HZ=$(getconf CLK_TCK)
-to_ms() {  # wrk prints 212.00us, 1.20ms or 1.02s
-  awk -v v="$1" 'BEGIN{ if (v ~ /us$/) printf "%.3f", v/1000; else if (v ~ /ms$/) printf "%.3f", v+0; else if (v ~ /s$/) printf "%.3f", v*1000; else print v }'
-}
 
 taskset -c 0 nginx -c "$WORK/backends/nginx.conf" & PIDS+=($!)
 wait_port $B1

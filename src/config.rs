@@ -298,21 +298,12 @@ struct RawServer {
     workers: Option<usize>,
 }
 
-/// The keys a listener has besides its address (in `[server]` they are
-/// `server.listen`'s).
-struct RawListenerSettings {
-    tls: Option<RawTls>,
-    proxy_protocol: Option<bool>,
-    redirect_https: Option<u16>,
-    max_head_size: Option<String>,
-    max_uri_length: Option<String>,
-    max_headers: Option<usize>,
-}
-
+/// A `[[server.listeners]]` entry; `server.listen` and its settings in
+/// `[server]` are made into one too.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawListener {
-    listen: String,
+    listen: Option<String>,
     tls: Option<RawTls>,
     proxy_protocol: Option<bool>,
     redirect_https: Option<u16>,
@@ -521,15 +512,24 @@ pub fn resolve(text: &str) -> Result<SocketAddr, String> {
     socket("address", text).map_err(|(_, reason)| reason)
 }
 
-/// A listener from its address and settings; `key` is the table
-/// (`server`, `server.listeners[N]`) and `listen_key` its address's key.
-fn listener(
-    key: &str,
-    listen_key: &str,
-    listen: &str,
-    settings: RawListenerSettings,
-    folder: &Path,
-) -> Result<ListenerConfig, KeyError> {
+impl RawListener {
+    /// Whether any key but `listen` is set.
+    fn has_settings(&self) -> bool {
+        self.tls.is_some()
+            || self.proxy_protocol.is_some()
+            || self.redirect_https.is_some()
+            || self.max_head_size.is_some()
+            || self.max_uri_length.is_some()
+            || self.max_headers.is_some()
+    }
+}
+
+/// A listener from its entry; `key` is its table (`server`,
+/// `server.listeners[N]`) and `listen_key` its address's key.
+fn listener(key: &str, listen_key: &str, settings: RawListener, folder: &Path) -> Result<ListenerConfig, KeyError> {
+    let Some(listen) = settings.listen.as_deref() else {
+        return Err((listen_key.to_string(), "required: the address to listen on".into()));
+    };
     let listen = socket(listen_key, listen)?;
     // Errors about the listener's settings name them under its table; its
     // record keeps the key of its address's table for messages at run time.
@@ -722,7 +722,8 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         ));
     }
     let mut listeners = Vec::new();
-    let settings = RawListenerSettings {
+    let first = RawListener {
+        listen: raw.server.listen,
         tls: raw.server.tls,
         proxy_protocol: raw.server.proxy_protocol,
         redirect_https: raw.server.redirect_https,
@@ -730,39 +731,17 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         max_uri_length: raw.server.max_uri_length,
         max_headers: raw.server.max_headers,
     };
-    match raw.server.listen.as_deref() {
-        Some(listen) => listeners.push(listener("server", "server.listen", listen, settings, folder)?),
-        None if settings.tls.is_some()
-            || settings.proxy_protocol.is_some()
-            || settings.redirect_https.is_some()
-            || settings.max_head_size.is_some()
-            || settings.max_uri_length.is_some()
-            || settings.max_headers.is_some() =>
-        {
-            return Err((
-                "server.listen".into(),
-                "server.tls, server.proxy_protocol and server.redirect_https are settings of server.listen, which is not set".into(),
-            ));
-        }
-        None => {}
+    if first.listen.is_some() {
+        listeners.push(listener("server", "server.listen", first, folder)?);
+    } else if first.has_settings() {
+        return Err((
+            "server.listen".into(),
+            "server.tls, proxy_protocol, redirect_https and the head limits are settings of server.listen, which is not set".into(),
+        ));
     }
     for (index, entry) in raw.server.listeners.into_iter().enumerate() {
         let key = format!("server.listeners[{index}]");
-        let settings = RawListenerSettings {
-            tls: entry.tls,
-            proxy_protocol: entry.proxy_protocol,
-            redirect_https: entry.redirect_https,
-            max_head_size: entry.max_head_size,
-            max_uri_length: entry.max_uri_length,
-            max_headers: entry.max_headers,
-        };
-        listeners.push(listener(
-            &key,
-            &format!("{key}.listen"),
-            &entry.listen,
-            settings,
-            folder,
-        )?);
+        listeners.push(listener(&key, &format!("{key}.listen"), entry, folder)?);
     }
     if listeners.is_empty() {
         return Err((
