@@ -145,3 +145,50 @@ fn missing_plugin_directory() {
         "cannot read the plugin directory",
     );
 }
+
+#[test]
+fn bad_listener_settings() {
+    let pools = "[pools.web]\nbackends = [\"127.0.0.1:9001\"]\n";
+    let cases = [
+        (
+            "[server]\n[[server.listeners]]\nproxy_protocol = true\n",
+            "server.listeners[0].listen",
+            "required",
+        ),
+        ("[server]\nproxy_protocol = true\n", "server.listen", "not set"),
+        ("[server]\n", "server.listen", "required"),
+        (
+            "[server]\nlisten = \"127.0.0.1:18080\"\n[[server.listeners]]\nlisten = \"127.0.0.1:18080\"\n",
+            "server.listeners[0].listen",
+            "is also server.listen",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:18080\"\nmax_headers = 500\n",
+            "server.max_headers",
+            "from 1 to 100",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:18080\"\nmax_head_size = \"10MiB\"\n",
+            "server.max_head_size",
+            "1MiB",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:18080\"\ntrusted_proxies = [\"10.0.0.0/40\"]\n",
+            "server.trusted_proxies",
+            "not an address or a CIDR",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:18080\"\ntls = { cert = \"a.pem\", key = \"a.key\" }\nredirect_https = 443\n",
+            "server.redirect_https",
+            "plain listener",
+        ),
+        (
+            "[server]\nlisten = \"127.0.0.1:18080\"\ntls = { cert = \"a.pem\", key = \"a.key\", client_auth = \"optional\" }\n",
+            "server.tls.client_auth",
+            "needs client_ca",
+        ),
+    ];
+    for (server, key, reason) in cases {
+        assert_refused(&format!("{server}{pools}"), key, reason);
+    }
+}
