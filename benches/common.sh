@@ -1,5 +1,16 @@
 # Helpers shared by the load benchmarks (load.sh, tls.sh): sourced, not run.
 
+# Stops every process the script started (PIDS) and removes its work folder
+# (WORK); set as the EXIT trap by both scripts.
+cleanup() {
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  sleep 0.3
+  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+  # nginx and haproxy fork: stop whatever still runs from our config files.
+  pkill -f "$WORK" 2>/dev/null || true
+  rm -rf "$WORK"
+}
+
 # Waits until something listens on 127.0.0.1:$1 (up to 10 s).
 wait_port() {
   for _ in $(seq 200); do

@@ -85,14 +85,6 @@ fi
 
 WORK=$(mktemp -d /tmp/fulcrum-load.XXXXXX)
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  sleep 0.3
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  # nginx and haproxy fork: stop whatever still runs from our config files.
-  pkill -f "$WORK" 2>/dev/null || true
-  rm -rf "$WORK"
-}
 trap cleanup EXIT INT TERM
 
 B1=19101 B2=19102 B3=19103

@@ -42,13 +42,6 @@ FULCRUM=${FULCRUM_BIN:-$PWD/target/release/fulcrum}
 
 WORK=$(mktemp -d /tmp/fulcrum-tls.XXXXXX)
 PIDS=()
-cleanup() {
-  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-  sleep 0.3
-  for pid in "${PIDS[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
-  pkill -f "$WORK" 2>/dev/null || true
-  rm -rf "$WORK"
-}
 trap cleanup EXIT INT TERM
 
 B1=19201 B2=19202 B3=19203 P_FULCRUM=18280 P_NGINX=18281

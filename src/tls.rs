@@ -170,11 +170,6 @@ impl Terminator {
         files
     }
 
-    /// The `Strict-Transport-Security` value to add to answers, if any.
-    pub fn hsts(&self) -> Option<&str> {
-        self.settings.hsts.as_deref()
-    }
-
     /// The certificates served now.
     pub fn certificates(&self) -> Arc<Vec<CertificateSummary>> {
         self.served.load_full()
