@@ -183,7 +183,7 @@ fn host_work(c: &mut Criterion) {
         policy: Some("round-robin"),
         decision: Duration::from_nanos(180),
         retries: 0,
-        retry_reasons: [0; 3],
+        retry_reasons: [0; fulcrum::proxy::Retry::NAMES.len()],
         bytes_in: 0,
         bytes_out: 6,
         to_response_head: Some(Duration::from_micros(90)),

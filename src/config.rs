@@ -114,7 +114,7 @@ pub struct TlsConfig {
 }
 
 /// A certificate chain and its private key, as PEM files.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct CertificateFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
@@ -180,20 +180,80 @@ pub struct PoolConfig {
     /// the client; such a connection carries one request only.
     pub send_proxy_protocol: Option<crate::proxy_protocol::Version>,
     /// Idempotent requests with a body up to this size are held in memory so
-    /// they can be retried after reaching a backend that failed.
+    /// they can be retried after reaching a backend that failed (and, to an
+    /// HTTP/2 pool, any request with a declared length up to this size, so
+    /// that one the backend refused unprocessed can go elsewhere).
     pub retry_buffer: usize,
+    /// What the pool speaks to its backends (`protocol`).
+    pub protocol: UpstreamProtocol,
+    /// TLS to the backends (`tls`); `None` for cleartext.
+    pub tls: Option<UpstreamTls>,
+    /// Longest silence in the middle of a gRPC call's response (in place of
+    /// `read_timeout`: a stream may rightly stay quiet for minutes).
+    pub stream_idle_timeout: Duration,
     /// Active health checks; none when `[pools.NAME.health]` is absent.
     pub health: Option<HealthConfig>,
     /// Passive ejection of backends that fail requests.
     pub outlier: OutlierConfig,
 }
 
+/// What a pool speaks to its backends (`pools.NAME.protocol`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1, over TCP or TLS (`"http1"`, the default).
+    Http1,
+    /// HTTP/2 over TLS, negotiated with ALPN (`"h2"`; `tls` is on).
+    H2,
+    /// HTTP/2 over cleartext TCP, with prior knowledge (`"h2c"`).
+    H2c,
+}
+
+impl UpstreamProtocol {
+    /// As the config file writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamProtocol::Http1 => "http1",
+            UpstreamProtocol::H2 => "h2",
+            UpstreamProtocol::H2c => "h2c",
+        }
+    }
+
+    /// Whether requests share connections as HTTP/2 streams.
+    pub fn is_http2(self) -> bool {
+        matches!(self, UpstreamProtocol::H2 | UpstreamProtocol::H2c)
+    }
+}
+
+/// TLS to a pool's backends (`pools.NAME.tls`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default)]
+pub struct UpstreamTls {
+    /// CA certificates the backends' certificates are checked against; the
+    /// system's roots when `None`.
+    pub ca: Option<PathBuf>,
+    /// The name sent (SNI) and checked in the backend's certificate; the
+    /// host of each backend's address when `None`.
+    pub sni: Option<String>,
+    /// A client certificate and key to present, when the backends ask.
+    pub client_cert: Option<CertificateFiles>,
+}
+
+/// What an active check does (`type`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum CheckType {
+    /// A connection is made (through TLS, when the pool has it).
+    Tcp,
+    /// An HTTP GET of `path`, answered with an expected status.
+    Http { path: String },
+    /// A `grpc.health.v1.Health/Check` call for `service` ("" = the whole
+    /// server), answered `SERVING`.
+    Grpc { service: String },
+}
+
 /// How a pool's backends are checked (`[pools.NAME.health]`).
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthConfig {
-    /// `None` for a TCP connect check, else the path of an HTTP GET.
-    pub path: Option<String>,
-    /// `Host` header of the HTTP check; the backend's address when `None`.
+    pub check: CheckType,
+    /// `Host` (or `:authority`) of an HTTP or gRPC check; the backend's address when `None`.
     pub host: Option<String>,
     pub interval: Duration,
     pub timeout: Duration,
@@ -369,8 +429,28 @@ struct RawPool {
     max_idle_per_backend: Option<usize>,
     send_proxy_protocol: Option<String>,
     retry_buffer: Option<String>,
+    protocol: Option<String>,
+    tls: Option<RawUpstreamTls>,
+    stream_idle_timeout: Option<String>,
     health: Option<RawHealth>,
     outlier: Option<RawOutlier>,
+}
+
+/// `tls = true`, or a table of its settings.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawUpstreamTls {
+    On(bool),
+    Settings(RawUpstreamTlsSettings),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstreamTlsSettings {
+    ca: Option<PathBuf>,
+    sni: Option<String>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
 }
 
 #[derive(Deserialize)]
@@ -379,6 +459,7 @@ struct RawHealth {
     #[serde(rename = "type")]
     kind: Option<String>,
     path: Option<String>,
+    service: Option<String>,
     host: Option<String>,
     interval: Option<String>,
     timeout: Option<String>,
@@ -864,6 +945,37 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 weight,
             });
         }
+        let protocol = match pool.protocol.as_deref() {
+            None | Some("http1") => UpstreamProtocol::Http1,
+            Some("h2") => UpstreamProtocol::H2,
+            Some("h2c") => UpstreamProtocol::H2c,
+            Some(other) => {
+                return Err((
+                    key("protocol"),
+                    format!("`{other}` is not \"http1\", \"h2\" (HTTP/2 over TLS) or \"h2c\" (cleartext HTTP/2)"),
+                ));
+            }
+        };
+        let upstream_tls = upstream_tls(&name, pool.tls, protocol, folder)?;
+        if pool.send_proxy_protocol.is_some() && protocol.is_http2() {
+            return Err((
+                key("send_proxy_protocol"),
+                "a PROXY header names one client per connection, and HTTP/2 multiplexes many: use protocol = \"http1\""
+                    .into(),
+            ));
+        }
+        let health = pool.health.map(|h| health(&name, h)).transpose()?;
+        if let Some(HealthConfig {
+            check: CheckType::Grpc { .. },
+            ..
+        }) = &health
+            && !protocol.is_http2()
+        {
+            return Err((
+                format!("pools.{name}.health.type"),
+                "a grpc check needs HTTP/2 to the backends: set the pool's protocol = \"h2\" or \"h2c\"".into(),
+            ));
+        }
         let config = PoolConfig {
             policy,
             policy_config,
@@ -899,7 +1011,14 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 }
             },
             retry_buffer: size(&key("retry_buffer"), pool.retry_buffer.as_deref(), 64 << 10)?,
-            health: pool.health.map(|h| health(&name, h)).transpose()?,
+            protocol,
+            tls: upstream_tls,
+            stream_idle_timeout: duration(
+                &key("stream_idle_timeout"),
+                pool.stream_idle_timeout.as_deref(),
+                Duration::from_secs(300),
+            )?,
+            health,
             outlier: outlier(&name, pool.outlier)?,
         };
         pools.insert(name, config);
@@ -972,27 +1091,97 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
     })
 }
 
+/// The pool's `tls`: off by default, on for `protocol = "h2"`.
+fn upstream_tls(
+    pool: &str,
+    raw: Option<RawUpstreamTls>,
+    protocol: UpstreamProtocol,
+    folder: &Path,
+) -> Result<Option<UpstreamTls>, KeyError> {
+    let key = |k: &str| format!("pools.{pool}.{k}");
+    let tls = match raw {
+        None if protocol == UpstreamProtocol::H2 => Some(UpstreamTls::default()),
+        None | Some(RawUpstreamTls::On(false)) => None,
+        Some(RawUpstreamTls::On(true)) => Some(UpstreamTls::default()),
+        Some(RawUpstreamTls::Settings(settings)) => {
+            let client_cert = match (settings.cert, settings.key) {
+                (None, None) => None,
+                (Some(cert), Some(key_file)) => Some(CertificateFiles {
+                    cert: folder.join(cert),
+                    key: folder.join(key_file),
+                }),
+                (Some(_), None) => return Err((key("tls.key"), "a client certificate needs its key".into())),
+                (None, Some(_)) => return Err((key("tls.cert"), "a key needs its client certificate".into())),
+            };
+            if settings
+                .sni
+                .as_deref()
+                .is_some_and(|name| rustls::pki_types::ServerName::try_from(name).is_err())
+            {
+                return Err((key("tls.sni"), "not a DNS name or IP address".into()));
+            }
+            Some(UpstreamTls {
+                ca: settings.ca.map(|ca| folder.join(ca)),
+                sni: settings.sni,
+                client_cert,
+            })
+        }
+    };
+    match (protocol, &tls) {
+        (UpstreamProtocol::H2, None) => Err((
+            key("tls"),
+            "protocol = \"h2\" is HTTP/2 over TLS; for cleartext HTTP/2 use protocol = \"h2c\"".into(),
+        )),
+        (UpstreamProtocol::H2c, Some(_)) => Err((
+            key("tls"),
+            "protocol = \"h2c\" is cleartext HTTP/2; over TLS use protocol = \"h2\"".into(),
+        )),
+        _ => Ok(tls),
+    }
+}
+
 fn health(pool: &str, raw: RawHealth) -> Result<HealthConfig, KeyError> {
     let key = |k: &str| format!("pools.{pool}.health.{k}");
-    let path = match (raw.kind.as_deref(), raw.path) {
-        (Some("tcp"), Some(_)) => {
+    let check = match (raw.kind.as_deref(), raw.path, raw.service) {
+        (_, Some(_), Some(_)) => {
+            return Err((
+                key("service"),
+                "a check has a path (http) or a service (grpc), not both".into(),
+            ));
+        }
+        (Some("tcp"), Some(_), None) => {
             return Err((
                 key("path"),
                 "a tcp check has no path; remove it or use type = \"http\"".into(),
             ));
         }
-        (Some("tcp"), None) => None,
-        (None | Some("http"), path) => {
+        (None | Some("tcp" | "http"), None, Some(_)) => {
+            return Err((
+                key("service"),
+                "only a grpc check names a service; use type = \"grpc\"".into(),
+            ));
+        }
+        (Some("tcp"), None, None) => CheckType::Tcp,
+        (None | Some("http"), path, None) => {
             let path = path.unwrap_or_else(|| "/".into());
             if !path.starts_with('/') {
                 return Err((key("path"), format!("`{path}` must start with /")));
             }
-            Some(path)
+            CheckType::Http { path }
         }
-        (Some(other), _) => {
+        (Some("grpc"), Some(_), None) => {
+            return Err((
+                key("path"),
+                "a grpc check calls grpc.health.v1.Health/Check; name a `service` instead".into(),
+            ));
+        }
+        (Some("grpc"), None, service) => CheckType::Grpc {
+            service: service.unwrap_or_default(),
+        },
+        (Some(other), _, _) => {
             return Err((
                 key("type"),
-                format!("`{other}` is not a check type: use \"http\" or \"tcp\""),
+                format!("`{other}` is not a check type: use \"http\", \"tcp\" or \"grpc\""),
             ));
         }
     };
@@ -1029,7 +1218,7 @@ fn health(pool: &str, raw: RawHealth) -> Result<HealthConfig, KeyError> {
         }
     };
     let config = HealthConfig {
-        path,
+        check,
         host: raw.host,
         interval: duration(&key("interval"), raw.interval.as_deref(), Duration::from_secs(2))?,
         timeout: duration(&key("timeout"), raw.timeout.as_deref(), Duration::from_secs(1))?,
@@ -1162,7 +1351,12 @@ mod tests {
         .expect("valid");
         let pool = &c.pools["web"];
         let health = pool.health.as_ref().expect("health");
-        assert_eq!(health.path.as_deref(), Some("/healthz"));
+        assert_eq!(
+            health.check,
+            CheckType::Http {
+                path: "/healthz".into()
+            }
+        );
         assert_eq!(
             (health.interval, health.timeout),
             (Duration::from_secs(1), Duration::from_millis(500))
@@ -1171,7 +1365,10 @@ mod tests {
         assert_eq!(pool.outlier.consecutive_failures, 3);
         assert_eq!(pool.outlier.max_ejected_percent, 50);
         let tcp = parse(&format!("{MINIMAL}[pools.web.health]\ntype = \"tcp\"\n")).expect("valid");
-        assert_eq!(tcp.pools["web"].health.as_ref().and_then(|h| h.path.clone()), None);
+        assert_eq!(
+            tcp.pools["web"].health.as_ref().map(|h| &h.check),
+            Some(&CheckType::Tcp)
+        );
         let err = parse(&format!("{MINIMAL}[pools.web.health]\nexpect_status = \"2xx\"\n")).expect_err("bad status");
         assert!(err.contains("pools.web.health.expect_status"), "{err}");
     }

@@ -1,5 +1,7 @@
-//! Backend health, off the request path: active checks (HTTP GET or TCP
-//! connect, per pool) and passive ejection of backends that fail requests.
+//! Backend health, off the request path: active checks (HTTP GET, gRPC
+//! `grpc.health.v1` or a connection, per pool, made the way the pool's
+//! requests are: over TLS and HTTP/2 when the pool speaks them) and passive
+//! ejection of backends that fail requests.
 //!
 //! Active checks run as one task per backend, started staggered across the
 //! interval so a pool's backends are not all probed at the same instant. A
@@ -18,10 +20,12 @@
 //! newer one.
 
 use crate::backend::{Backend, BackendList};
-use crate::config::{HealthConfig, OutlierConfig};
+use crate::config::{CheckType, HealthConfig, OutlierConfig, UpstreamProtocol};
 use crate::snapshot::Snapshot;
-use http_body_util::Empty;
-use hyper_util::rt::TokioIo;
+use crate::upstream::Connector;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -36,6 +40,7 @@ pub fn spawn_checks(
     backends: &BackendList,
     health: &HealthConfig,
     outlier: &OutlierConfig,
+    way: &CheckWay,
 ) -> Vec<JoinHandle<()>> {
     let n = backends.len().max(1) as u32;
     backends
@@ -48,6 +53,7 @@ pub fn spawn_checks(
                 backend.clone(),
                 health.clone(),
                 outlier.clone(),
+                way.clone(),
                 offset,
             );
             runtime.spawn(task)
@@ -71,12 +77,18 @@ impl Checks {
         let Some(runtime) = &self.runtime else { return };
         for pool in &snapshot.pools {
             if let Some(config) = &pool.config.health {
+                let way = CheckWay {
+                    connector: pool.upstream.connector().clone(),
+                    protocol: pool.config.protocol,
+                    secure: pool.config.tls.is_some(),
+                };
                 self.tasks.extend(spawn_checks(
                     runtime,
                     &pool.name,
                     &pool.backends,
                     config,
                     &pool.config.outlier,
+                    &way,
                 ));
             }
         }
@@ -96,6 +108,7 @@ async fn check_loop(
     backend: Arc<Backend>,
     health: HealthConfig,
     outlier: OutlierConfig,
+    way: CheckWay,
     offset: Duration,
 ) {
     tokio::time::sleep(offset).await;
@@ -103,7 +116,7 @@ async fn check_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let result = probe(&backend, &health).await;
+        let result = probe(&backend, &health, &way).await;
         record_check(&pool, &backend, &result, &health, &outlier);
     }
 }
@@ -146,27 +159,75 @@ pub fn record_check(
     }
 }
 
-/// One check: a TCP connect, or an HTTP GET answered with an expected status.
-pub async fn probe(backend: &Backend, config: &HealthConfig) -> Result<(), String> {
+/// How a pool's checks reach its backends: as its requests do.
+#[derive(Clone)]
+pub struct CheckWay {
+    pub connector: std::sync::Arc<dyn Connector>,
+    pub protocol: UpstreamProtocol,
+    /// Over TLS (`https` as the HTTP/2 `:scheme`).
+    pub secure: bool,
+}
+
+/// One check: a connection (with its TLS handshake), an HTTP GET answered
+/// with an expected status, or a gRPC health check answered `SERVING`.
+pub async fn probe(backend: &Backend, config: &HealthConfig, way: &CheckWay) -> Result<(), String> {
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(backend.socket)
+        let stream = way
+            .connector
+            .connect(backend.socket, &backend.address, config.timeout)
             .await
-            .map_err(|e| format!("connect: {e}"))?;
-        let Some(path) = &config.path else { return Ok(()) };
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .map_err(|e| format!("handshake: {e}"))?;
-        let connection = tokio::spawn(connection);
+            .map_err(|e| e.to_string())?;
         let host = config.host.as_deref().unwrap_or(&backend.address);
-        let request = http::Request::get(path.as_str())
-            .header(http::header::HOST, host)
-            .header(http::header::USER_AGENT, "fulcrum-health-check")
-            .header(http::header::CONNECTION, "close")
-            .body(Empty::<bytes::Bytes>::new())
-            .map_err(|e| format!("request: {e}"))?;
-        let response = sender.send_request(request).await.map_err(|e| format!("request: {e}"));
-        connection.abort();
-        let status = response?.status().as_u16();
+        let (path, grpc) = match &config.check {
+            CheckType::Tcp => return Ok(()),
+            CheckType::Http { path } => (path.as_str(), None),
+            CheckType::Grpc { service } => (crate::grpc::HEALTH_CHECK_PATH, Some(service.as_str())),
+        };
+        let mut request = http::Request::builder().header(http::header::USER_AGENT, "fulcrum-health-check");
+        let body = match grpc {
+            None => Full::new(Bytes::new()),
+            Some(service) => {
+                request = request
+                    .method(http::Method::POST)
+                    .header(http::header::CONTENT_TYPE, "application/grpc")
+                    .header(http::header::TE, "trailers");
+                Full::new(Bytes::from(crate::grpc::health_check_request(service)))
+            }
+        };
+        let response = if way.protocol.is_http2() {
+            let scheme = if way.secure { "https" } else { "http" };
+            let request = request
+                .uri(format!("{scheme}://{host}{path}"))
+                .version(http::Version::HTTP_2)
+                .body(body)
+                .map_err(|e| format!("request: {e}"))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await
+                    .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+            let connection = tokio::spawn(connection);
+            let response = read_response(sender.send_request(request)).await;
+            connection.abort();
+            response?
+        } else {
+            let request = request
+                .uri(path)
+                .header(http::header::HOST, host)
+                .header(http::header::CONNECTION, "close")
+                .body(body)
+                .map_err(|e| format!("request: {e}"))?;
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+                .await
+                .map_err(|e| format!("handshake: {e}"))?;
+            let connection = tokio::spawn(connection);
+            let response = read_response(sender.send_request(request)).await;
+            connection.abort();
+            response?
+        };
+        let (status, headers, body, trailers) = response;
+        if grpc.is_some() {
+            return grpc_verdict(status, &headers, &body, trailers.as_ref());
+        }
         let (low, high) = config.expect_status;
         if (low..=high).contains(&status) {
             Ok(())
@@ -177,6 +238,62 @@ pub async fn probe(backend: &Backend, config: &HealthConfig) -> Result<(), Strin
     tokio::time::timeout(config.timeout, attempt)
         .await
         .unwrap_or_else(|_| Err(format!("no answer within {:?}", config.timeout)))
+}
+
+/// A check's response: status, headers, body and trailers.
+type CheckResponse = (u16, http::HeaderMap, Bytes, Option<http::HeaderMap>);
+
+async fn read_response(
+    sent: impl std::future::Future<Output = hyper::Result<http::Response<hyper::body::Incoming>>>,
+) -> Result<CheckResponse, String> {
+    let response = sent.await.map_err(|e| format!("request: {e}"))?;
+    let (parts, body) = response.into_parts();
+    // A check's answer is small; a large one is cut at 64 KiB.
+    let collected = http_body_util::Limited::new(body, 64 * 1024)
+        .collect()
+        .await
+        .map_err(|e| format!("reading the answer: {e}"))?;
+    let trailers = collected.trailers().cloned();
+    Ok((parts.status.as_u16(), parts.headers, collected.to_bytes(), trailers))
+}
+
+/// A gRPC health check passes with `grpc-status: 0` (in the trailers, or the
+/// headers of a trailers-only answer) and a `SERVING` status.
+fn grpc_verdict(
+    status: u16,
+    headers: &http::HeaderMap,
+    body: &Bytes,
+    trailers: Option<&http::HeaderMap>,
+) -> Result<(), String> {
+    if status != 200 {
+        return Err(format!("status {status} to a gRPC health check"));
+    }
+    let grpc_status = trailers
+        .and_then(|t| t.get("grpc-status"))
+        .or_else(|| headers.get("grpc-status"))
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no grpc-status in the answer")?;
+    if grpc_status != "0" {
+        let message = trailers
+            .and_then(|t| t.get("grpc-message"))
+            .or_else(|| headers.get("grpc-message"))
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        return Err(format!("grpc-status {grpc_status} {message}").trim_end().to_string());
+    }
+    match crate::grpc::health_check_status(body) {
+        Some(crate::grpc::SERVING) => Ok(()),
+        Some(other) => Err(format!(
+            "the backend says {} (not SERVING)",
+            match other {
+                0 => "UNKNOWN",
+                2 => "NOT_SERVING",
+                3 => "SERVICE_UNKNOWN",
+                _ => "an unknown status",
+            }
+        )),
+        None => Err("the health check answer is not a HealthCheckResponse".into()),
+    }
 }
 
 /// Milliseconds on a process-wide monotonic clock (tokio's, so tests with a
@@ -332,7 +449,7 @@ mod tests {
 
     fn checks(rise: u32, fall: u32) -> HealthConfig {
         HealthConfig {
-            path: None,
+            check: CheckType::Tcp,
             host: None,
             interval: Duration::from_secs(1),
             timeout: Duration::from_millis(100),
@@ -430,12 +547,17 @@ mod tests {
         .into();
         let (health, outlier) = (checks(2, 3), OutlierConfig::default());
         let runtime = tokio::runtime::Handle::current();
-        let first = spawn_checks(&runtime, "p", &backends, &health, &outlier);
+        let way = CheckWay {
+            connector: Arc::new(crate::upstream::TcpConnector),
+            protocol: UpstreamProtocol::Http1,
+            secure: false,
+        };
+        let first = spawn_checks(&runtime, "p", &backends, &health, &outlier, &way);
         tokio::time::sleep(Duration::from_millis(1_500)).await;
         assert!(backends[0].state.is_up(), "two failed checks of three");
         // A config reload restarts every check task.
         first.iter().for_each(JoinHandle::abort);
-        let _second = spawn_checks(&runtime, "p", &backends, &health, &outlier);
+        let _second = spawn_checks(&runtime, "p", &backends, &health, &outlier, &way);
         tokio::time::sleep(Duration::from_millis(200)).await;
         assert!(
             !backends[0].state.is_up(),

@@ -13,6 +13,7 @@ pub mod changes;
 pub mod config;
 pub mod demo;
 pub mod frontend;
+pub mod grpc;
 pub mod health;
 pub mod http;
 pub mod live;

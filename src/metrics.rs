@@ -137,7 +137,7 @@ struct PoolShard {
     bytes_in: u64,
     bytes_out: u64,
     /// By reason, in `proxy::Retry::NAMES` order.
-    retries: [u64; 3],
+    retries: [u64; crate::proxy::Retry::NAMES.len()],
 }
 
 /// One worker's counts, by pool id.

@@ -119,7 +119,7 @@ pub struct Trace {
     /// Tries after the first.
     retries: u32,
     /// Why the request went to another backend, by [`Retry`].
-    retry_reasons: [u16; 3],
+    retry_reasons: [u16; Retry::NAMES.len()],
     /// Request body bytes read from the client.
     bytes_in: u64,
 }
@@ -140,7 +140,7 @@ impl Trace {
             decision: Duration::ZERO,
             to_response_head: None,
             retries: 0,
-            retry_reasons: [0; 3],
+            retry_reasons: [0; Retry::NAMES.len()],
             bytes_in: 0,
         }
     }
@@ -420,12 +420,19 @@ fn body_too_large(max: u64) -> LocalReply {
     )
 }
 
-/// Reads the body into memory when the request may be retried after reaching a
-/// backend: an idempotent method and a declared length within `limit`.
-async fn prepare_body<B: BodySource>(method: &Method, body: &mut B, limit: usize) -> Result<BodyState, LocalReply> {
+/// Reads the body into memory when the request may be sent again: a declared
+/// length within `limit`, and an idempotent method (one that may be retried
+/// after reaching a backend) or `refusable` (an HTTP/2 pool, whose backends
+/// may refuse a stream unprocessed, and then any request may go elsewhere).
+async fn prepare_body<B: BodySource>(
+    method: &Method,
+    body: &mut B,
+    limit: usize,
+    refusable: bool,
+) -> Result<BodyState, LocalReply> {
     match body.framing() {
         Framing::Empty => Ok(BodyState::Held(Bytes::new())),
-        Framing::Length(length) if length <= limit as u64 && is_idempotent(method) => {
+        Framing::Length(length) if length <= limit as u64 && (refusable || is_idempotent(method)) => {
             let mut held = BytesMut::with_capacity(length as usize);
             while let Some(chunk) = body.next_chunk().await.map_err(|e| client_body_reply(&e))? {
                 held.extend_from_slice(&chunk);
@@ -447,7 +454,30 @@ async fn forward<B: BodySource>(
     mut timer: Pin<&mut tokio::time::Sleep>,
     trace: &mut Trace,
 ) -> Answer {
-    let mut body = match prepare_body(&current.head.method, source, pool.config.retry_buffer).await {
+    let http2 = pool.config.protocol.is_http2();
+    // gRPC: trailers need HTTP/2 to the backend; the call's own deadline caps
+    // the wait; a stream may rightly stay quiet longer than `read_timeout`.
+    let grpc = current.head.is_grpc();
+    if grpc && !http2 {
+        return Answer::Local(LocalReply::new(
+            StatusCode::BAD_GATEWAY,
+            Termination::GrpcNeedsHttp2,
+            format!(
+                "pool `{}` speaks HTTP/1.1 to its backends; a gRPC call needs protocol = \"h2\" or \"h2c\"",
+                pool.name
+            ),
+        ));
+    }
+    let (response_timeout, read_timeout) = if grpc {
+        let deadline = current.head.header("grpc-timeout").and_then(crate::grpc::timeout);
+        (
+            deadline.map_or(pool.config.response_timeout, |d| d.min(pool.config.response_timeout)),
+            pool.config.stream_idle_timeout,
+        )
+    } else {
+        (pool.config.response_timeout, pool.config.read_timeout)
+    };
+    let mut body = match prepare_body(&current.head.method, source, pool.config.retry_buffer, http2).await {
         Ok(body) => body,
         Err(reply) => return Answer::Local(reply),
     };
@@ -488,7 +518,11 @@ async fn forward<B: BodySource>(
         let out_of_tries = tried.len() > pool.config.retries as usize;
         let in_flight = backend.state.start_request();
 
-        let conn = match pool.upstream.checkout(index, backend.socket, current.client).await {
+        let conn = match pool
+            .upstream
+            .checkout(index, backend.socket, &backend.address, current.client)
+            .await
+        {
             Ok(conn) => conn,
             Err(error) => {
                 report(backend, Outcome::Failure);
@@ -532,10 +566,8 @@ async fn forward<B: BodySource>(
             encoded: &mut encoded,
         };
 
-        let exchanged = conn.exchange(upstream_request, outgoing, in_flight, pool.config.read_timeout);
-        timer
-            .as_mut()
-            .reset(tokio::time::Instant::now() + pool.config.response_timeout);
+        let exchanged = conn.exchange(upstream_request, outgoing, in_flight, read_timeout);
+        timer.as_mut().reset(tokio::time::Instant::now() + response_timeout);
         let exchanged = tokio::select! {
             biased;
             exchanged = exchanged => Ok(exchanged),
@@ -545,7 +577,7 @@ async fn forward<B: BodySource>(
             Err(()) => {
                 report(backend, Outcome::Failure);
                 backend.state.note_error("no response within response_timeout");
-                tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?pool.config.response_timeout, "backend response timed out");
+                tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?response_timeout, "backend response timed out");
                 return Answer::Local(LocalReply::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     Termination::ResponseTimeout,
@@ -591,6 +623,21 @@ async fn forward<B: BodySource>(
                 stale_connections += 1;
                 tried.pop();
             }
+            // Refused unprocessed: safe to send elsewhere, whatever the method,
+            // if the body can be sent again. Not a failure of the backend
+            // (it is busy, or going away).
+            ExchangeError::Refused(reason) => {
+                tracing::info!(pool = %pool.name, backend = %backend.address, %reason, "backend refused the request unprocessed");
+                // A streamed body went to the refused stream and is not whole any more.
+                if !replayable || out_of_tries {
+                    return Answer::Local(LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Termination::BackendFailed,
+                        format!("backend {} refused the request: {reason}", backend.address),
+                    ));
+                }
+                trace.retry_reasons[Retry::Refused as usize] += 1;
+            }
             ExchangeError::NotSent(error) => {
                 report(backend, Outcome::Failure);
                 backend.state.note_error(&format!("request not sent: {error}"));
@@ -633,10 +680,12 @@ pub enum Retry {
     NotSent = 1,
     /// The backend failed an idempotent request (reset, closed, malformed answer).
     Reset = 2,
+    /// An HTTP/2 backend refused the stream unprocessed (`REFUSED_STREAM`, GOAWAY).
+    Refused = 3,
 }
 
 impl Retry {
-    pub const NAMES: [&'static str; 3] = ["connect_failure", "not_sent", "reset"];
+    pub const NAMES: [&'static str; 4] = ["connect_failure", "not_sent", "reset", "refused"];
 }
 
 /// Stale pooled connections tolerated per request before a backend counts as failing.

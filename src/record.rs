@@ -38,11 +38,13 @@ pub enum Termination {
     RedirectedToHttps,
     /// The request body was larger than the route's `max_body_size` (413).
     BodyTooLarge,
+    /// A gRPC call routed to a pool that speaks HTTP/1.1 to its backends.
+    GrpcNeedsHttp2,
 }
 
 impl Termination {
     /// Every cause, in declaration order: `ALL[cause as usize] == cause`.
-    pub const ALL: [Termination; 12] = [
+    pub const ALL: [Termination; 13] = [
         Termination::Completed,
         Termination::BadRequest,
         Termination::NoRoute,
@@ -55,6 +57,7 @@ impl Termination {
         Termination::ClientClosed,
         Termination::RedirectedToHttps,
         Termination::BodyTooLarge,
+        Termination::GrpcNeedsHttp2,
     ];
 
     /// The name in logs and metric labels.
@@ -72,6 +75,7 @@ impl Termination {
             Termination::ClientClosed => "client_closed",
             Termination::RedirectedToHttps => "redirected_to_https",
             Termination::BodyTooLarge => "body_too_large",
+            Termination::GrpcNeedsHttp2 => "grpc_needs_http2",
         }
     }
 }
@@ -88,7 +92,7 @@ pub struct RequestRecord<'a> {
     pub decision: Duration,
     pub retries: u32,
     /// Retries by reason, in `proxy::Retry::NAMES` order.
-    pub retry_reasons: [u16; 3],
+    pub retry_reasons: [u16; 4],
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub to_response_head: Option<Duration>,

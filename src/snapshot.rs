@@ -9,7 +9,8 @@ use crate::config::{Config, ConfigError, PoolConfig};
 use crate::plugin::registry::Registry;
 use crate::plugin::{Limits, Plugin, PluginError, Policy, PolicyCounters};
 use crate::router::Router;
-use crate::upstream::{IdleConns, PoolLimits, TcpConnector, Upstream};
+use crate::upstream::tls::TlsConnector;
+use crate::upstream::{Connector, IdleConns, PoolLimits, TcpConnector, Upstream};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -119,6 +120,21 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
                 (backend, idle)
             })
             .unzip();
+        let connector: Arc<dyn Connector> = match &pool.tls {
+            None => Arc::new(TcpConnector),
+            Some(tls) => Arc::new(
+                TlsConnector::new(tls, pool.protocol)
+                    .map_err(|e| invalid(&config, &format!("pools.{name}.tls.{}", e.key), e.reason))?,
+            ),
+        };
+        // Connections kept from before a reload are of no use once the way
+        // they were made changes.
+        let transport = {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (pool.protocol, &pool.tls).hash(&mut hasher);
+            hasher.finish()
+        };
         let counters = kept.counters.entry(name.clone()).or_default().clone();
         static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = *kept
@@ -133,7 +149,7 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
             policy: Policy::new(slot, &pool.policy_config, limits, counters),
             upstream: Upstream::new(
                 idle,
-                Arc::new(TcpConnector),
+                connector,
                 PoolLimits {
                     // A connection that opened with one client's PROXY header
                     // is that client's: never reused for another.
@@ -146,7 +162,8 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
                 },
                 pool.connect_timeout,
             )
-            .sending_proxy_protocol(pool.send_proxy_protocol),
+            .sending_proxy_protocol(pool.send_proxy_protocol)
+            .speaking(pool.protocol, pool.tls.is_some(), transport),
         });
     }
     // Forget state of backends no longer running.

@@ -223,17 +223,7 @@ fn build(
                 file: ca.clone(),
                 reason,
             };
-            let pem = std::fs::read(ca).map_err(|e| fail(e.to_string()))?;
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in CertificateDer::pem_slice_iter(&pem) {
-                let cert = cert.map_err(|e| fail(format!("not a PEM certificate: {e}")))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| fail(format!("not a usable CA certificate: {e}")))?;
-            }
-            if roots.is_empty() {
-                return Err(fail("no certificate in the file".into()));
-            }
+            let roots = read_roots(ca).map_err(fail)?;
             let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
             let verifier = match settings.client_auth {
                 ClientAuth::Required => verifier,
@@ -268,6 +258,40 @@ fn build(
     Ok((config, summaries))
 }
 
+/// The CA certificates of a PEM file, as trust roots.
+pub(crate) fn read_roots(file: &Path) -> Result<rustls::RootCertStore, String> {
+    let pem = std::fs::read(file).map_err(|e| e.to_string())?;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&pem) {
+        let cert = cert.map_err(|e| format!("not a PEM certificate: {e}"))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("not a usable CA certificate: {e}"))?;
+    }
+    if roots.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    Ok(roots)
+}
+
+/// A certificate chain from a PEM file, leaf first.
+pub(crate) fn read_chain(file: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let pem = std::fs::read(file).map_err(|e| e.to_string())?;
+    let chain = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("not a PEM certificate chain: {e}"))?;
+    if chain.is_empty() {
+        return Err("no certificate in the file".into());
+    }
+    Ok(chain)
+}
+
+/// A private key from a PEM file.
+pub(crate) fn read_key(file: &Path) -> Result<PrivateKeyDer<'static>, String> {
+    let pem = std::fs::read(file).map_err(|e| e.to_string())?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| format!("no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}"))
+}
+
 /// A certificate chain and key from their PEM files (`key` names the table).
 fn load_certificate(
     key: &str,
@@ -284,17 +308,12 @@ fn load_certificate(
         file: files.key.clone(),
         reason,
     };
-    let pem = std::fs::read(&files.cert).map_err(|e| cert_error(e.to_string()))?;
-    let chain = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| cert_error(format!("not a PEM certificate chain: {e}")))?;
+    let chain = read_chain(&files.cert).map_err(cert_error)?;
     let Some(leaf) = chain.first() else {
         return Err(cert_error("no certificate in the file".into()));
     };
     let (names, not_after) = describe(leaf).map_err(cert_error)?;
-    let key_pem = std::fs::read(&files.key).map_err(|e| key_error(e.to_string()))?;
-    let private = PrivateKeyDer::from_pem_slice(&key_pem)
-        .map_err(|e| key_error(format!("no PEM private key (PKCS#8, PKCS#1 or SEC1): {e}")))?;
+    let private = read_key(&files.key).map_err(key_error)?;
     let certified = CertifiedKey::from_der(chain, private, provider).map_err(|e| {
         key_error(match e {
             rustls::Error::InconsistentKeys(_) => format!("does not match the certificate {}", files.cert.display()),

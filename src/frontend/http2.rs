@@ -133,7 +133,7 @@ impl Drop for Pending {
 async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<Incoming>) -> Response<ProxyBody> {
     let (parts, body) = request.into_parts();
     let mut source = IncomingSource {
-        body,
+        body: Some(body),
         received: 0,
         max: u64::MAX,
     };
@@ -184,6 +184,9 @@ fn local_response(
     reply: LocalReply,
     client: &ClientAddr,
 ) -> Response<ProxyBody> {
+    if head.is_some_and(RequestHead::is_grpc) {
+        return grpc_response(snapshot, trace, head, reply, client);
+    }
     let body = Bytes::from(format!("{}\n", reply.message));
     proxy::finish(snapshot, &trace, head, Delivery::Whole, body.len() as u64);
     let mut response = Response::new(ProxyBody::Local(Full::new(body)));
@@ -194,6 +197,28 @@ fn local_response(
     );
     if let Some(location) = reply.location.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
         response.headers_mut().insert(header::LOCATION, location);
+    }
+    add_hsts(&mut response, client);
+    response
+}
+
+/// A local reply to a gRPC client: trailers-only (one HEADERS frame that
+/// ends the stream), HTTP 200 with the gRPC status the reply maps to, as gRPC
+/// clients read errors. The record keeps the reply's own status and cause.
+fn grpc_response(
+    snapshot: &Snapshot,
+    trace: Trace,
+    head: Option<&RequestHead>,
+    reply: LocalReply,
+    client: &ClientAddr,
+) -> Response<ProxyBody> {
+    proxy::finish(snapshot, &trace, head, Delivery::Whole, 0);
+    let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::new())));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", http::HeaderValue::from(crate::grpc::status_of(&reply)));
+    if let Ok(message) = http::HeaderValue::from_str(&crate::grpc::encode_message(&reply.message)) {
+        headers.insert("grpc-message", message);
     }
     add_hsts(&mut response, client);
     response
@@ -290,7 +315,8 @@ impl Body for ProxyBody {
 
 /// An HTTP/2 client's body, read through hyper.
 struct IncomingSource {
-    body: Incoming,
+    /// `None` once handed to an HTTP/2 backend's stream ([`BodySource::detach`]).
+    body: Option<Incoming>,
     received: u64,
     /// The most body bytes taken (`u64::MAX`: no limit).
     max: u64,
@@ -298,10 +324,13 @@ struct IncomingSource {
 
 impl BodySource for IncomingSource {
     fn framing(&self) -> Framing {
-        if self.body.is_end_stream() {
+        let Some(body) = &self.body else {
+            return Framing::Empty;
+        };
+        if body.is_end_stream() {
             return Framing::Empty;
         }
-        match self.body.size_hint().exact() {
+        match body.size_hint().exact() {
             Some(n) => Framing::Length(n),
             None => Framing::Chunked,
         }
@@ -316,7 +345,10 @@ impl BodySource for IncomingSource {
     }
 
     async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
-        while let Some(frame) = self.body.frame().await {
+        let Some(body) = &mut self.body else {
+            return Ok(None);
+        };
+        while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ClientBodyError::Other(e.to_string()))?;
             if let Ok(data) = frame.into_data() {
                 self.received += data.len() as u64;
@@ -327,5 +359,56 @@ impl BodySource for IncomingSource {
             }
         }
         Ok(None)
+    }
+
+    fn detach(&mut self) -> Option<crate::http::DetachedBody> {
+        let body = self.body.take()?;
+        let limited = Limited {
+            body,
+            left: self.max.saturating_sub(self.received),
+            max: self.max,
+        };
+        Some(http_body_util::BodyExt::boxed_unsync(limited))
+    }
+}
+
+/// A client's body handed to a backend stream, still held to the route's
+/// `max_body_size`. Its trailers pass on too (gRPC clients send none, but
+/// HTTP/2 allows them).
+struct Limited {
+    body: Incoming,
+    left: u64,
+    max: u64,
+}
+
+impl Body for Limited {
+    type Data = Bytes;
+    type Error = ClientBodyError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
+        let this = self.get_mut();
+        match Pin::new(&mut this.body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let n = data.len() as u64;
+                    if n > this.left {
+                        return Poll::Ready(Some(Err(ClientBodyError::TooLarge(this.max))));
+                    }
+                    this.left -= n;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(ClientBodyError::Other(error.to_string())))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }

@@ -305,6 +305,36 @@ pub fn parse_response(buf: &mut BytesMut, head_request: bool) -> Result<Option<R
 }
 
 impl ResponseHead {
+    /// The head of a response that came as HTTP/2 (`status`, `headers`),
+    /// kept as the same bytes an HTTP/1 head is, so both front ends write it
+    /// one way whatever the backend spoke. `body`: how its body is framed.
+    pub fn from_parts(status: StatusCode, headers: &HeaderMap, body: Framing) -> ResponseHead {
+        let mut raw = crate::buffers::take_write();
+        let mut fields = SmallVec::new();
+        for (name, value) in headers {
+            let name_start = raw.len();
+            raw.extend_from_slice(name.as_str().as_bytes());
+            let name_span = Span::new(name_start, raw.len());
+            raw.extend_from_slice(b": ");
+            let value_start = raw.len();
+            raw.extend_from_slice(value.as_bytes());
+            fields.push((name_span, Span::new(value_start, raw.len())));
+            raw.extend_from_slice(b"\r\n");
+            if raw.len() > MAX_HEAD {
+                break;
+            }
+        }
+        ResponseHead {
+            raw: HeadBytes::new(raw),
+            status,
+            reason: Span::new(0, 0),
+            fields,
+            connection_named: SmallVec::new(),
+            body,
+            reusable: false,
+        }
+    }
+
     fn forwarded_fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
         let named_by_connection = |name: &[u8]| {
             self.connection_named

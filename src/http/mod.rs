@@ -157,7 +157,17 @@ pub trait BodySource: Send {
     /// Refuses a body longer than `max` bytes (the route's `max_body_size`):
     /// the chunk that goes past it fails with [`ClientBodyError::TooLarge`].
     fn limit(&mut self, max: u64);
+    /// The rest of the body as a body of its own, for an HTTP/2 backend's
+    /// stream to read as it comes while the response streams back (gRPC's
+    /// bidirectional calls); `None` from a source read only a piece at a
+    /// time, in the request's own task (HTTP/1).
+    fn detach(&mut self) -> Option<DetachedBody> {
+        None
+    }
 }
+
+/// A client's body handed to a backend stream, read by it at its own pace.
+pub type DetachedBody = http_body_util::combinators::UnsyncBoxBody<Bytes, ClientBodyError>;
 
 /// The client's body could not be read.
 #[derive(Debug, thiserror::Error)]

@@ -129,6 +129,18 @@ impl RequestHead {
         self.header("host").and_then(visible_text)
     }
 
+    /// Whether this is a gRPC call: over HTTP/2 (gRPC needs its trailers),
+    /// with a `content-type` of `application/grpc` or `application/grpc+…`.
+    /// The version is looked at first, so an HTTP/1 request costs no header scan.
+    pub fn is_grpc(&self) -> bool {
+        self.version == http::Version::HTTP_2
+            && self.header("content-type").is_some_and(|value| {
+                value.len() >= 16
+                    && value[..16].eq_ignore_ascii_case(b"application/grpc")
+                    && matches!(value.get(16), None | Some(b'+' | b';'))
+            })
+    }
+
     /// The value of the first header called `name` (any case).
     pub fn header(&self, name: &str) -> Option<&[u8]> {
         self.fields

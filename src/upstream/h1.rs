@@ -47,7 +47,7 @@ impl Conn {
         body: Outgoing<'_, B>,
         in_flight: InFlight,
         read_timeout: Duration,
-    ) -> Result<(ResponseHead, ResponseBody), ExchangeError> {
+    ) -> Result<(ResponseHead, super::ResponseBody), ExchangeError> {
         let upgrade = request.head.upgrade;
         let head_request = request.head.method == http::Method::HEAD;
         if request.encoded.is_empty() {
@@ -111,7 +111,7 @@ impl Conn {
                     }
                     Ok(Some(head)) => {
                         let body = ExchangedConn { conn: self, buf }.into_body(&head, in_flight, read_timeout);
-                        return Ok((head, body));
+                        return Ok((head, super::ResponseBody::Http1(body)));
                     }
                     Err(e) => return Err(ExchangeError::Failed(malformed(e))),
                 }
@@ -174,8 +174,8 @@ struct ExchangedConn {
 impl ExchangedConn {
     /// The response body, which gives the connection back to its pool when read
     /// to the end and ends `in_flight` then (or when dropped).
-    fn into_body(self, head: &ResponseHead, in_flight: InFlight, read_timeout: Duration) -> ResponseBody {
-        let mut body = ResponseBody {
+    fn into_body(self, head: &ResponseHead, in_flight: InFlight, read_timeout: Duration) -> Http1Body {
+        let mut body = Http1Body {
             decoder: BodyDecoder::new(head.body),
             reusable: head.reusable,
             conn: Some(self),
@@ -193,7 +193,7 @@ impl ExchangedConn {
 
 /// A backend's response body on its way to the client. A backend that goes
 /// quiet mid-body for longer than the pool's `read_timeout` is cut off.
-pub struct ResponseBody {
+pub struct Http1Body {
     decoder: BodyDecoder,
     reusable: bool,
     conn: Option<ExchangedConn>,
@@ -213,6 +213,8 @@ pub enum ResponseBodyError {
     Malformed(#[from] BodyError),
     #[error("reading the response body failed: {0}")]
     Io(#[from] std::io::Error),
+    #[error("the backend's HTTP/2 stream failed mid-body: {0}")]
+    Stream(String),
 }
 
 impl ResponseBodyError {
@@ -222,6 +224,7 @@ impl ResponseBodyError {
             ResponseBodyError::Timeout(_) => "went quiet mid-body",
             ResponseBodyError::Malformed(_) => "sent a malformed body",
             ResponseBodyError::Io(_) => "broke the connection mid-body",
+            ResponseBodyError::Stream(_) => "reset the stream mid-body",
         }
     }
 }
@@ -235,7 +238,7 @@ pub struct Upgraded {
     pub in_flight: Option<InFlight>,
 }
 
-impl ResponseBody {
+impl Http1Body {
     /// The connection behind a `101 Switching Protocols` answer, taken out
     /// (the body is left with none).
     pub fn take_upgraded(&mut self) -> Option<Upgraded> {
@@ -325,7 +328,7 @@ impl ResponseBody {
     }
 }
 
-impl Drop for ResponseBody {
+impl Drop for Http1Body {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
             buffers::give(conn.buf);
@@ -333,7 +336,7 @@ impl Drop for ResponseBody {
     }
 }
 
-impl http_body::Body for ResponseBody {
+impl http_body::Body for Http1Body {
     type Data = Bytes;
     type Error = ResponseBodyError;
 

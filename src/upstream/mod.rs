@@ -1,21 +1,25 @@
 //! The way from the pipeline to a backend, behind two seams: a [`Connector`]
-//! makes connections (plain TCP today; TLS and the PROXY protocol later) and a
-//! [`Conn`] carries one exchange in the pool's protocol (HTTP/1.1 today, in
-//! [`h1`]; HTTP/2 later as a second variant). Each pool has one [`Upstream`]:
-//! its connector, its limits and the idle connections of each backend.
+//! makes connections (plain TCP, or [`tls`]) and a [`Conn`] carries one
+//! exchange in the pool's protocol (HTTP/1.1 in [`h1`], HTTP/2 in [`h2`]).
+//! Each pool has one [`Upstream`]: its connector, protocol and limits, and the
+//! connections of each backend (idle HTTP/1 ones, shared HTTP/2 ones).
 //!
 //! Connecting is a step of its own, so a request whose connection could not
 //! be made still has its body and can go to another backend.
 
 pub mod connect;
 pub mod h1;
+pub mod h2;
 pub mod pool;
+pub mod tls;
 
 pub use connect::{ConnectError, Connector, TcpConnector, Transport};
-pub use h1::{ResponseBody, ResponseBodyError, Upgraded};
+pub use h1::{Http1Body, ResponseBodyError, Upgraded};
+pub use h2::Http2Body;
 pub use pool::{IdleConns, PoolLimits, set_worker_index};
 
 use crate::backend::InFlight;
+use crate::config::UpstreamProtocol;
 use crate::http::h1::ResponseHead;
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use bytes::Bytes;
@@ -32,6 +36,9 @@ pub struct Upstream {
     connect_timeout: Duration,
     /// A PROXY protocol header opens each new connection.
     send_proxy: Option<crate::proxy_protocol::Version>,
+    protocol: UpstreamProtocol,
+    /// The connector makes TLS connections.
+    secure: bool,
 }
 
 impl Upstream {
@@ -48,7 +55,31 @@ impl Upstream {
             limits,
             connect_timeout,
             send_proxy: None,
+            protocol: UpstreamProtocol::Http1,
+            secure: false,
         }
+    }
+
+    /// Speaks `protocol` to the backends, over TLS when `secure` (the
+    /// connector's job). Connections kept from a pool that spoke otherwise
+    /// (before a reload) are closed: `transport` names the way they were made.
+    pub fn speaking(mut self, protocol: UpstreamProtocol, secure: bool, transport: u64) -> Upstream {
+        self.protocol = protocol;
+        self.secure = secure;
+        for idle in self.idle.iter() {
+            idle.made_for(transport);
+        }
+        self
+    }
+
+    /// The pool's connector (the active checks connect as requests do).
+    pub fn connector(&self) -> &Arc<dyn Connector> {
+        &self.connector
+    }
+
+    /// What the pool speaks to its backends.
+    pub fn protocol(&self) -> UpstreamProtocol {
+        self.protocol
     }
 
     /// Opens each new connection with a PROXY protocol header of `version`
@@ -75,11 +106,21 @@ impl Upstream {
         }
     }
 
-    /// A connection to the backend at `index` (reached at `addr`) ready to
-    /// send: a warm idle one, else a new one (opened with a PROXY header
-    /// naming `client` when the pool sends one).
-    pub async fn checkout(&self, index: usize, addr: SocketAddr, client: SocketAddr) -> Result<Conn, ConnectError> {
+    /// A connection to the backend at `index` (reached at `addr`, configured
+    /// as `address`) ready to send: a warm idle one, else a new one (opened
+    /// with a PROXY header naming `client` when the pool sends one). For
+    /// HTTP/2, this worker's connection to the backend, made when it has none.
+    pub async fn checkout(
+        &self,
+        index: usize,
+        addr: SocketAddr,
+        address: &str,
+        client: SocketAddr,
+    ) -> Result<Conn, ConnectError> {
         let idle = self.idle.get(index).cloned().unwrap_or_default();
+        if self.protocol.is_http2() {
+            return self.checkout_http2(&idle, addr, address).await;
+        }
         if let Some(stream) = idle.take(self.limits) {
             return Ok(Conn::Http1(h1::Conn {
                 stream,
@@ -90,7 +131,7 @@ impl Upstream {
             }));
         }
         let connecting = quanta::Instant::now();
-        let mut stream = self.connector.connect(addr, self.connect_timeout).await?;
+        let mut stream = self.connector.connect(addr, address, self.connect_timeout).await?;
         idle.count_opened();
         if let Some(version) = self.send_proxy {
             use tokio::io::AsyncWriteExt;
@@ -103,6 +144,38 @@ impl Upstream {
             stream,
             idle,
             limits: self.limits,
+            reused: false,
+            connected_in: Some(connecting.elapsed()),
+        }))
+    }
+
+    async fn checkout_http2(&self, idle: &IdleConns, addr: SocketAddr, address: &str) -> Result<Conn, ConnectError> {
+        if let Some(sender) = idle.shared() {
+            return Ok(Conn::Http2(h2::Conn {
+                sender,
+                secure: self.secure,
+                reused: true,
+                connected_in: None,
+            }));
+        }
+        let connecting = quanta::Instant::now();
+        let stream = self.connector.connect(addr, address, self.connect_timeout).await?;
+        if self.protocol == UpstreamProtocol::H2 && !stream.alpn_h2() {
+            return Err(ConnectError::Http2(
+                addr,
+                "the backend did not agree to HTTP/2 (ALPN h2) in the TLS handshake".into(),
+            ));
+        }
+        let handshake = h2::handshake(stream, addr);
+        let sender = match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Err(_) => return Err(ConnectError::Timeout(addr)),
+            Ok(result) => result?,
+        };
+        idle.count_opened();
+        idle.share(sender.clone());
+        Ok(Conn::Http2(h2::Conn {
+            sender,
+            secure: self.secure,
             reused: false,
             connected_in: Some(connecting.elapsed()),
         }))
@@ -130,6 +203,7 @@ pub struct UpstreamRequest<'a> {
 /// A connection ready for one exchange, in the protocol its pool speaks.
 pub enum Conn {
     Http1(h1::Conn),
+    Http2(h2::Conn),
 }
 
 impl Conn {
@@ -137,6 +211,7 @@ impl Conn {
     pub fn reused(&self) -> bool {
         match self {
             Conn::Http1(conn) => conn.reused,
+            Conn::Http2(conn) => conn.reused,
         }
     }
 
@@ -144,6 +219,7 @@ impl Conn {
     pub fn connect_time(&self) -> Option<Duration> {
         match self {
             Conn::Http1(conn) => conn.connected_in,
+            Conn::Http2(conn) => conn.connected_in,
         }
     }
 
@@ -159,6 +235,76 @@ impl Conn {
     ) -> Result<(ResponseHead, ResponseBody), ExchangeError> {
         match self {
             Conn::Http1(conn) => conn.exchange(request, body, in_flight, read_timeout).await,
+            Conn::Http2(conn) => conn.exchange(request, body, in_flight, read_timeout).await,
+        }
+    }
+}
+
+/// A backend's response body on its way to the client, whichever protocol
+/// brought it.
+pub enum ResponseBody {
+    Http1(Http1Body),
+    Http2(Http2Body),
+}
+
+impl ResponseBody {
+    /// The connection behind a `101 Switching Protocols` answer, taken out
+    /// (the body is left with none).
+    pub fn take_upgraded(&mut self) -> Option<Upgraded> {
+        match self {
+            ResponseBody::Http1(body) => body.take_upgraded(),
+            ResponseBody::Http2(_) => None,
+        }
+    }
+
+    /// Whether the whole body has been read.
+    pub fn is_end(&self) -> bool {
+        match self {
+            ResponseBody::Http1(body) => body.is_end(),
+            ResponseBody::Http2(body) => body.is_end(),
+        }
+    }
+
+    /// The next piece of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, ResponseBodyError> {
+        std::future::poll_fn(|cx| self.poll_chunk(cx)).await
+    }
+
+    /// The next piece of the body's data (an HTTP/2 backend's trailers are
+    /// skipped: an HTTP/1 client gets none).
+    pub fn poll_chunk(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<Option<Bytes>, ResponseBodyError>> {
+        match self {
+            ResponseBody::Http1(body) => body.poll_chunk(cx),
+            ResponseBody::Http2(body) => body.poll_chunk(cx),
+        }
+    }
+}
+
+impl http_body::Body for ResponseBody {
+    type Data = Bytes;
+    type Error = ResponseBodyError;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, ResponseBodyError>>> {
+        match self.get_mut() {
+            ResponseBody::Http1(body) => std::pin::Pin::new(body).poll_frame(cx),
+            ResponseBody::Http2(body) => body.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.is_end()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            ResponseBody::Http1(body) => http_body::Body::size_hint(body),
+            ResponseBody::Http2(body) => body.size_hint(),
         }
     }
 }
@@ -191,6 +337,11 @@ pub enum ExchangeError {
     /// The request cannot be written for a backend (nothing was sent).
     #[error("{0}")]
     Unsendable(&'static str),
+    /// An HTTP/2 backend refused the stream before processing it
+    /// (`REFUSED_STREAM`, or past a GOAWAY's last stream id): safe to send
+    /// elsewhere, whatever the method (RFC 9113 §8.7).
+    #[error("the backend refused the request unprocessed: {0}")]
+    Refused(String),
 }
 
 #[cfg(test)]
@@ -220,7 +371,7 @@ mod tests {
     }
 
     impl Connector for PipeConnector {
-        fn connect(&self, _addr: SocketAddr, _timeout: Duration) -> connect::Connecting<'_> {
+        fn connect(&self, _addr: SocketAddr, _address: &str, _timeout: Duration) -> connect::Connecting<'_> {
             self.connections.fetch_add(1, Ordering::Relaxed);
             let (near, mut far) = tokio::io::duplex(16 * 1024);
             let heads = self.heads.clone();
@@ -282,7 +433,7 @@ mod tests {
         let client = ClientAddr::new("192.0.2.1:5000".parse().expect("addr"));
         let addr: SocketAddr = "192.0.2.80:80".parse().expect("addr");
         for round in 0..3 {
-            let conn = upstream.checkout(0, addr, addr).await.expect("connected");
+            let conn = upstream.checkout(0, addr, "backend", addr).await.expect("connected");
             assert_eq!(conn.reused(), round > 0, "round {round}");
             let mut encoded = Vec::new();
             let request = UpstreamRequest {

@@ -57,13 +57,18 @@ fn coarse_now_ms() -> u64 {
     (now.tv_sec as u64) * 1000 + (now.tv_nsec as u64) / 1_000_000
 }
 
-/// Idle keep-alive connections to one backend, and how many were made.
+/// Connections kept to one backend (idle HTTP/1 ones, each worker's shared
+/// HTTP/2 one), and how many were made.
 #[derive(Default)]
 pub struct IdleConns {
     idle: [Mutex<Vec<IdleConn>>; SHARDS],
+    /// Each worker's HTTP/2 connection to the backend, shared by its requests.
+    multiplexed: [Mutex<Option<super::h2::Sender>>; SHARDS],
     /// Connections opened to the backend (an atomic shared by the workers:
     /// touched once per new connection, not per request).
     opened: AtomicU64,
+    /// The way the kept connections were made (protocol and TLS settings).
+    transport: AtomicU64,
 }
 
 impl std::fmt::Debug for IdleConns {
@@ -109,11 +114,43 @@ impl IdleConns {
         }
     }
 
-    /// Closes every idle connection (a drained backend keeps none).
+    /// Closes every idle connection and lets go of the shared ones (a
+    /// drained backend keeps none; their streams in flight finish).
     pub fn clear(&self) {
         for shard in &self.idle {
             shard.lock().unwrap_or_else(|p| p.into_inner()).clear();
         }
+        for shard in &self.multiplexed {
+            shard.lock().unwrap_or_else(|p| p.into_inner()).take();
+        }
+    }
+
+    /// Keeps only connections made the way `transport` names; others (made
+    /// before a reload changed the pool's protocol or TLS) are closed.
+    pub fn made_for(&self, transport: u64) {
+        if self.transport.swap(transport, Ordering::Relaxed) != transport {
+            self.clear();
+        }
+    }
+
+    /// This worker's HTTP/2 connection to the backend, if it is still open.
+    pub fn shared(&self) -> Option<super::h2::Sender> {
+        let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
+        let mut shared = shard.lock().unwrap_or_else(|p| p.into_inner());
+        match shared.as_ref() {
+            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(_) => {
+                *shared = None;
+                None
+            }
+            None => None,
+        }
+    }
+
+    /// Shares `sender`'s connection with this worker's later requests.
+    pub fn share(&self, sender: super::h2::Sender) {
+        let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
+        *shard.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
     }
 
     /// Keeps `stream` for a later request, if this worker's share has room.
