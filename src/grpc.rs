@@ -3,7 +3,7 @@
 //! status a balancer's own error is given to a gRPC client (trailers-only),
 //! `grpc-message` encoding, and the `grpc.health.v1` check's two messages.
 
-use crate::proxy::{LocalReply, Termination};
+use crate::record::Termination;
 use http::StatusCode;
 use std::time::Duration;
 
@@ -41,14 +41,14 @@ pub fn timeout(value: &[u8]) -> Option<Duration> {
 /// The gRPC status a gRPC client gets for a balancer's own answer: by its
 /// cause where that says more, else by its HTTP status as gRPC's
 /// "HTTP to gRPC status code mapping" does.
-pub fn status_of(reply: &LocalReply) -> u32 {
-    match reply.cause {
+pub fn status_of(status: StatusCode, cause: Termination) -> u32 {
+    match cause {
         Termination::ResponseTimeout => return code::DEADLINE_EXCEEDED,
         Termination::GrpcNeedsHttp2 => return code::UNIMPLEMENTED,
         Termination::BodyTooLarge => return code::RESOURCE_EXHAUSTED,
         _ => {}
     }
-    match reply.status {
+    match status {
         StatusCode::BAD_REQUEST => code::INTERNAL,
         StatusCode::UNAUTHORIZED => code::UNAUTHENTICATED,
         StatusCode::FORBIDDEN => code::PERMISSION_DENIED,
@@ -163,25 +163,24 @@ mod tests {
 
     #[test]
     fn local_answers_map_to_grpc_statuses() {
-        let reply = |status, cause| LocalReply::new(status, cause, "x");
         assert_eq!(
-            status_of(&reply(StatusCode::GATEWAY_TIMEOUT, Termination::ResponseTimeout)),
+            status_of(StatusCode::GATEWAY_TIMEOUT, Termination::ResponseTimeout),
             code::DEADLINE_EXCEEDED
         );
         assert_eq!(
-            status_of(&reply(StatusCode::SERVICE_UNAVAILABLE, Termination::NoBackend)),
+            status_of(StatusCode::SERVICE_UNAVAILABLE, Termination::NoBackend),
             code::UNAVAILABLE
         );
         assert_eq!(
-            status_of(&reply(StatusCode::NOT_FOUND, Termination::NoRoute)),
+            status_of(StatusCode::NOT_FOUND, Termination::NoRoute),
             code::UNIMPLEMENTED
         );
         assert_eq!(
-            status_of(&reply(StatusCode::BAD_GATEWAY, Termination::GrpcNeedsHttp2)),
+            status_of(StatusCode::BAD_GATEWAY, Termination::GrpcNeedsHttp2),
             code::UNIMPLEMENTED
         );
         assert_eq!(
-            status_of(&reply(StatusCode::PAYLOAD_TOO_LARGE, Termination::BodyTooLarge)),
+            status_of(StatusCode::PAYLOAD_TOO_LARGE, Termination::BodyTooLarge),
             code::RESOURCE_EXHAUSTED
         );
     }

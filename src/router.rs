@@ -90,7 +90,12 @@ fn strip_port(host: &str) -> &str {
         // [v6]:port
         return host.split_once(']').map_or(host, |(h, _)| &host[..h.len() + 1]);
     }
-    host.rsplit_once(':').map_or(host, |(h, _)| h)
+    // A byte search: `rsplit_once(':')` runs the generic char searcher, several
+    // times the instructions once it is not inlined (callgrind, per request).
+    match host.bytes().rposition(|b| b == b':') {
+        Some(colon) => &host[..colon],
+        None => host,
+    }
 }
 
 #[cfg(test)]

@@ -192,3 +192,61 @@ fn bad_listener_settings() {
         assert_refused(&format!("{server}{pools}"), key, reason);
     }
 }
+
+#[test]
+fn bad_backend_protocol_and_tls_settings() {
+    let server = "[server]\nlisten = \"127.0.0.1:18080\"\n";
+    let pool = |settings: &str| format!("{server}[pools.api]\nbackends = [\"127.0.0.1:9001\"]\n{settings}");
+    let cases = [
+        ("protocol = \"http2\"\n", "pools.api.protocol", "\"h2c\""),
+        (
+            "protocol = \"h2\"\ntls = false\n",
+            "pools.api.tls",
+            "for cleartext HTTP/2 use protocol = \"h2c\"",
+        ),
+        (
+            "protocol = \"h2c\"\ntls = true\n",
+            "pools.api.tls",
+            "over TLS use protocol = \"h2\"",
+        ),
+        (
+            "tls = { cert = \"client.pem\" }\n",
+            "pools.api.tls.key",
+            "needs its key",
+        ),
+        (
+            "tls = { sni = \"not a name!\" }\n",
+            "pools.api.tls.sni",
+            "not a DNS name",
+        ),
+        (
+            "protocol = \"h2c\"\nsend_proxy_protocol = \"v2\"\n",
+            "pools.api.send_proxy_protocol",
+            "multiplexes",
+        ),
+        (
+            "[pools.api.health]\ntype = \"grpc\"\n",
+            "pools.api.health.type",
+            "needs HTTP/2",
+        ),
+        (
+            "protocol = \"h2c\"\n[pools.api.health]\ntype = \"grpc\"\npath = \"/\"\n",
+            "pools.api.health.path",
+            "name a `service`",
+        ),
+        (
+            "[pools.api.health]\nservice = \"api\"\n",
+            "pools.api.health.service",
+            "only a grpc check",
+        ),
+    ];
+    for (settings, key, reason) in cases {
+        assert_refused(&pool(settings), key, reason);
+    }
+    // Files are read when the pool is built: a missing CA file is named with its key.
+    assert_refused(
+        &pool("tls = { ca = \"/nonexistent/ca.pem\" }\n"),
+        "pools.api.tls.ca",
+        "/nonexistent/ca.pem",
+    );
+}

@@ -496,54 +496,132 @@ async fn the_balancers_own_errors_reach_grpc_clients_as_grpc_statuses() {
     assert!(status.message().contains("no route"), "{status:?}");
 }
 
-/// A CA and a server certificate for `grpc.test` and 127.0.0.1, as PEM files
-/// in `dir`, and the server's rustls config (ALPN h2).
-fn backend_tls(dir: &Path) -> (std::path::PathBuf, Arc<rustls::ServerConfig>) {
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().expect("key");
-    let ca = ca_params.self_signed(&ca_key).expect("CA");
-    let ca_file = dir.join("backend-ca.pem");
-    std::fs::write(&ca_file, ca.pem()).expect("write CA");
-    let mut params = CertificateParams::new(vec!["grpc.test".to_string()]).expect("params");
-    params
-        .subject_alt_names
-        .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
-    let key = KeyPair::generate().expect("key");
-    let cert = params.signed_by(&key, &ca, &ca_key).expect("sign");
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .expect("versions")
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![cert.der().clone()],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .expect("server config");
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    (ca_file, Arc::new(config))
+/// A test CA (its PEM file in `dir`), a server certificate for `grpc.test`
+/// and 127.0.0.1, and a client certificate the CA signed (`client.pem`,
+/// `client.key` in `dir`).
+struct BackendPki {
+    ca_file: std::path::PathBuf,
+    client_cert: std::path::PathBuf,
+    client_key: std::path::PathBuf,
+    server_chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+    server_key: Vec<u8>,
+    roots: Arc<rustls::RootCertStore>,
+}
+
+impl BackendPki {
+    fn new(dir: &Path) -> BackendPki {
+        use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().expect("key");
+        let ca = ca_params.self_signed(&ca_key).expect("CA");
+        let ca_file = dir.join("backend-ca.pem");
+        std::fs::write(&ca_file, ca.pem()).expect("write CA");
+        let mut params = CertificateParams::new(vec!["grpc.test".to_string()]).expect("params");
+        params
+            .subject_alt_names
+            .push(SanType::IpAddress("127.0.0.1".parse().expect("ip")));
+        let key = KeyPair::generate().expect("key");
+        let cert = params.signed_by(&key, &ca, &ca_key).expect("sign");
+        let mut client_params = CertificateParams::new(vec!["fulcrum.test".to_string()]).expect("params");
+        client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        let client_key = KeyPair::generate().expect("key");
+        let client = client_params.signed_by(&client_key, &ca, &ca_key).expect("sign");
+        let (client_cert_file, client_key_file) = (dir.join("client.pem"), dir.join("client.key"));
+        std::fs::write(&client_cert_file, client.pem()).expect("write");
+        std::fs::write(&client_key_file, client_key.serialize_pem()).expect("write");
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(ca.der().clone()).expect("root");
+        BackendPki {
+            ca_file,
+            client_cert: client_cert_file,
+            client_key: client_key_file,
+            server_chain: vec![cert.der().clone()],
+            server_key: key.serialize_der(),
+            roots: Arc::new(roots),
+        }
+    }
+
+    /// The backend's TLS config (ALPN h2), requiring a client certificate
+    /// from the same CA when `mutual`.
+    fn server_config(&self, mutual: bool) -> Arc<rustls::ServerConfig> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .expect("versions");
+        let builder = if mutual {
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(self.roots.clone(), provider)
+                .build()
+                .expect("verifier");
+            builder.with_client_cert_verifier(verifier)
+        } else {
+            builder.with_no_client_auth()
+        };
+        let mut config = builder
+            .with_single_cert(
+                self.server_chain.clone(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(self.server_key.clone().into()),
+            )
+            .expect("server config");
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Arc::new(config)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_h2_backend_over_tls_is_verified_and_reached() {
     let dir = tempfile::tempdir().expect("dir");
-    let (ca_file, server_config) = backend_tls(dir.path());
-    let backend = GrpcBackend::start("secure", Some(server_config)).await;
-    let ca = ca_file.display().to_string();
+    let pki = BackendPki::new(dir.path());
+    let backend = GrpcBackend::start("secure", Some(pki.server_config(false))).await;
+    let mutual = GrpcBackend::start("mutual", Some(pki.server_config(true))).await;
+    let ca = pki.ca_file.display().to_string();
+    let (cert, key) = (
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
     let fulcrum = Fulcrum::start(
         &format!(
             "[server]\nlisten = \"{{listen}}\"\n\n\
              [pools.by_name]\nprotocol = \"h2\"\ntls = {{ ca = \"{ca}\", sni = \"grpc.test\" }}\nbackends = [\"{addr}\"]\n\n\
              [pools.by_ip]\nprotocol = \"h2\"\ntls = {{ ca = \"{ca}\" }}\nbackends = [\"{addr}\"]\n\n\
              [pools.wrong_ca]\nprotocol = \"h2\"\nretries = 0\ntls = true\nbackends = [\"{addr}\"]\n\n\
+             [pools.with_cert]\nprotocol = \"h2\"\ntls = {{ ca = \"{ca}\", cert = \"{cert}\", key = \"{key}\" }}\nbackends = [\"{mutual}\"]\n\n\
+             [pools.without_cert]\nprotocol = \"h2\"\nretries = 0\ntls = {{ ca = \"{ca}\" }}\nbackends = [\"{mutual}\"]\n\n\
              [[routes]]\nhost = \"name.test\"\npool = \"by_name\"\n\n\
              [[routes]]\nhost = \"ip.test\"\npool = \"by_ip\"\n\n\
+             [[routes]]\nhost = \"cert.test\"\npool = \"with_cert\"\n\n\
+             [[routes]]\nhost = \"nocert.test\"\npool = \"without_cert\"\n\n\
              [[routes]]\nhost = \"wrong.test\"\npool = \"wrong_ca\"\n",
-            addr = backend.addr
+            addr = backend.addr,
+            mutual = mutual.addr
         ),
         &[],
+    );
+    let to = |host: &'static str| {
+        let addr = fulcrum.addr;
+        async move {
+            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("endpoint")
+                .origin(format!("http://{host}").parse().expect("origin"))
+                .connect()
+                .await
+                .expect("connect");
+            tonic::client::Grpc::new(channel)
+        }
+    };
+    // A backend that requires a client certificate: the pool's is presented.
+    let answer = unary(&mut to("cert.test").await, tonic::Request::new(note("with a cert")))
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", fulcrum.log()));
+    assert_eq!(answer.get_ref().text, "mutual: with a cert");
+    let status = unary(&mut to("nocert.test").await, tonic::Request::new(note("x")))
+        .await
+        .expect_err("no client certificate, no connection");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        mutual.calls.load(Ordering::Relaxed),
+        1,
+        "only the call with a certificate got through"
     );
     for host in ["name.test", "ip.test"] {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", fulcrum.addr))

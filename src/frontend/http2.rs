@@ -216,7 +216,10 @@ fn grpc_response(
     let mut response = Response::new(ProxyBody::Local(Full::new(Bytes::new())));
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, http::HeaderValue::from_static("application/grpc"));
-    headers.insert("grpc-status", http::HeaderValue::from(crate::grpc::status_of(&reply)));
+    headers.insert(
+        "grpc-status",
+        http::HeaderValue::from(crate::grpc::status_of(reply.status, reply.cause)),
+    );
     if let Ok(message) = http::HeaderValue::from_str(&crate::grpc::encode_message(&reply.message)) {
         headers.insert("grpc-message", message);
     }

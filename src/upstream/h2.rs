@@ -211,7 +211,7 @@ impl Conn {
         if framing == Framing::Empty && body.body.is_end_stream() {
             body.finish();
         }
-        Ok((head, super::ResponseBody::Http2(body)))
+        Ok((head, super::ResponseBody::Http2(Box::new(body))))
     }
 }
 
