@@ -1,8 +1,14 @@
 //! The HTTP/2 exchange with a backend (`protocol = "h2"` over TLS, `"h2c"`
-//! over cleartext), through hyper's client connection: requests of one worker
-//! share one connection per backend as streams, and the response body is
-//! read as hyper delivers its frames, trailers included (gRPC's
-//! `grpc-status` travels in them).
+//! over cleartext), with the `h2` crate: requests of one worker share one
+//! connection per backend as streams, and the response body is read as its
+//! frames come, trailers included (gRPC's `grpc-status` travels in them).
+//!
+//! The `h2` crate rather than hyper's client: hyper spawns a task for every
+//! request's response and another for its body, about 6,000 instructions a
+//! request (callgrind, gRPC unary over h2c). Here the request's own task sends
+//! the head and a held body and reads the answer; a task is spawned only to
+//! stream an HTTP/2 client's body while the answer flows (bidirectional
+//! calls), and one per connection drives it.
 //!
 //! The head sent is the one the HTTP/1 encoder writes (one place decides what
 //! is forwarded and what is added), read back into hyper's request: the host
@@ -13,28 +19,25 @@
 //! last stream id of a graceful GOAWAY — is [`ExchangeError::Refused`]: RFC
 //! 9113 §8.7 makes it safe to send again, whatever the method.
 
+use super::connect::{ConnectError, Transport};
+use super::h1::ResponseBodyError;
 use super::{ExchangeError, Outgoing, UpstreamRequest};
 use crate::backend::InFlight;
 use crate::http::h1::{self, ResponseHead};
-use crate::http::{BodySource, ClientBodyError, DetachedBody, Framing};
+use crate::http::{BodySource, DetachedBody, Framing};
+use ::h2::client::SendRequest;
+use ::h2::{Reason, RecvStream, SendStream};
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
-use hyper::client::conn::http2::SendRequest;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use http_body::{Frame, SizeHint};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
-use tokio::sync::mpsc;
-
-use super::connect::{ConnectError, Transport};
-use super::h1::ResponseBodyError;
 
 /// A worker's handle on one HTTP/2 connection to a backend.
-pub type Sender = SendRequest<UpstreamBody>;
+pub type Sender = SendRequest<Bytes>;
 
 /// What a backend may send ahead per stream and per connection: enough for a
 /// fast backend to keep a client busy, bounded so that slow clients do not
@@ -48,26 +51,70 @@ const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs the HTTP/2 handshake over `stream` (to `addr`) and spawns the
 /// connection's task on this worker; the returned sender opens its streams.
 pub async fn handshake(stream: Box<dyn Transport>, addr: SocketAddr) -> Result<Sender, ConnectError> {
-    let (sender, connection) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let (sender, mut connection) = ::h2::client::Builder::new()
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .handshake(TokioIo::new(stream))
+        // Fulcrum never accepts pushed streams.
+        .enable_push(false)
+        .handshake::<_, Bytes>(stream)
         .await
         .map_err(|e| ConnectError::Http2(addr, e.to_string()))?;
+    let pings = connection.ping_pong();
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        let result = match pings {
+            Some(pings) => drive_with_pings(&mut connection, pings).await,
+            None => (&mut connection).await.map_err(|e| e.to_string()),
+        };
+        if let Err(error) = result {
             tracing::debug!(backend = %addr, %error, "HTTP/2 backend connection ended with an error");
         }
     });
     Ok(sender)
 }
 
+/// Drives a connection, pinging it when it has been quiet for
+/// `KEEP_ALIVE_INTERVAL`: one whose ping is not answered within
+/// `KEEP_ALIVE_TIMEOUT` is given up (a backend gone without a FIN).
+async fn drive_with_pings<T>(
+    connection: &mut ::h2::client::Connection<T, Bytes>,
+    mut pings: ::h2::PingPong,
+) -> Result<(), String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        tokio::select! {
+            result = &mut *connection => return result.map_err(|e| e.to_string()),
+            () = tokio::time::sleep(KEEP_ALIVE_INTERVAL) => {}
+        }
+        let ping = async {
+            pings.ping(::h2::Ping::opaque()).await.map_err(|e| e.to_string())?;
+            Ok::<(), String>(())
+        };
+        tokio::select! {
+            result = &mut *connection => return result.map_err(|e| e.to_string()),
+            answered = tokio::time::timeout(KEEP_ALIVE_TIMEOUT, ping) => match answered {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => return Err(error),
+                Err(_) => return Err(format!("no answer to a ping within {KEEP_ALIVE_TIMEOUT:?}")),
+            },
+        }
+    }
+}
+
+/// Whether a connection can still open streams (its task has not ended with
+/// an error, and no GOAWAY has stopped new streams).
+pub fn is_open(sender: &Sender) -> bool {
+    let mut probe = sender.clone();
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    !matches!(probe.poll_ready(&mut cx), Poll::Ready(Err(_)))
+}
+
 /// A stream about to be opened on a shared connection.
 pub struct Conn {
     pub(super) sender: Sender,
+    /// Where the connection is shared from: forgotten there once it can open no stream.
+    pub(super) shared: std::sync::Arc<super::IdleConns>,
     /// Over TLS (the `:scheme` is `https`).
     pub(super) secure: bool,
     /// Whether the connection carried earlier requests.
@@ -76,12 +123,13 @@ pub struct Conn {
 }
 
 impl Conn {
-    /// Sends the request and waits for the response head. A body streamed
-    /// from an HTTP/2 client is handed to the stream whole and flows while
-    /// the response does; one from an HTTP/1 client is pumped here until the
-    /// response head arrives.
+    /// Sends the request and waits for the response head. A held body is
+    /// sent at once; one streamed from an HTTP/2 client is handed to a task
+    /// that copies it while the response flows; one from an HTTP/1 client is
+    /// copied here until the response head arrives (the rest of it, if the
+    /// backend answered early, is not sent).
     pub async fn exchange<B: BodySource>(
-        mut self,
+        self,
         request: UpstreamRequest<'_>,
         body: Outgoing<'_, B>,
         in_flight: InFlight,
@@ -114,149 +162,207 @@ impl Conn {
             .head
             .header("te")
             .is_some_and(|te| te.eq_ignore_ascii_case(b"trailers"));
-        let mut pump = None;
-        let outgoing = match body {
-            Outgoing::Held(bytes) => UpstreamBody::Held(Some(bytes.clone())),
-            Outgoing::Stream(source) => match source.detach() {
-                Some(detached) => UpstreamBody::Detached(detached),
-                None => {
-                    let (tx, rx) = mpsc::channel(1);
-                    pump = Some((source, tx));
-                    UpstreamBody::Channel(rx, request.framing)
-                }
-            },
+        let message = to_request(request.encoded, self.secure, trailers).map_err(ExchangeError::Unsendable)?;
+        // Waits for a stream when the backend's concurrency limit is reached.
+        let shared = self.shared;
+        let not_sent = |e: ::h2::Error| {
+            // The next request makes a new connection.
+            shared.forget_shared();
+            ExchangeError::NotSent(io_error(&e))
         };
-        let message =
-            to_request(request.encoded, self.secure, trailers, outgoing).map_err(ExchangeError::Unsendable)?;
-        self.sender
-            .ready()
-            .await
-            .map_err(|e| ExchangeError::NotSent(io_error(e)))?;
-        let responding = self.sender.try_send_request(message);
-        tokio::pin!(responding);
-        // The request body from an HTTP/1 client, a piece at a time, until
-        // the answer comes (a backend may answer before it has read it all).
-        let mut body_sender = None;
-        let response = match pump {
-            None => responding.await,
-            Some((source, tx)) => {
-                let mut tx = Some(tx);
-                let response = loop {
-                    if tx.is_none() {
-                        break responding.as_mut().await;
+        let mut sender = self.sender.ready().await.map_err(not_sent)?;
+        let empty = matches!(&body, Outgoing::Held(bytes) if bytes.is_empty());
+        let (responding, mut send) = sender.send_request(message, empty).map_err(not_sent)?;
+        let mut responding = std::pin::pin!(responding);
+        let mut open_send = None;
+        let response = match body {
+            Outgoing::Held(bytes) => {
+                if !bytes.is_empty() {
+                    // Buffered by h2 until the backend's window lets it go: at
+                    // most `retry_buffer` bytes.
+                    send.send_data(bytes.clone(), true)
+                        .map_err(|e| ExchangeError::Failed(format!("sending the request body failed: {e}")))?;
+                }
+                responding.await
+            }
+            Outgoing::Stream(source) => match source.detach() {
+                Some(mut detached) => {
+                    // A unary call's body has usually come whole with its
+                    // head: then it is sent from here, with no task.
+                    use futures_util::FutureExt;
+                    use http_body_util::BodyExt;
+                    let first = detached.frame().now_or_never().flatten();
+                    match first {
+                        Some(Ok(frame)) if frame.is_data() && http_body::Body::is_end_stream(&detached) => {
+                            if let Ok(data) = frame.into_data() {
+                                send.send_data(data, true).map_err(|e| {
+                                    ExchangeError::Failed(format!("sending the request body failed: {e}"))
+                                })?;
+                            }
+                        }
+                        Some(Err(error)) => {
+                            send.send_reset(Reason::CANCEL);
+                            return Err(ExchangeError::Client(error));
+                        }
+                        first => {
+                            tokio::spawn(pump_detached(first.and_then(Result::ok), detached, send));
+                        }
                     }
-                    let body_done = {
+                    responding.await
+                }
+                None => {
+                    // An HTTP/1 client's body, a piece at a time, until the
+                    // answer comes (a backend may answer before it read it all).
+                    let mut sending = true;
+                    loop {
+                        if !sending {
+                            break responding.await;
+                        }
                         let step = tokio::select! {
                             biased;
                             response = responding.as_mut() => Err(response),
-                            step = next_piece(&tx, source) => Ok(step),
+                            piece = source.next_chunk() => Ok(piece),
                         };
                         match step {
-                            Err(response) => break response,
-                            // The stream is gone: its error comes as the response.
-                            Ok(None) => true,
-                            Ok(Some((permit, Ok(Some(data))))) => {
-                                permit.send(data);
-                                false
+                            Err(response) => {
+                                // Kept open while the answer streams: dropping
+                                // it would reset the stream.
+                                open_send = Some(send);
+                                break response;
                             }
-                            // The whole body is sent: the stream's request side ends.
-                            Ok(Some((_, Ok(None)))) => true,
-                            Ok(Some((_, Err(error)))) => return Err(ExchangeError::Client(error)),
+                            Ok(Ok(Some(data))) => {
+                                if let Err(error) = send_with_capacity(&mut send, data).await {
+                                    sending = false;
+                                    tracing::debug!(%error, "the backend stopped taking the request body");
+                                }
+                            }
+                            Ok(Ok(None)) => {
+                                let _ = send.send_data(Bytes::new(), true);
+                                sending = false;
+                            }
+                            Ok(Err(error)) => {
+                                send.send_reset(Reason::CANCEL);
+                                return Err(ExchangeError::Client(error));
+                            }
                         }
-                    };
-                    if body_done {
-                        tx = None;
                     }
-                };
-                // Kept open while the answer streams: dropping it would end
-                // the request body early, as if it were whole.
-                body_sender = tx;
-                response
-            }
-        };
-        let response = match response {
-            Ok(response) => response,
-            Err(mut error) => {
-                if error.take_message().is_some() {
-                    // Never left Fulcrum: the connection had closed.
-                    return Err(ExchangeError::NotSent(io_error(error.into_error())));
                 }
-                return Err(classify(&error.into_error()));
-            }
+            },
         };
-        let (parts, incoming) = response.into_parts();
+        let response = response.map_err(|e| classify(&e))?;
+        let (parts, recv) = response.into_parts();
         let status = parts.status;
         let framing = if head_request
             || status == StatusCode::NO_CONTENT
             || status == StatusCode::NOT_MODIFIED
-            || incoming.is_end_stream()
+            || recv.is_end_stream()
         {
             Framing::Empty
         } else {
-            match incoming.size_hint().exact() {
-                Some(0) if parts.headers.contains_key(http::header::CONTENT_LENGTH) => Framing::Empty,
-                Some(n) if parts.headers.contains_key(http::header::CONTENT_LENGTH) => Framing::Length(n),
-                _ => Framing::Chunked,
+            match parts
+                .headers
+                .get(http::header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse().ok())
+            {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::Chunked,
             }
         };
         let head = ResponseHead::from_parts(status, &parts.headers, framing);
         let mut body = Http2Body {
-            body: incoming,
+            recv,
             in_flight: Some(in_flight),
             read_timeout,
             quiet: None,
-            _request_body: body_sender,
-            ended: false,
+            _send: open_send,
+            state: BodyState::Data,
         };
-        if framing == Framing::Empty && body.body.is_end_stream() {
+        if body.recv.is_end_stream() {
             body.finish();
         }
         Ok((head, super::ResponseBody::Http2(Box::new(body))))
     }
 }
 
-/// Room for one piece of the client's body, and that piece; `None` once the
-/// stream stopped taking it.
-async fn next_piece<'a, B: BodySource>(
-    tx: &'a Option<mpsc::Sender<Bytes>>,
-    source: &mut B,
-) -> Option<(mpsc::Permit<'a, Bytes>, Result<Option<Bytes>, ClientBodyError>)> {
-    let permit = tx.as_ref()?.reserve().await.ok()?;
-    Some((permit, source.next_chunk().await))
+/// Sends `data` as the backend's window allows, so that a slow backend holds
+/// back the client rather than filling Fulcrum's memory.
+async fn send_with_capacity(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), ::h2::Error> {
+    while !data.is_empty() {
+        send.reserve_capacity(data.len());
+        let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+            Some(granted) => granted?,
+            None => return Err(::h2::Error::from(Reason::STREAM_CLOSED)),
+        };
+        if granted == 0 {
+            continue;
+        }
+        let piece = data.split_to(granted.min(data.len()));
+        send.send_data(piece, false)?;
+    }
+    Ok(())
+}
+
+/// Copies an HTTP/2 client's body (data and trailers) to the backend's
+/// stream, for as long as both last.
+async fn pump_detached(mut first: Option<Frame<Bytes>>, mut body: DetachedBody, mut send: SendStream<Bytes>) {
+    use http_body_util::BodyExt;
+    loop {
+        let frame = match first.take() {
+            Some(frame) => Some(Ok(frame)),
+            None => tokio::select! {
+                frame = body.frame() => frame,
+                // The backend reset the stream: nothing more to send.
+                _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return,
+            },
+        };
+        match frame {
+            None => {
+                let _ = send.send_data(Bytes::new(), true);
+                return;
+            }
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(data) => {
+                    if send_with_capacity(&mut send, data).await.is_err() {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        let _ = send.send_trailers(trailers);
+                        return;
+                    }
+                }
+            },
+            Some(Err(error)) => {
+                tracing::debug!(%error, "the client's body failed mid-way: the backend stream is reset");
+                send.send_reset(Reason::CANCEL);
+                return;
+            }
+        }
+    }
 }
 
 /// Why a stream failed, as the pipeline acts on it.
-fn classify(error: &hyper::Error) -> ExchangeError {
-    use std::error::Error as _;
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        if let Some(h2) = inner.downcast_ref::<::h2::Error>() {
-            let refused = h2.reason() == Some(::h2::Reason::REFUSED_STREAM) && h2.is_remote();
-            // A graceful GOAWAY (NO_ERROR) fails only the streams past its last
-            // stream id, which the backend never processed. After a GOAWAY with
-            // an error, every open stream fails alike: nothing can be told.
-            let beyond_goaway = h2.is_go_away() && h2.is_remote() && h2.reason() == Some(::h2::Reason::NO_ERROR);
-            if refused || beyond_goaway {
-                return ExchangeError::Refused(h2.to_string());
-            }
-            break;
-        }
-        cause = inner.source();
+fn classify(error: &::h2::Error) -> ExchangeError {
+    let refused = error.reason() == Some(Reason::REFUSED_STREAM) && error.is_remote();
+    // A graceful GOAWAY (NO_ERROR) fails only the streams past its last
+    // stream id, which the backend never processed. After a GOAWAY with an
+    // error, every open stream fails alike: nothing can be told.
+    let beyond_goaway = error.is_go_away() && error.is_remote() && error.reason() == Some(Reason::NO_ERROR);
+    if refused || beyond_goaway {
+        return ExchangeError::Refused(error.to_string());
     }
     ExchangeError::Failed(format!("the HTTP/2 stream failed: {error}"))
 }
 
-fn io_error(error: hyper::Error) -> std::io::Error {
+fn io_error(error: &::h2::Error) -> std::io::Error {
     std::io::Error::new(std::io::ErrorKind::ConnectionAborted, error.to_string())
 }
 
-/// The request for hyper, from the head as the HTTP/1 encoder wrote it.
-fn to_request(
-    encoded: &[u8],
-    secure: bool,
-    trailers: bool,
-    body: UpstreamBody,
-) -> Result<Request<UpstreamBody>, &'static str> {
+/// The request head for h2, from the head as the HTTP/1 encoder wrote it.
+fn to_request(encoded: &[u8], secure: bool, trailers: bool) -> Result<Request<()>, &'static str> {
     const INVALID: &str = "the request head cannot be sent over HTTP/2";
     let mut fields = [httparse::EMPTY_HEADER; crate::http::MAX_HEADERS + 16];
     let mut parsed = httparse::Request::new(&mut fields);
@@ -291,7 +397,7 @@ fn to_request(
         .path_and_query(path)
         .build()
         .map_err(|_| INVALID)?;
-    let mut request = Request::new(body);
+    let mut request = Request::new(());
     *request.method_mut() = method;
     *request.uri_mut() = uri;
     *request.version_mut() = http::Version::HTTP_2;
@@ -299,73 +405,39 @@ fn to_request(
     Ok(request)
 }
 
-/// A request body on its way to an HTTP/2 backend.
-pub enum UpstreamBody {
-    /// Held in memory (sent again on a retry).
-    Held(Option<Bytes>),
-    /// Pumped from an HTTP/1 client by the request's task, with its framing.
-    Channel(mpsc::Receiver<Bytes>, Framing),
-    /// An HTTP/2 client's own body stream.
-    Detached(DetachedBody),
-}
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = ClientBodyError;
-
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ClientBodyError>>> {
-        match self.get_mut() {
-            UpstreamBody::Held(bytes) => {
-                Poll::Ready(bytes.take().filter(|b| !b.is_empty()).map(|b| Ok(Frame::data(b))))
-            }
-            UpstreamBody::Channel(rx, _) => rx.poll_recv(cx).map(|data| data.map(|d| Ok(Frame::data(d)))),
-            UpstreamBody::Detached(body) => Pin::new(body).poll_frame(cx),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Held(bytes) => bytes.as_ref().is_none_or(Bytes::is_empty),
-            UpstreamBody::Channel(_, framing) => *framing == Framing::Empty,
-            UpstreamBody::Detached(body) => body.is_end_stream(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Held(bytes) => SizeHint::with_exact(bytes.as_ref().map_or(0, |b| b.len() as u64)),
-            UpstreamBody::Channel(_, Framing::Length(n)) => SizeHint::with_exact(*n),
-            UpstreamBody::Channel(..) => SizeHint::default(),
-            UpstreamBody::Detached(body) => body.size_hint(),
-        }
-    }
+/// Where a response body is: data frames, then trailers, then done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    Data,
+    Trailers,
+    Done,
 }
 
 /// A backend's HTTP/2 response body on its way to the client, trailers
 /// included. A backend quiet mid-body for longer than `read_timeout` is cut
 /// off (the stream is reset when the body is dropped).
 pub struct Http2Body {
-    body: Incoming,
+    recv: RecvStream,
     in_flight: Option<InFlight>,
     read_timeout: Duration,
     quiet: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The rest of an HTTP/1 client's request body would go here; kept so
-    /// that the request does not look whole to the backend.
-    _request_body: Option<mpsc::Sender<Bytes>>,
-    ended: bool,
+    /// The request stream of an HTTP/1 client's body the backend answered
+    /// before reading whole: kept so that the stream is not reset.
+    _send: Option<SendStream<Bytes>>,
+    state: BodyState,
 }
 
 impl Http2Body {
     /// Whether the whole body has been read.
     pub fn is_end(&self) -> bool {
-        self.ended || self.body.is_end_stream()
+        self.state == BodyState::Done
     }
 
     fn finish(&mut self) {
-        self.ended = true;
+        self.state = BodyState::Done;
         self.quiet = None;
         self.in_flight = None;
-        self._request_body = None;
+        self._send = None;
     }
 
     fn fail(&mut self, error: ResponseBodyError) -> ResponseBodyError {
@@ -373,31 +445,49 @@ impl Http2Body {
         error
     }
 
+    /// Waits no longer than `read_timeout` for the backend.
+    fn quiet_timeout(&mut self, cx: &mut Context<'_>) -> Poll<ResponseBodyError> {
+        let timeout = self.read_timeout;
+        let quiet = self.quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
+        ready!(quiet.as_mut().poll(cx));
+        Poll::Ready(self.fail(ResponseBodyError::Timeout(timeout)))
+    }
+
     /// The next frame: data or trailers; `None` at the end.
     pub fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, ResponseBodyError>>> {
-        if self.ended {
-            return Poll::Ready(None);
-        }
-        match Pin::new(&mut self.body).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                self.quiet = None;
-                if self.body.is_end_stream() {
-                    self.finish();
-                }
-                Poll::Ready(Some(Ok(frame)))
-            }
-            Poll::Ready(Some(Err(error))) => {
-                Poll::Ready(Some(Err(self.fail(ResponseBodyError::Stream(error.to_string())))))
-            }
-            Poll::Ready(None) => {
-                self.finish();
-                Poll::Ready(None)
-            }
-            Poll::Pending => {
-                let timeout = self.read_timeout;
-                let quiet = self.quiet.get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
-                ready!(quiet.as_mut().poll(cx));
-                Poll::Ready(Some(Err(self.fail(ResponseBodyError::Timeout(timeout)))))
+        loop {
+            match self.state {
+                BodyState::Done => return Poll::Ready(None),
+                BodyState::Data => match self.recv.poll_data(cx) {
+                    Poll::Ready(Some(Ok(data))) => {
+                        self.quiet = None;
+                        // The window opens again as the client takes the data.
+                        let _ = self.recv.flow_control().release_capacity(data.len());
+                        if data.is_empty() {
+                            continue;
+                        }
+                        return Poll::Ready(Some(Ok(Frame::data(data))));
+                    }
+                    Poll::Ready(Some(Err(error))) => {
+                        return Poll::Ready(Some(Err(self.fail(ResponseBodyError::Stream(error.to_string())))));
+                    }
+                    Poll::Ready(None) => self.state = BodyState::Trailers,
+                    Poll::Pending => return self.quiet_timeout(cx).map(|e| Some(Err(e))),
+                },
+                BodyState::Trailers => match self.recv.poll_trailers(cx) {
+                    Poll::Ready(Ok(Some(trailers))) => {
+                        self.finish();
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                    }
+                    Poll::Ready(Ok(None)) => {
+                        self.finish();
+                        return Poll::Ready(None);
+                    }
+                    Poll::Ready(Err(error)) => {
+                        return Poll::Ready(Some(Err(self.fail(ResponseBodyError::Stream(error.to_string())))));
+                    }
+                    Poll::Pending => return self.quiet_timeout(cx).map(|e| Some(Err(e))),
+                },
             }
         }
     }
@@ -418,6 +508,10 @@ impl Http2Body {
     }
 
     pub fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        if self.state == BodyState::Done {
+            SizeHint::with_exact(0)
+        } else {
+            SizeHint::default()
+        }
     }
 }

@@ -151,10 +151,16 @@ impl Upstream {
         }))
     }
 
-    async fn checkout_http2(&self, idle: &IdleConns, addr: SocketAddr, address: &str) -> Result<Conn, ConnectError> {
+    async fn checkout_http2(
+        &self,
+        idle: &Arc<IdleConns>,
+        addr: SocketAddr,
+        address: &str,
+    ) -> Result<Conn, ConnectError> {
         if let Some(sender) = idle.shared() {
             return Ok(Conn::Http2(h2::Conn {
                 sender,
+                shared: idle.clone(),
                 secure: self.secure,
                 reused: true,
                 connected_in: None,
@@ -177,6 +183,7 @@ impl Upstream {
         idle.share(sender.clone());
         Ok(Conn::Http2(h2::Conn {
             sender,
+            shared: idle.clone(),
             secure: self.secure,
             reused: false,
             connected_in: Some(connecting.elapsed()),

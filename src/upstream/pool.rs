@@ -138,13 +138,19 @@ impl IdleConns {
         let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
         let mut shared = shard.lock().unwrap_or_else(|p| p.into_inner());
         match shared.as_ref() {
-            Some(sender) if !sender.is_closed() => Some(sender.clone()),
+            Some(sender) if super::h2::is_open(sender) => Some(sender.clone()),
             Some(_) => {
                 *shared = None;
                 None
             }
             None => None,
         }
+    }
+
+    /// Forgets this worker's HTTP/2 connection (it can open no more streams).
+    pub fn forget_shared(&self) {
+        let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
+        shard.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
     /// Shares `sender`'s connection with this worker's later requests.
