@@ -73,6 +73,9 @@ pub struct ServerConfig {
     pub trusted_proxies: crate::http::forwarded::TrustedProxies,
     /// Add `Via: 1.1 fulcrum` to requests sent to backends.
     pub via: bool,
+    /// Add an RFC 7239 `Forwarded` element for this hop (`for`, `host`,
+    /// `proto`) to requests sent to backends.
+    pub forwarded: bool,
 }
 
 /// One address Fulcrum takes clients on, and how it speaks to them there.
@@ -350,6 +353,7 @@ struct RawServer {
     #[serde(default)]
     trusted_proxies: Vec<String>,
     via: Option<bool>,
+    forwarded: Option<bool>,
     admin: Option<String>,
     admin_token: Option<String>,
     header_read_timeout: Option<String>,
@@ -864,6 +868,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         trusted_proxies: crate::http::forwarded::TrustedProxies::parse(&raw.server.trusted_proxies)
             .map_err(|reason| ("server.trusted_proxies".to_string(), reason))?,
         via: raw.server.via.unwrap_or(false),
+        forwarded: raw.server.forwarded.unwrap_or(false),
     };
     let plugins = PluginsConfig {
         dir: raw.plugins.dir.map(|d| folder.join(d)),

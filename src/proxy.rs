@@ -288,6 +288,7 @@ pub async fn serve<B: BodySource>(
     let hop = Hop {
         peer_trusted,
         via: snapshot.config.server.via,
+        forwarded: snapshot.config.server.forwarded,
     };
     let current = CurrentRequest { head, client: resolved };
     let redirect = client.edge.as_deref().and_then(|edge| edge.redirect_https);
@@ -382,6 +383,8 @@ struct Hop {
     peer_trusted: bool,
     /// `server.via`.
     via: bool,
+    /// `server.forwarded`.
+    forwarded: bool,
 }
 
 /// How the request body can be sent, and sent again.
@@ -563,6 +566,7 @@ async fn forward<B: BodySource>(
             request_id: made_id.as_ref().map(RequestId::as_str),
             peer_trusted: hop.peer_trusted,
             via: hop.via,
+            forwarded: hop.forwarded,
             encoded: &mut encoded,
         };
 

@@ -79,14 +79,23 @@ async fn x_forwarded_for_is_believed_from_trusted_proxies_only() {
     let plugins: Vec<(&str, &std::path::Path)> = plugin.iter().map(|(n, p)| (*n, p.as_path())).collect();
 
     // The test connects from 127.0.0.1: trusted here.
-    let trusting = Fulcrum::start(&config(&backends, "trusted_proxies = [\"127.0.0.0/8\"]"), &plugins);
+    let trusting = Fulcrum::start(
+        &config(&backends, "trusted_proxies = [\"127.0.0.0/8\"]\nforwarded = true"),
+        &plugins,
+    );
     let answer = raw_request(
         trusting.addr,
         b"",
-        "X-Forwarded-For: 198.51.100.66, 203.0.113.9\r\nX-Forwarded-Proto: https\r\n",
+        "X-Forwarded-For: 198.51.100.66, 203.0.113.9\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.9\r\n",
     )
     .await
     .expect("answer");
+    let forwarded: Vec<&str> = answer.lines().filter_map(|l| l.strip_prefix("forwarded: ")).collect();
+    assert_eq!(
+        forwarded,
+        ["for=203.0.113.9", "for=127.0.0.1;host=\"app.example\";proto=http"],
+        "the Forwarded chain goes on with this hop: {answer}"
+    );
     assert_eq!(
         seen_header(&answer, "x-forwarded-for"),
         Some("198.51.100.66, 203.0.113.9, 127.0.0.1"),

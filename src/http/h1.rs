@@ -647,9 +647,36 @@ pub struct Forwarding<'a> {
     pub peer_trusted: bool,
     /// Add `Via: 1.1 fulcrum`.
     pub via: bool,
+    /// Add this hop's RFC 7239 `Forwarded` element (after a trusted peer's
+    /// chain, which is kept; alone otherwise).
+    pub forwarded: bool,
     /// An `X-Request-Id` Fulcrum made, added (a client's own is passed on as
     /// it came).
     pub request_id: Option<&'a str>,
+}
+
+/// This hop's `Forwarded` line (RFC 7239): `for` the connection's client (an
+/// IPv6 address quoted and bracketed), the `host` asked for (quoted; left out
+/// if it would need escaping) and the `proto` it came over.
+fn write_forwarded_element(out: &mut Vec<u8>, client: &ClientAddr, host: &[u8]) {
+    out.extend_from_slice(b"forwarded: for=");
+    if client.addr.is_ipv6() {
+        out.extend_from_slice(b"\"[");
+        out.extend_from_slice(client.ip_text());
+        out.extend_from_slice(b"]\"");
+    } else {
+        out.extend_from_slice(client.ip_text());
+    }
+    if !host.iter().any(|&b| b == b'"' || b == b'\\') {
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(host);
+        out.push(b'"');
+    }
+    out.extend_from_slice(if client.secure() {
+        b";proto=https\r\n"
+    } else {
+        b";proto=http\r\n"
+    });
 }
 
 /// Encodes the head sent upstream: HTTP/1.1 in origin form, hop-by-hop
@@ -734,6 +761,9 @@ pub fn encode_request_head(
         out.extend_from_slice(cert.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    if forwarding.forwarded {
+        write_forwarded_element(out, client, host);
+    }
     if forwarding.via {
         out.extend_from_slice(b"via: 1.1 fulcrum\r\n");
     }
@@ -770,6 +800,49 @@ mod tests {
     use http::Request;
 
     #[test]
+    fn the_forwarded_element_names_this_hop_after_a_trusted_chain() {
+        let mut buf = bytes::BytesMut::from(
+            "GET / HTTP/1.1\r\nHost: shop.example:8080\r\nForwarded: for=198.51.100.1;proto=https\r\n\r\n",
+        );
+        let request = parse_request(&mut buf).expect("valid").expect("complete");
+        let encode = |client: &ClientAddr, trusted: bool| {
+            let forwarding = Forwarding {
+                client,
+                peer_trusted: trusted,
+                via: false,
+                forwarded: true,
+                request_id: None,
+            };
+            let mut out = Vec::new();
+            encode_request_head(&request, &forwarding, request.body, "backend:1", false, &mut out).expect("encodes");
+            String::from_utf8_lossy(&out)
+                .lines()
+                .filter(|l| l.starts_with("forwarded: "))
+                .map(str::to_owned)
+                .collect::<Vec<_>>()
+        };
+        let v4 = ClientAddr::new("192.0.2.7:5555".parse().expect("addr"));
+        assert_eq!(
+            encode(&v4, true),
+            [
+                "forwarded: for=198.51.100.1;proto=https",
+                "forwarded: for=192.0.2.7;host=\"shop.example:8080\";proto=http"
+            ],
+            "a trusted peer's chain goes on"
+        );
+        assert_eq!(
+            encode(&v4, false),
+            ["forwarded: for=192.0.2.7;host=\"shop.example:8080\";proto=http"],
+            "anyone else's is replaced"
+        );
+        let v6 = ClientAddr::new("[2001:db8::7]:5555".parse().expect("addr"));
+        assert_eq!(
+            encode(&v6, false),
+            ["forwarded: for=\"[2001:db8::7]\";host=\"shop.example:8080\";proto=http"]
+        );
+    }
+
+    #[test]
     fn the_upstream_head_is_rewritten_for_the_backend() {
         let mut buf = bytes::BytesMut::from(
             "POST http://example.com/a?b=1 HTTP/1.1\r\nHost: ignored.example\r\n\
@@ -782,6 +855,7 @@ mod tests {
             client: &client,
             peer_trusted: false,
             via: false,
+            forwarded: false,
             request_id: None,
         };
         let mut out = Vec::new();
@@ -816,6 +890,7 @@ mod tests {
             client: &client,
             peer_trusted: false,
             via: false,
+            forwarded: false,
             request_id: Some("abc"),
         };
         encode_request_head(&request, &forwarding, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");

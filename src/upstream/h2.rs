@@ -145,6 +145,7 @@ impl Conn {
                 client: request.client,
                 peer_trusted: request.peer_trusted,
                 via: request.via,
+                forwarded: request.forwarded,
                 request_id: request.request_id,
             };
             h1::encode_request_head(

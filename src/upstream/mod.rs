@@ -205,6 +205,8 @@ pub struct UpstreamRequest<'a> {
     pub peer_trusted: bool,
     /// Add `Via` (`server.via`).
     pub via: bool,
+    /// Add this hop's `Forwarded` element (`server.forwarded`).
+    pub forwarded: bool,
     /// The head as written for the wire: encoded at the first try, reused by the others.
     pub encoded: &'a mut Vec<u8>,
 }
@@ -465,6 +467,7 @@ mod tests {
                 request_id: None,
                 peer_trusted: false,
                 via: false,
+                forwarded: false,
                 encoded: &mut encoded,
             };
             let (response, mut body) = conn
