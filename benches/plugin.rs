@@ -131,6 +131,7 @@ fn host_work(c: &mut Criterion) {
                 client: &client,
                 peer_trusted: false,
                 via: false,
+                forwarded: false,
                 request_id: None,
             };
             fulcrum::http::h1::encode_request_head(
