@@ -76,11 +76,14 @@ fn decisions(c: &mut Criterion) {
             let head = request(3);
             let current = current(&head);
             assert!(
-                policy.choose(&current, &list, &[]).fault.is_none(),
+                policy
+                    .choose(&current, &list, &[], fulcrum::plugin::PoolView::default())
+                    .fault
+                    .is_none(),
                 "{name} decides without fault"
             );
             group.bench_function(BenchmarkId::new(name, n), |b| {
-                b.iter(|| black_box(policy.choose(&current, &list, &[])))
+                b.iter(|| black_box(policy.choose(&current, &list, &[], fulcrum::plugin::PoolView::default())))
             });
         }
     }
@@ -92,9 +95,14 @@ fn decisions(c: &mut Criterion) {
         let (list, _load) = backends(3);
         let head = request(headers);
         let current = current(&head);
-        assert!(policy.choose(&current, &list, &[]).fault.is_none());
+        assert!(
+            policy
+                .choose(&current, &list, &[], fulcrum::plugin::PoolView::default())
+                .fault
+                .is_none()
+        );
         group.bench_function(BenchmarkId::new("header-hash/3-backends/headers", headers), |b| {
-            b.iter(|| black_box(policy.choose(&current, &list, &[])))
+            b.iter(|| black_box(policy.choose(&current, &list, &[], fulcrum::plugin::PoolView::default())))
         });
     }
     group.finish();

@@ -261,6 +261,9 @@ fn backend_json(pool: &crate::snapshot::Pool, index: usize, b: &crate::backend::
         "up": b.state.is_up(),
         "ejected": b.state.is_ejected(),
         "in_flight": b.state.in_flight(),
+        "max_in_flight": (b.state.max_in_flight() > 0).then(|| b.state.max_in_flight()),
+        "full": b.state.is_full(),
+        "effective_weight": crate::traffic::effective_weight(b, pool.config.slow_start, crate::backend::process_ms()),
         "requests": b.state.requests.load(Ordering::Relaxed),
         "failures": b.state.failures.load(Ordering::Relaxed),
         "idle_connections": pool.upstream.idle_count(index),
@@ -405,6 +408,13 @@ pub fn status(app: &App) -> serde_json::Value {
                     .loaded_at
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs()),
+                "panic": pool.traffic.in_panic(),
+                "queued": pool.traffic.queued(),
+                "active": pool.traffic.active_now(),
+                "circuit_breaker_trips": crate::traffic::Breaker::ALL
+                    .iter()
+                    .map(|b| (b.as_str(), pool.traffic.trips[*b as usize].load(Ordering::Relaxed)))
+                    .collect::<std::collections::BTreeMap<_, _>>(),
                 "backends": backends,
             })
         })

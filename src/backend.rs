@@ -19,6 +19,18 @@ pub fn health_epoch() -> u64 {
     HEALTH_EPOCH.load(Ordering::Acquire)
 }
 
+/// Makes every plugin instance push its backend list again before its next
+/// decision (what it would see changed: panic mode, a slow start's weights).
+pub fn bump_health_epoch() {
+    HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
+}
+
+/// Milliseconds since the process started, on the monotonic clock.
+pub fn process_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
+}
+
 /// Live, shared state of one backend.
 ///
 /// A backend is healthy (takes new requests) when active checks say it is up,
@@ -62,6 +74,12 @@ pub struct BackendState {
     pub ejections_total: AtomicU64,
     /// What went wrong last (a failed request or check), for `/status`.
     last_error: std::sync::Mutex<Option<Arc<str>>>,
+    /// Requests it takes at once (`max_in_flight`); 0 for no limit.
+    max_in_flight: AtomicU32,
+    /// The pool's traffic state, told when a limited backend frees a slot.
+    pool_traffic: arc_swap::ArcSwapOption<crate::traffic::PoolTraffic>,
+    /// When it last became healthy ([`process_ms`]): a slow start ramps from there.
+    healthy_since_ms: AtomicU64,
 }
 
 impl Default for BackendState {
@@ -86,6 +104,9 @@ impl Default for BackendState {
             checks_failed: AtomicU64::new(0),
             ejections_total: AtomicU64::new(0),
             last_error: std::sync::Mutex::new(None),
+            max_in_flight: AtomicU32::new(0),
+            pool_traffic: arc_swap::ArcSwapOption::empty(),
+            healthy_since_ms: AtomicU64::new(process_ms()),
         }
     }
 }
@@ -150,8 +171,52 @@ impl BackendState {
     fn refresh_health(&self) {
         let healthy = self.is_up() && !self.is_ejected() && !self.is_drained();
         if self.healthy.swap(healthy, Ordering::AcqRel) != healthy {
+            if healthy {
+                self.healthy_since_ms.store(process_ms(), Ordering::Relaxed);
+            }
             HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
         }
+    }
+
+    /// When it last became healthy (or was first configured), in [`process_ms`].
+    pub fn healthy_since_ms(&self) -> u64 {
+        self.healthy_since_ms.load(Ordering::Relaxed)
+    }
+
+    /// Sets `max_in_flight` (0: no limit) and the pool told when a slot frees.
+    pub fn limit(&self, max_in_flight: u32, traffic: &Arc<crate::traffic::PoolTraffic>) {
+        self.max_in_flight.store(max_in_flight, Ordering::Relaxed);
+        self.pool_traffic.store((max_in_flight > 0).then(|| traffic.clone()));
+    }
+
+    /// Its `max_in_flight`; 0 for no limit.
+    pub fn max_in_flight(&self) -> u32 {
+        self.max_in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Whether it may take requests: healthy, or (in panic mode) anything
+    /// but drained by an operator.
+    pub fn is_usable(&self, panic: bool) -> bool {
+        self.is_healthy() || (panic && !self.is_drained())
+    }
+
+    /// Whether it is at its `max_in_flight`.
+    pub fn is_full(&self) -> bool {
+        let max = self.max_in_flight();
+        max > 0 && self.in_flight() >= max
+    }
+
+    /// Counts a request in flight if the backend has room for it.
+    pub fn try_start_request(self: &Arc<Self>) -> Option<InFlight> {
+        let max = self.max_in_flight();
+        if max == 0 {
+            return Some(self.start_request());
+        }
+        self.in_flight
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .ok()?;
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        Some(InFlight(self.clone()))
     }
 
     /// Remembers `error` as the last thing that went wrong (failures only: off
@@ -187,6 +252,12 @@ impl InFlight {
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        // Only a limited backend has someone to tell.
+        if self.0.max_in_flight.load(Ordering::Relaxed) > 0
+            && let Some(traffic) = &*self.0.pool_traffic.load()
+        {
+            traffic.slot_freed();
+        }
     }
 }
 

@@ -58,6 +58,7 @@ impl Changes {
                     address: added.address.clone(),
                     socket: added.socket,
                     weight: added.weight,
+                    max_in_flight: None,
                 });
             }
         }
@@ -112,6 +113,7 @@ mod tests {
             address: address.into(),
             socket: address.parse().expect("address"),
             weight,
+            max_in_flight: None,
         }
     }
 

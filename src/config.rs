@@ -194,10 +194,61 @@ pub struct PoolConfig {
     /// Longest silence in the middle of a gRPC call's response (in place of
     /// `read_timeout`: a stream may rightly stay quiet for minutes).
     pub stream_idle_timeout: Duration,
+    /// Requests each backend takes at once (`max_in_flight`; a backend entry
+    /// may set its own); `None` for no limit.
+    pub max_in_flight: Option<u32>,
+    /// Requests that may wait for a backend with room (`max_queue`).
+    pub max_queue: usize,
+    /// Longest wait in that queue (`queue_timeout`).
+    pub queue_timeout: Duration,
+    /// `[pools.NAME.circuit_breaker]`.
+    pub circuit_breaker: crate::traffic::Thresholds,
+    /// What a request is tried again on another backend for (`retry_on`).
+    pub retry_on: Vec<RetryOn>,
+    /// The longest one try may wait for its response head (`per_try_timeout`).
+    pub per_try_timeout: Option<Duration>,
+    /// The first pause before a retry, doubling up to 10 times it, jittered.
+    pub retry_backoff: Duration,
+    /// Retries in flight at most this percentage of the pool's active requests.
+    pub retry_budget: u32,
+    /// Retries always allowed at once, whatever the budget says.
+    pub retry_budget_min: usize,
+    /// A backend that becomes healthy ramps to its weight over this long.
+    pub slow_start: Option<Duration>,
+    /// Below this percentage of healthy backends, requests go to all of them (0: off).
+    pub panic_threshold: u32,
     /// Active health checks; none when `[pools.NAME.health]` is absent.
     pub health: Option<HealthConfig>,
     /// Passive ejection of backends that fail requests.
     pub outlier: OutlierConfig,
+}
+
+/// A reason to try a request again on another backend (`retry_on`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RetryOn {
+    /// No connection could be made (or it closed before the request was written).
+    ConnectFailure,
+    /// The backend failed after the request reached it: reset, closed, a
+    /// malformed answer, or no answer within `per_try_timeout`.
+    Reset,
+    /// The backend answered 5xx.
+    ServerError,
+    /// The backend answered 502, 503 or 504.
+    GatewayError,
+    /// The backend answered this status.
+    Status(u16),
+}
+
+impl RetryOn {
+    /// Whether a backend's answer with `status` is a reason to retry.
+    pub fn matches_status(self, status: u16) -> bool {
+        match self {
+            RetryOn::ServerError => (500..600).contains(&status),
+            RetryOn::GatewayError => matches!(status, 502..=504),
+            RetryOn::Status(code) => code == status,
+            RetryOn::ConnectFailure | RetryOn::Reset => false,
+        }
+    }
 }
 
 /// What a pool speaks to its backends (`pools.NAME.protocol`).
@@ -306,6 +357,8 @@ pub struct BackendConfig {
     /// What `address` resolved to when the config was loaded.
     pub socket: SocketAddr,
     pub weight: u32,
+    /// This backend's own `max_in_flight`, over the pool's.
+    pub max_in_flight: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -436,8 +489,27 @@ struct RawPool {
     protocol: Option<String>,
     tls: Option<RawUpstreamTls>,
     stream_idle_timeout: Option<String>,
+    max_in_flight: Option<u32>,
+    max_queue: Option<usize>,
+    queue_timeout: Option<String>,
+    circuit_breaker: Option<RawCircuitBreaker>,
+    retry_on: Option<Vec<toml::Value>>,
+    per_try_timeout: Option<String>,
+    retry_backoff: Option<String>,
+    retry_budget: Option<u32>,
+    retry_budget_min: Option<usize>,
+    slow_start: Option<String>,
+    panic_threshold: Option<u32>,
     health: Option<RawHealth>,
     outlier: Option<RawOutlier>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCircuitBreaker {
+    max_pending: Option<usize>,
+    max_requests: Option<usize>,
+    max_retries: Option<usize>,
 }
 
 /// `tls = true`, or a table of its settings.
@@ -487,6 +559,7 @@ struct RawOutlier {
 struct RawBackendTable {
     address: String,
     weight: Option<u32>,
+    max_in_flight: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -921,11 +994,11 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
         for (i, backend) in pool.backends.into_iter().enumerate() {
             let bkey = format!("pools.{name}.backends[{i}]");
-            let (address, weight) = match backend {
-                toml::Value::String(a) => (a, 1),
+            let (address, weight, max_in_flight) = match backend {
+                toml::Value::String(a) => (a, 1, None),
                 table @ toml::Value::Table(_) => {
                     let t: RawBackendTable = table.try_into().map_err(|e| (bkey.clone(), e.message().to_string()))?;
-                    (t.address, t.weight.unwrap_or(1))
+                    (t.address, t.weight.unwrap_or(1), t.max_in_flight)
                 }
                 other => {
                     return Err((
@@ -944,10 +1017,17 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             if backends.iter().any(|b| b.address == address) {
                 return Err((bkey, format!("`{address}` is listed twice in this pool")));
             }
+            if max_in_flight == Some(0) {
+                return Err((
+                    format!("{bkey}.max_in_flight"),
+                    "must be at least 1 (leave it out for no limit)".into(),
+                ));
+            }
             backends.push(BackendConfig {
                 address,
                 socket,
                 weight,
+                max_in_flight,
             });
         }
         let protocol = match pool.protocol.as_deref() {
@@ -1023,6 +1103,61 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 pool.stream_idle_timeout.as_deref(),
                 Duration::from_secs(300),
             )?,
+            max_in_flight: match pool.max_in_flight {
+                Some(0) => {
+                    return Err((
+                        key("max_in_flight"),
+                        "must be at least 1 (leave it out for no limit)".into(),
+                    ));
+                }
+                other => other,
+            },
+            max_queue: pool.max_queue.unwrap_or(128),
+            queue_timeout: duration(
+                &key("queue_timeout"),
+                pool.queue_timeout.as_deref(),
+                Duration::from_secs(5),
+            )?,
+            circuit_breaker: pool
+                .circuit_breaker
+                .map(|b| crate::traffic::Thresholds {
+                    max_pending: b.max_pending,
+                    max_requests: b.max_requests,
+                    max_retries: b.max_retries,
+                })
+                .unwrap_or_default(),
+            retry_on: match pool.retry_on {
+                None => vec![RetryOn::ConnectFailure, RetryOn::Reset],
+                Some(list) => list
+                    .iter()
+                    .enumerate()
+                    .map(|(i, value)| retry_on(value).map_err(|reason| (format!("pools.{name}.retry_on[{i}]"), reason)))
+                    .collect::<Result<_, _>>()?,
+            },
+            per_try_timeout: pool
+                .per_try_timeout
+                .as_deref()
+                .map(|text| duration(&key("per_try_timeout"), Some(text), Duration::ZERO))
+                .transpose()?,
+            retry_backoff: duration(
+                &key("retry_backoff"),
+                pool.retry_backoff.as_deref(),
+                Duration::from_millis(25),
+            )?,
+            retry_budget: match pool.retry_budget {
+                Some(p) if p > 100 => return Err((key("retry_budget"), "a percentage: 0 to 100".into())),
+                other => other.unwrap_or(20),
+            },
+            retry_budget_min: pool.retry_budget_min.unwrap_or(3),
+            slow_start: pool
+                .slow_start
+                .as_deref()
+                .map(|text| duration(&key("slow_start"), Some(text), Duration::ZERO))
+                .transpose()?,
+            panic_threshold: match pool.panic_threshold {
+                Some(p) if p > 100 => return Err((key("panic_threshold"), "a percentage: 0 (off) to 100".into())),
+                other => other.unwrap_or(50),
+            },
             health,
             outlier: outlier(&name, pool.outlier)?,
         };
@@ -1094,6 +1229,29 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         pools,
         routes,
     })
+}
+
+/// One entry of `retry_on`.
+fn retry_on(value: &toml::Value) -> Result<RetryOn, String> {
+    match value {
+        toml::Value::String(text) => match text.as_str() {
+            "connect-failure" => Ok(RetryOn::ConnectFailure),
+            "reset" => Ok(RetryOn::Reset),
+            "5xx" => Ok(RetryOn::ServerError),
+            "gateway-error" => Ok(RetryOn::GatewayError),
+            other => Err(format!(
+                "`{other}` is not \"connect-failure\", \"reset\", \"5xx\", \"gateway-error\" or a status code"
+            )),
+        },
+        toml::Value::Integer(code) => match u16::try_from(*code) {
+            Ok(code) if (100..=599).contains(&code) => Ok(RetryOn::Status(code)),
+            _ => Err(format!("{code} is not an HTTP status")),
+        },
+        other => Err(format!(
+            "expected a string or a status code, found a {}",
+            other.type_str()
+        )),
+    }
 }
 
 /// The pool's `tls`: off by default, on for `protocol = "h2"`.

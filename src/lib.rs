@@ -29,5 +29,6 @@ pub mod server;
 pub mod shutdown;
 pub mod snapshot;
 pub mod tls;
+pub mod traffic;
 pub mod upstream;
 pub mod watch;

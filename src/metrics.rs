@@ -332,6 +332,13 @@ struct PoolView {
     plugin_faults: [u64; 3],
     plugin_quarantined: bool,
     backends: Vec<BackendView>,
+    /// Requests waiting for a backend with room.
+    queued: usize,
+    panic: bool,
+    /// By `traffic::Breaker`: times opened, requests refused.
+    breaker_trips: [u64; 3],
+    breaker_refused: [u64; 3],
+    budget_refused: u64,
 }
 
 #[derive(Debug)]
@@ -361,6 +368,11 @@ impl SnapshotView {
                     plugin: pool.policy.plugin_name().to_string(),
                     plugin_faults: [0, 1, 2].map(|i| slot.faults_by_kind[i].load(Relaxed)),
                     plugin_quarantined: slot.current().is_quarantined(),
+                    queued: pool.traffic.queued(),
+                    panic: pool.traffic.in_panic(),
+                    breaker_trips: [0, 1, 2].map(|i| pool.traffic.trips[i].load(Relaxed)),
+                    breaker_refused: [0, 1, 2].map(|i| pool.traffic.refused[i].load(Relaxed)),
+                    budget_refused: pool.traffic.budget_refused.load(Relaxed),
                     backends: pool
                         .backends
                         .iter()
@@ -688,6 +700,54 @@ impl Scrape {
                 "fulcrum_client_connections_busy",
                 "Client connections with a request in flight (and HTTP/2 connections).",
                 [(Vec::new(), client_connections.1 as f64)],
+            ),
+            gauges(
+                "fulcrum_queue_waiting",
+                "Requests waiting for a backend with room (max_in_flight), by pool.",
+                self.snapshot
+                    .pools
+                    .iter()
+                    .map(|p| (vec![("pool", p.name.clone())], p.queued as f64)),
+            ),
+            gauges(
+                "fulcrum_panic_mode",
+                "1 while too few of a pool's backends are healthy and requests go to all of them.",
+                self.snapshot
+                    .pools
+                    .iter()
+                    .map(|p| (vec![("pool", p.name.clone())], f64::from(u8::from(p.panic)))),
+            ),
+            counters(
+                "fulcrum_circuit_breaker_trips_total",
+                "Times a pool's circuit breaker opened, by threshold.",
+                self.snapshot.pools.iter().flat_map(|p| {
+                    crate::traffic::Breaker::ALL.iter().map(|b| {
+                        (
+                            vec![("pool", p.name.clone()), ("threshold", b.as_str().to_string())],
+                            p.breaker_trips[*b as usize],
+                        )
+                    })
+                }),
+            ),
+            counters(
+                "fulcrum_circuit_breaker_refused_total",
+                "Requests answered 503 (or retries not made) over a circuit breaker's threshold.",
+                self.snapshot.pools.iter().flat_map(|p| {
+                    crate::traffic::Breaker::ALL.iter().map(|b| {
+                        (
+                            vec![("pool", p.name.clone()), ("threshold", b.as_str().to_string())],
+                            p.breaker_refused[*b as usize],
+                        )
+                    })
+                }),
+            ),
+            counters(
+                "fulcrum_retry_budget_exhausted_total",
+                "Retries not made because the pool's retry budget was spent.",
+                self.snapshot
+                    .pools
+                    .iter()
+                    .map(|p| (vec![("pool", p.name.clone())], p.budget_refused)),
             ),
             gauges(
                 "fulcrum_plugin_quarantined",

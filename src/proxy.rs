@@ -11,12 +11,14 @@
 //! front end renders it in one function of its own.
 
 use crate::backend::Backend;
+use crate::config::RetryOn;
 use crate::health::{self, Outcome};
 use crate::http::h1::ResponseHead;
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
 use crate::plugin::CurrentRequest;
 pub use crate::record::{RequestRecord, Termination};
 use crate::snapshot::{Pool, Snapshot};
+use crate::traffic::{Breaker, QueueError};
 use crate::upstream::{ExchangeError, Outgoing, ResponseBody, UpstreamRequest};
 use bytes::{Bytes, BytesMut};
 use http::{Method, StatusCode};
@@ -487,19 +489,39 @@ async fn forward<B: BodySource>(
     let may_replay = is_idempotent(&current.head.method);
     let framing = source.framing();
     let made_id = trace.made_id;
+    let config = &pool.config;
+    let traffic = &*pool.traffic;
+    // Counted active until the answer's head (the retry budget is a share of
+    // these); refused at once over `max_requests`.
+    let Some(_active) = traffic.start(&pool.name, &config.circuit_breaker) else {
+        return Answer::Local(circuit_open(pool, Breaker::Requests));
+    };
+    let panic = traffic.check_panic(&pool.name, &pool.backends, config.panic_threshold);
+    if let Some(ramp) = config.slow_start {
+        traffic.slow_start_tick(&pool.backends, ramp);
+    }
+    let view = crate::plugin::PoolView {
+        panic,
+        slow_start: config.slow_start,
+    };
     // Encoded at the first try, for whichever backend gets the request.
     let mut encoded = crate::buffers::take_write();
     let mut tried: SmallVec<[usize; 4]> = SmallVec::new();
     let mut stale_connections = 0;
     let report = |backend: &std::sync::Arc<Backend>, outcome| {
-        health::record(&pool.name, &pool.backends, backend, outcome, &pool.config.outlier)
+        health::record(&pool.name, &pool.backends, backend, outcome, &config.outlier)
     };
+    // The whole wait for a response head, over every try.
+    let deadline = tokio::time::Instant::now() + response_timeout;
+    let mut queued_until = None;
+    let mut retrying = None;
+    let mut backoff = config.retry_backoff;
 
     loop {
         let deciding = Instant::now();
-        let choice = pool.policy.choose(current, &pool.backends, &tried);
+        let choice = pool.policy.choose(current, &pool.backends, &tried, view);
         trace.decision += deciding.elapsed();
-        let Some(index) = choice.backend else {
+        let Some(chosen) = choice.backend else {
             return Answer::Local(if tried.is_empty() {
                 LocalReply::new(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -514,12 +536,60 @@ async fn forward<B: BodySource>(
                 )
             });
         };
+        // The policy's choice if it has room (`max_in_flight`), else another
+        // backend with room, else a wait in the pool's queue for a freed slot
+        // and a new decision.
+        let Some((index, in_flight)) = with_room(&pool.backends, chosen, &tried, panic) else {
+            let until = *queued_until.get_or_insert_with(|| tokio::time::Instant::now() + config.queue_timeout);
+            match traffic
+                .wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until)
+                .await
+            {
+                Ok(true) => continue,
+                Ok(false) => {
+                    return Answer::Local(LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Termination::QueueTimeout,
+                        format!(
+                            "every backend of pool `{}` is at its max_in_flight, and none had room within queue_timeout ({:?})",
+                            pool.name, config.queue_timeout
+                        ),
+                    ));
+                }
+                Err(QueueError::Full) => {
+                    return Answer::Local(LocalReply::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Termination::QueueFull,
+                        format!(
+                            "every backend of pool `{}` is at its max_in_flight, and its queue is full ({} waiting)",
+                            pool.name, config.max_queue
+                        ),
+                    ));
+                }
+                Err(QueueError::Breaker) => return Answer::Local(circuit_open(pool, Breaker::Pending)),
+            }
+        };
         let backend = &pool.backends[index];
         trace.retries = tried.len() as u32;
         trace.backend = Some(index);
         tried.push(index);
-        let out_of_tries = tried.len() > pool.config.retries as usize;
-        let in_flight = backend.state.start_request();
+        let out_of_tries = tried.len() > config.retries as usize;
+        // Whether another try may follow this one, for `reason`: allowed by
+        // `retry_on`, the tries left, `max_retries` and the retry budget.
+        let mut may_retry = |reason: Option<RetryOn>| {
+            if out_of_tries || reason.is_some_and(|r| !config.retry_on.contains(&r)) {
+                return false;
+            }
+            // The previous retry's count ends as this one starts.
+            retrying = None;
+            retrying = traffic.start_retry(
+                &pool.name,
+                &config.circuit_breaker,
+                config.retry_budget,
+                config.retry_budget_min,
+            );
+            retrying.is_some()
+        };
 
         let conn = match pool
             .upstream
@@ -531,7 +601,7 @@ async fn forward<B: BodySource>(
                 report(backend, Outcome::Failure);
                 backend.state.note_error(&error.to_string());
                 tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend unreachable");
-                if out_of_tries {
+                if !may_retry(Some(RetryOn::ConnectFailure)) {
                     return Answer::Local(LocalReply::new(
                         StatusCode::BAD_GATEWAY,
                         Termination::ConnectFailed,
@@ -539,6 +609,7 @@ async fn forward<B: BodySource>(
                     ));
                 }
                 trace.retry_reasons[Retry::ConnectFailure as usize] += 1;
+                backoff = pause(backoff, config.retry_backoff).await;
                 continue;
             }
         };
@@ -571,35 +642,63 @@ async fn forward<B: BodySource>(
         };
 
         let exchanged = conn.exchange(upstream_request, outgoing, in_flight, read_timeout);
-        timer.as_mut().reset(tokio::time::Instant::now() + response_timeout);
+        // This try's deadline: `per_try_timeout`, within the whole wait.
+        let try_deadline = config
+            .per_try_timeout
+            .map_or(deadline, |per_try| deadline.min(tokio::time::Instant::now() + per_try));
+        timer.as_mut().reset(try_deadline);
         let exchanged = tokio::select! {
             biased;
             exchanged = exchanged => Ok(exchanged),
             () = timer.as_mut() => Err(()),
         };
+        let replayable_now = matches!(body, BodyState::Held(_));
         let error = match exchanged {
             Err(()) => {
                 report(backend, Outcome::Failure);
-                backend.state.note_error("no response within response_timeout");
-                tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = ?response_timeout, "backend response timed out");
+                let per_try = try_deadline < deadline;
+                let which = if per_try { "per_try_timeout" } else { "response_timeout" };
+                backend.state.note_error(&format!("no response within {which}"));
+                tracing::warn!(pool = %pool.name, backend = %backend.address, timeout = which, "backend response timed out");
+                if streamed {
+                    body = BodyState::Spent;
+                }
+                // A try cut off by per_try_timeout is retried as a reset is.
+                if per_try && may_replay && replayable_now && may_retry(Some(RetryOn::Reset)) {
+                    trace.retry_reasons[Retry::Reset as usize] += 1;
+                    backoff = pause(backoff, config.retry_backoff).await;
+                    continue;
+                }
                 return Answer::Local(LocalReply::new(
                     StatusCode::GATEWAY_TIMEOUT,
                     Termination::ResponseTimeout,
                     format!("backend {} did not answer in time", backend.address),
                 ));
             }
-            Ok(Ok((response, body))) => {
+            Ok(Ok((response, body_in))) => {
+                let status = response.status.as_u16();
                 let outcome = if response.status.is_server_error() {
                     Outcome::Failure
                 } else {
                     Outcome::Success
                 };
                 report(backend, outcome);
+                // An answer `retry_on` names: tried elsewhere when the request
+                // may be sent again (the backend has read it).
+                let retry_status = config.retry_on.iter().any(|r| r.matches_status(status));
+                if retry_status && may_replay && replayable_now && may_retry(None) {
+                    drop(body_in);
+                    backend.state.note_error(&format!("answered {status}"));
+                    tracing::info!(pool = %pool.name, backend = %backend.address, status, "retry_on: trying another backend");
+                    trace.retry_reasons[Retry::Status as usize] += 1;
+                    backoff = pause(backoff, config.retry_backoff).await;
+                    continue;
+                }
                 trace.to_response_head = Some(trace.started.elapsed());
                 trace.status = response.status;
                 return Answer::Backend(Forwarded {
                     head: response,
-                    body,
+                    body: body_in,
                     scratch: encoded,
                 });
             }
@@ -633,7 +732,7 @@ async fn forward<B: BodySource>(
             ExchangeError::Refused(reason) => {
                 tracing::info!(pool = %pool.name, backend = %backend.address, %reason, "backend refused the request unprocessed");
                 // A streamed body went to the refused stream and is not whole any more.
-                if !replayable || out_of_tries {
+                if !replayable || !may_retry(None) {
                     return Answer::Local(LocalReply::new(
                         StatusCode::SERVICE_UNAVAILABLE,
                         Termination::BackendFailed,
@@ -646,21 +745,23 @@ async fn forward<B: BodySource>(
                 report(backend, Outcome::Failure);
                 backend.state.note_error(&format!("request not sent: {error}"));
                 tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "request not sent");
-                trace.retry_reasons[Retry::NotSent as usize] += 1;
-                if out_of_tries {
+                if !may_retry(Some(RetryOn::ConnectFailure)) {
                     return Answer::Local(LocalReply::new(
                         StatusCode::BAD_GATEWAY,
                         Termination::BackendFailed,
                         format!("backend {} closed the connection", backend.address),
                     ));
                 }
+                trace.retry_reasons[Retry::NotSent as usize] += 1;
+                backoff = pause(backoff, config.retry_backoff).await;
             }
             error @ (ExchangeError::Failed(_) | ExchangeError::Stale) => {
                 report(backend, Outcome::Failure);
                 backend.state.note_error(&error.to_string());
-                if may_replay && replayable && !out_of_tries {
+                if may_replay && replayable && may_retry(Some(RetryOn::Reset)) {
                     trace.retry_reasons[Retry::Reset as usize] += 1;
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed an idempotent request; retrying elsewhere");
+                    backoff = pause(backoff, config.retry_backoff).await;
                 } else {
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
                     return Answer::Local(LocalReply::new(
@@ -672,6 +773,71 @@ async fn forward<B: BodySource>(
             }
         }
     }
+}
+
+/// The chosen backend with a slot taken for the request: `chosen` if it has
+/// room, else the first other backend (healthy, or any in panic mode, not yet
+/// tried) that has; `None` when every one is at its `max_in_flight`.
+fn with_room(
+    backends: &crate::backend::BackendList,
+    chosen: usize,
+    tried: &[usize],
+    panic: bool,
+) -> Option<(usize, crate::backend::InFlight)> {
+    let backend = backends.get(chosen)?;
+    if let Some(in_flight) = backend.state.try_start_request() {
+        return Some((chosen, in_flight));
+    }
+    backends.iter().enumerate().find_map(|(i, b)| {
+        if i == chosen || tried.contains(&i) || !b.state.is_usable(panic) {
+            return None;
+        }
+        b.state.try_start_request().map(|in_flight| (i, in_flight))
+    })
+}
+
+/// 503 for a request over a circuit breaker's threshold.
+fn circuit_open(pool: &Pool, breaker: Breaker) -> LocalReply {
+    LocalReply::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        Termination::CircuitOpen,
+        format!(
+            "pool `{}` is over its circuit breaker's {} threshold",
+            pool.name,
+            breaker.as_str()
+        ),
+    )
+}
+
+/// Waits before a retry: a random part of `backoff` ("full jitter"), and
+/// returns the next backoff, doubled up to ten times `base`.
+async fn pause(backoff: Duration, base: Duration) -> Duration {
+    if !backoff.is_zero() {
+        let jittered = backoff.mul_f64(jitter());
+        tokio::time::sleep(jittered).await;
+    }
+    (backoff * 2).min(base * 10)
+}
+
+/// A number in [0, 1) from a cheap per-thread generator (splitmix64): for
+/// spreading retries, not for secrets.
+fn jitter() -> f64 {
+    thread_local! {
+        static STATE: std::cell::Cell<u64> = std::cell::Cell::new(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64),
+        );
+    }
+    let mut z = STATE.with(|state| {
+        let z = state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        state.set(z);
+        z
+    });
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 11) as f64 / (1u64 << 53) as f64
 }
 
 /// Why a request was tried again on another backend (the `reason` of
@@ -686,10 +852,12 @@ pub enum Retry {
     Reset = 2,
     /// An HTTP/2 backend refused the stream unprocessed (`REFUSED_STREAM`, GOAWAY).
     Refused = 3,
+    /// The backend answered with a status `retry_on` names.
+    Status = 4,
 }
 
 impl Retry {
-    pub const NAMES: [&'static str; 4] = ["connect_failure", "not_sent", "reset", "refused"];
+    pub const NAMES: [&'static str; 5] = ["connect_failure", "not_sent", "reset", "refused", "status"];
 }
 
 /// Stale pooled connections tolerated per request before a backend counts as failing.

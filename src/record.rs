@@ -40,11 +40,17 @@ pub enum Termination {
     BodyTooLarge,
     /// A gRPC call routed to a pool that speaks HTTP/1.1 to its backends.
     GrpcNeedsHttp2,
+    /// Every backend was at its `max_in_flight` and the pool's queue was full.
+    QueueFull,
+    /// No backend had room within `queue_timeout`.
+    QueueTimeout,
+    /// Over a circuit breaker's threshold.
+    CircuitOpen,
 }
 
 impl Termination {
     /// Every cause, in declaration order: `ALL[cause as usize] == cause`.
-    pub const ALL: [Termination; 13] = [
+    pub const ALL: [Termination; 16] = [
         Termination::Completed,
         Termination::BadRequest,
         Termination::NoRoute,
@@ -58,6 +64,9 @@ impl Termination {
         Termination::RedirectedToHttps,
         Termination::BodyTooLarge,
         Termination::GrpcNeedsHttp2,
+        Termination::QueueFull,
+        Termination::QueueTimeout,
+        Termination::CircuitOpen,
     ];
 
     /// The name in logs and metric labels.
@@ -76,6 +85,9 @@ impl Termination {
             Termination::RedirectedToHttps => "redirected_to_https",
             Termination::BodyTooLarge => "body_too_large",
             Termination::GrpcNeedsHttp2 => "grpc_needs_http2",
+            Termination::QueueFull => "queue_full",
+            Termination::QueueTimeout => "queue_timeout",
+            Termination::CircuitOpen => "circuit_open",
         }
     }
 }
@@ -92,7 +104,7 @@ pub struct RequestRecord<'a> {
     pub decision: Duration,
     pub retries: u32,
     /// Retries by reason, in `proxy::Retry::NAMES` order.
-    pub retry_reasons: [u16; 4],
+    pub retry_reasons: [u16; crate::proxy::Retry::NAMES.len()],
     pub bytes_in: u64,
     pub bytes_out: u64,
     pub to_response_head: Option<Duration>,

@@ -25,6 +25,8 @@ pub struct Pool {
     pub policy: Policy,
     /// The way to the backends: connector and idle connections.
     pub upstream: Upstream,
+    /// Its queue, circuit breakers, retry budget and panic mode, kept across reloads.
+    pub traffic: Arc<crate::traffic::PoolTraffic>,
 }
 
 /// Everything a request needs, immutable once built.
@@ -45,6 +47,8 @@ pub struct Kept {
     counters: HashMap<String, PolicyCounters>,
     /// Pool ids by name.
     pool_ids: HashMap<String, u64>,
+    /// Traffic state by pool.
+    traffic: HashMap<String, Arc<crate::traffic::PoolTraffic>>,
     /// The access log, opened once at start.
     pub access_log: Option<Arc<AccessLog>>,
 }
@@ -136,6 +140,11 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
             hasher.finish()
         };
         let counters = kept.counters.entry(name.clone()).or_default().clone();
+        let traffic = kept.traffic.entry(name.clone()).or_default().clone();
+        for (backend, configured) in backends.iter().zip(&pool.backends) {
+            let limit = configured.max_in_flight.or(pool.max_in_flight).unwrap_or(0);
+            backend.state.limit(limit, &traffic);
+        }
         static NEXT_POOL_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         let id = *kept
             .pool_ids
@@ -164,6 +173,7 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
             )
             .sending_proxy_protocol(pool.send_proxy_protocol)
             .speaking(pool.protocol, pool.tls.is_some(), transport),
+            traffic,
         });
     }
     // Forget state of backends no longer running.
@@ -173,6 +183,7 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
             .is_some_and(|p| p.backends.iter().any(|b| &b.address == address))
     });
     kept.counters.retain(|pool, _| config.pools.contains_key(pool));
+    kept.traffic.retain(|pool, _| config.pools.contains_key(pool));
     kept.pool_ids.retain(|pool, _| config.pools.contains_key(pool));
     let names: Vec<&String> = config.pools.keys().collect();
     let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));

@@ -86,6 +86,16 @@ pub struct Choice {
     pub fault: Option<Fault>,
 }
 
+/// What a decision needs to know of its pool beyond the backend list.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct PoolView {
+    /// Panic mode: every backend counts as healthy.
+    pub panic: bool,
+    /// The pool's slow start: weights pushed are effective weights, in
+    /// hundredths of the configured ones (so a ramp can be fine).
+    pub slow_start: Option<std::time::Duration>,
+}
+
 /// Counters of one pool that outlive config reloads.
 #[derive(Default, Clone)]
 pub struct PolicyCounters {
@@ -116,16 +126,23 @@ impl Policy {
     }
 
     /// Chooses a backend for `request` among `backends`, never one in `tried`
-    /// and never an unhealthy one. The plugin reads `request` during the call.
-    pub fn choose(&self, request: &CurrentRequest<'_>, backends: &BackendList, tried: &[usize]) -> Choice {
+    /// and never an unhealthy one (unless the pool is in panic mode). The
+    /// plugin reads `request` during the call.
+    pub fn choose(
+        &self,
+        request: &CurrentRequest<'_>,
+        backends: &BackendList,
+        tried: &[usize],
+        view: PoolView,
+    ) -> Choice {
         let limits = self.binding.limits;
         let answer = self.binding.call(
-            |live| decide(live, request, backends, tried, &limits),
+            |live| decide(live, request, backends, tried, &limits, view),
             |choice| match *choice {
                 None => Ok(()),
                 Some(id) => {
                     let index = id as usize;
-                    if backends.get(index).is_some_and(|b| b.state.is_healthy()) && !tried.contains(&index) {
+                    if backends.get(index).is_some_and(|b| b.state.is_usable(view.panic)) && !tried.contains(&index) {
                         Ok(())
                     } else {
                         tracing::warn!(plugin = %self.plugin_name(), backend = id, "plugin chose a backend that is unknown, unhealthy or already tried; using the fallback");
@@ -140,7 +157,7 @@ impl Policy {
                 fault: None,
             },
             Err(fault) => Choice {
-                backend: fallback(backends, tried, &self.fallback_ticket),
+                backend: fallback(backends, tried, &self.fallback_ticket, view.panic),
                 fault: Some(fault),
             },
         }
@@ -155,19 +172,21 @@ fn decide(
     backends: &BackendList,
     tried: &[usize],
     limits: &Limits,
+    view: PoolView,
 ) -> wasmtime::Result<Option<u32>> {
     let policy = live.instance.fulcrum_plugin_policy();
     let list_id = Arc::as_ptr(backends) as *const ();
     let epoch = health_epoch();
     if live.local.list != list_id || live.local.epoch != epoch {
+        let now_ms = crate::backend::process_ms();
         let wit: Vec<WitBackend> = backends
             .iter()
             .enumerate()
             .map(|(i, b)| WitBackend {
                 id: i as u32,
                 address: b.address.clone(),
-                weight: b.weight,
-                healthy: b.state.is_healthy(),
+                weight: crate::traffic::effective_weight(b, view.slow_start, now_ms),
+                healthy: b.state.is_usable(view.panic),
             })
             .collect();
         live.store.data_mut().backends = backends.clone();
@@ -186,9 +205,9 @@ fn decide(
     })
 }
 
-/// Round robin over healthy backends not yet tried: what serves a request when
-/// the plugin cannot.
-pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64) -> Option<usize> {
+/// Round robin over healthy backends (any not drained, in panic mode) not yet tried: what
+/// serves a request when the plugin cannot.
+pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64, panic: bool) -> Option<usize> {
     let n = backends.len();
     if n == 0 {
         return None;
@@ -196,7 +215,7 @@ pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64) -> 
     let start = ticket.fetch_add(1, Ordering::Relaxed) as usize;
     (0..n)
         .map(|step| (start + step) % n)
-        .find(|&i| backends[i].state.is_healthy() && !tried.contains(&i))
+        .find(|&i| backends[i].state.is_usable(panic) && !tried.contains(&i))
 }
 
 impl self::fulcrum::plugin::host::Host for StoreState {

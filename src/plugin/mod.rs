@@ -27,7 +27,7 @@ mod request_view;
 
 use std::time::Duration;
 
-pub use balancer::{BalancerWorld, Choice, Policy, PolicyCounters, fallback};
+pub use balancer::{BalancerWorld, Choice, Policy, PolicyCounters, PoolView, fallback};
 pub use engine::CurrentRequest;
 pub use engine::{TICKET_SLOTS, Tickets};
 pub use instances::{Fault, QUARANTINE_AFTER, digest};

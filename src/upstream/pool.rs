@@ -18,6 +18,14 @@ thread_local! {
 /// Worker threads sharing the pools: `max_idle_per_backend` is split among them.
 static WORKERS: AtomicUsize = AtomicUsize::new(1);
 
+/// The shard of this worker thread (0 for any other thread).
+pub fn worker_shard() -> usize {
+    WORKER_INDEX.with(std::cell::Cell::get)
+}
+
+/// Shards of per-worker state: one per worker thread (modulo).
+pub const WORKER_SHARDS: usize = SHARDS;
+
 /// Tells the pools which shard this thread uses and how many workers share
 /// them (worker threads call it once).
 pub fn set_worker_index(index: usize, workers: usize) {
