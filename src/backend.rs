@@ -78,7 +78,8 @@ pub struct BackendState {
     max_in_flight: AtomicU32,
     /// The pool's traffic state, told when a limited backend frees a slot.
     pool_traffic: arc_swap::ArcSwapOption<crate::traffic::PoolTraffic>,
-    /// When it last became healthy ([`process_ms`]): a slow start ramps from there.
+    /// When it last became healthy ([`process_ms`]): a slow start ramps from
+    /// there. 0 for a backend healthy since the process started.
     healthy_since_ms: AtomicU64,
 }
 
@@ -178,7 +179,14 @@ impl BackendState {
         }
     }
 
-    /// When it last became healthy (or was first configured), in [`process_ms`].
+    /// Marks it healthy from the start: no slow start for a backend
+    /// configured when the process started.
+    pub fn healthy_from_start(&self) {
+        self.healthy_since_ms.store(0, Ordering::Relaxed);
+    }
+
+    /// When it last became healthy (or was first configured), in [`process_ms`];
+    /// 0 for one healthy from the start.
     pub fn healthy_since_ms(&self) -> u64 {
         self.healthy_since_ms.load(Ordering::Relaxed)
     }

@@ -49,6 +49,8 @@ pub struct Kept {
     pool_ids: HashMap<String, u64>,
     /// Traffic state by pool.
     traffic: HashMap<String, Arc<crate::traffic::PoolTraffic>>,
+    /// Snapshots built: backends of the first are not new (no slow start).
+    builds: u64,
     /// The access log, opened once at start.
     pub access_log: Option<Arc<AccessLog>>,
 }
@@ -115,6 +117,9 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
                     .or_default()
                     .clone();
                 state.set_drained(changes.is_drained(name, &b.address));
+                if kept.builds == 0 {
+                    state.healthy_from_start();
+                }
                 let backend = Arc::new(Backend {
                     address: b.address.clone(),
                     socket: b.socket,
@@ -182,6 +187,7 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
             .get(pool)
             .is_some_and(|p| p.backends.iter().any(|b| &b.address == address))
     });
+    kept.builds += 1;
     kept.counters.retain(|pool, _| config.pools.contains_key(pool));
     kept.traffic.retain(|pool, _| config.pools.contains_key(pool));
     kept.pool_ids.retain(|pool, _| config.pools.contains_key(pool));

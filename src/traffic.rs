@@ -88,9 +88,7 @@ impl PoolTraffic {
         let i = breaker as usize;
         let Some(max) = max else { return true };
         if now <= max {
-            if self.open[i].load(Ordering::Relaxed) && self.open[i].swap(false, Ordering::Relaxed) {
-                tracing::info!(%pool, threshold = breaker.as_str(), "circuit breaker closed");
-            }
+            self.close(pool, breaker);
             return true;
         }
         self.refused[i].fetch_add(1, Ordering::Relaxed);
@@ -161,7 +159,22 @@ impl PoolTraffic {
         if !self.admit(pool, Breaker::Pending, now, thresholds.max_pending) {
             return Err(QueueError::Breaker);
         }
-        Ok(tokio::time::timeout_at(timeout, self.freed.notified()).await.is_ok())
+        let freed = tokio::time::timeout_at(timeout, self.freed.notified()).await.is_ok();
+        // Leaving the queue: the breaker closes once the queue is back under
+        // its threshold (requests that need no queue never look at it).
+        let left = self.queued.load(Ordering::Relaxed).saturating_sub(1);
+        if thresholds.max_pending.is_some_and(|max| left < max) {
+            self.close(pool, Breaker::Pending);
+        }
+        Ok(freed)
+    }
+
+    /// Closes `breaker` if it is open (logged once).
+    fn close(&self, pool: &str, breaker: Breaker) {
+        let i = breaker as usize;
+        if self.open[i].load(Ordering::Relaxed) && self.open[i].swap(false, Ordering::Relaxed) {
+            tracing::info!(%pool, threshold = breaker.as_str(), "circuit breaker closed");
+        }
     }
 
     /// During a slow start, has the plugins given fresh weights about twenty
@@ -174,9 +187,10 @@ impl PoolTraffic {
         let ramp_ms = ramp.as_millis() as u64;
         let step = (ramp_ms / 20).max(100);
         self.next_ramp_push_ms.store(now + step, Ordering::Relaxed);
-        let ramping = backends
-            .iter()
-            .any(|b| now.saturating_sub(b.state.healthy_since_ms()) < ramp_ms + step);
+        let ramping = backends.iter().any(|b| {
+            let since = b.state.healthy_since_ms();
+            since != 0 && now.saturating_sub(since) < ramp_ms + step
+        });
         if ramping {
             crate::backend::bump_health_epoch();
         }
@@ -247,9 +261,11 @@ pub fn effective_weight(backend: &Backend, slow_start: Option<Duration>, now_ms:
         return backend.weight;
     };
     let full = backend.weight.saturating_mul(100);
-    let elapsed = now_ms.saturating_sub(backend.state.healthy_since_ms());
+    let since = backend.state.healthy_since_ms();
+    let elapsed = now_ms.saturating_sub(since);
     let ramp_ms = ramp.as_millis() as u64;
-    if elapsed >= ramp_ms {
+    // 0: healthy from the start (configured when the process started).
+    if since == 0 || elapsed >= ramp_ms {
         return full;
     }
     let share = 0.1 + 0.9 * (elapsed as f64 / ramp_ms as f64);
