@@ -541,10 +541,10 @@ async fn forward<B: BodySource>(
         // and a new decision.
         let Some((index, in_flight)) = with_room(&pool.backends, chosen, &tried, panic) else {
             let until = *queued_until.get_or_insert_with(|| tokio::time::Instant::now() + config.queue_timeout);
-            match traffic
-                .wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until)
-                .await
-            {
+            // Boxed, as `pause` is: rare, and their timers would otherwise
+            // widen every request's future (callgrind: copies per request).
+            let waited = Box::pin(traffic.wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until));
+            match waited.await {
                 Ok(true) => continue,
                 Ok(false) => {
                     return Answer::Local(LocalReply::new(
@@ -609,7 +609,7 @@ async fn forward<B: BodySource>(
                     ));
                 }
                 trace.retry_reasons[Retry::ConnectFailure as usize] += 1;
-                backoff = pause(backoff, config.retry_backoff).await;
+                backoff = Box::pin(pause(backoff, config.retry_backoff)).await;
                 continue;
             }
         };
@@ -666,7 +666,7 @@ async fn forward<B: BodySource>(
                 // A try cut off by per_try_timeout is retried as a reset is.
                 if per_try && may_replay && replayable_now && may_retry(Some(RetryOn::Reset)) {
                     trace.retry_reasons[Retry::Reset as usize] += 1;
-                    backoff = pause(backoff, config.retry_backoff).await;
+                    backoff = Box::pin(pause(backoff, config.retry_backoff)).await;
                     continue;
                 }
                 return Answer::Local(LocalReply::new(
@@ -691,7 +691,7 @@ async fn forward<B: BodySource>(
                     backend.state.note_error(&format!("answered {status}"));
                     tracing::info!(pool = %pool.name, backend = %backend.address, status, "retry_on: trying another backend");
                     trace.retry_reasons[Retry::Status as usize] += 1;
-                    backoff = pause(backoff, config.retry_backoff).await;
+                    backoff = Box::pin(pause(backoff, config.retry_backoff)).await;
                     continue;
                 }
                 trace.to_response_head = Some(trace.started.elapsed());
@@ -753,7 +753,7 @@ async fn forward<B: BodySource>(
                     ));
                 }
                 trace.retry_reasons[Retry::NotSent as usize] += 1;
-                backoff = pause(backoff, config.retry_backoff).await;
+                backoff = Box::pin(pause(backoff, config.retry_backoff)).await;
             }
             error @ (ExchangeError::Failed(_) | ExchangeError::Stale) => {
                 report(backend, Outcome::Failure);
@@ -761,7 +761,7 @@ async fn forward<B: BodySource>(
                 if may_replay && replayable && may_retry(Some(RetryOn::Reset)) {
                     trace.retry_reasons[Retry::Reset as usize] += 1;
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed an idempotent request; retrying elsewhere");
-                    backoff = pause(backoff, config.retry_backoff).await;
+                    backoff = Box::pin(pause(backoff, config.retry_backoff)).await;
                 } else {
                     tracing::warn!(pool = %pool.name, backend = %backend.address, %error, "backend failed during the request");
                     return Answer::Local(LocalReply::new(

@@ -62,6 +62,9 @@ pub struct PoolTraffic {
     pub budget_refused: AtomicU64,
     /// Panic mode is on (logged when it changes).
     panic: AtomicBool,
+    /// The health epoch `panic` was worked out at: it is worked out again
+    /// only when some backend's health changed, not per request.
+    panic_epoch: AtomicU64,
     /// When the weights of a slow start are next pushed to the plugins.
     next_ramp_push_ms: AtomicU64,
 }
@@ -203,6 +206,10 @@ impl PoolTraffic {
         if threshold_percent == 0 {
             return false;
         }
+        let epoch = crate::backend::health_epoch();
+        if self.panic_epoch.load(Ordering::Relaxed) == epoch.wrapping_add(1) {
+            return self.panic.load(Ordering::Relaxed);
+        }
         let mut healthy = 0;
         let mut serving = 0;
         for backend in backends.iter() {
@@ -223,6 +230,10 @@ impl PoolTraffic {
             }
             crate::backend::bump_health_epoch();
         }
+        // The epoch it was worked out at, plus one so that a fresh state (0)
+        // never matches; a change since (this flip's own bump included) has
+        // it worked out once more.
+        self.panic_epoch.store(epoch.wrapping_add(1), Ordering::Relaxed);
         panic
     }
 }

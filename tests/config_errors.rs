@@ -250,3 +250,34 @@ fn bad_backend_protocol_and_tls_settings() {
         "/nonexistent/ca.pem",
     );
 }
+
+#[test]
+fn bad_traffic_management_settings() {
+    let server = "[server]\nlisten = \"127.0.0.1:18080\"\n";
+    let pool = |settings: &str| format!("{server}[pools.api]\nbackends = [\"127.0.0.1:9001\"]\n{settings}");
+    let cases = [
+        ("max_in_flight = 0\n", "pools.api.max_in_flight", "at least 1"),
+        (
+            "retry_on = [\"5xx\", \"sometimes\"]\n",
+            "pools.api.retry_on[1]",
+            "`sometimes` is not",
+        ),
+        ("retry_on = [700]\n", "pools.api.retry_on[0]", "not an HTTP status"),
+        ("retry_budget = 150\n", "pools.api.retry_budget", "0 to 100"),
+        ("panic_threshold = 101\n", "pools.api.panic_threshold", "0 (off) to 100"),
+        ("per_try_timeout = \"soon\"\n", "pools.api.per_try_timeout", "soon"),
+        (
+            "[pools.api.circuit_breaker]\nmax_pendings = 3\n",
+            "pools.api.circuit_breaker",
+            "max_pendings",
+        ),
+    ];
+    for (settings, key, reason) in cases {
+        assert_refused(&pool(settings), key, reason);
+    }
+    assert_refused(
+        &format!("{server}[pools.api]\nbackends = [{{ address = \"127.0.0.1:9001\", max_in_flight = 0 }}]\n"),
+        "pools.api.backends[0].max_in_flight",
+        "at least 1",
+    );
+}
