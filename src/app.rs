@@ -55,6 +55,9 @@ impl App {
             Some(path) => Changes::load(path).map_err(|reason| invalid(&config, "admin.state_file", reason))?,
             None => Changes::default(),
         };
+        if let Err(reason) = crate::plugin::cache::configure(config.plugins.cache_dir.as_deref()) {
+            tracing::warn!("{reason}; plugins are compiled at every start");
+        }
         let registry = Arc::new(Registry::with_builtins().map_err(|e| invalid(&config, "plugins", e.to_string()))?);
         if let Some(dir) = &config.plugins.dir {
             let limits = plugin_limits(&config);

@@ -162,6 +162,8 @@ pub struct PluginsConfig {
     pub call_timeout: Duration,
     /// Linear memory cap of one plugin instance, in bytes.
     pub memory_limit: usize,
+    /// Where compiled plugins are kept between starts; `None`: not kept.
+    pub cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -468,6 +470,8 @@ struct RawPlugins {
     dir: Option<PathBuf>,
     call_timeout: Option<String>,
     memory_limit: Option<String>,
+    cache_dir: Option<PathBuf>,
+    cache: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -951,6 +955,19 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             Duration::from_millis(5),
         )?,
         memory_limit: size("plugins.memory_limit", raw.plugins.memory_limit.as_deref(), 16 << 20)?,
+        cache_dir: match (raw.plugins.cache, raw.plugins.cache_dir) {
+            (Some(false), Some(_)) => {
+                return Err(("plugins.cache_dir".into(), "set, while plugins.cache = false".into()));
+            }
+            (Some(false), None) => None,
+            (_, Some(dir)) => Some(folder.join(dir)),
+            // As other tools keep theirs: $XDG_CACHE_HOME, else ~/.cache.
+            (_, None) => std::env::var_os("XDG_CACHE_HOME")
+                .filter(|v| !v.is_empty())
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
+                .map(|base| base.join("fulcrum").join("plugins")),
+        },
     };
     if plugins.call_timeout.is_zero() {
         return Err(("plugins.call_timeout".into(), "must be more than 0".into()));

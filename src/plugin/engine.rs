@@ -481,9 +481,10 @@ impl Runtime {
         Ok(Runtime { engine })
     }
 
-    /// Compiles a component (seconds for large guests: never on the request path).
-    pub fn compile(&self, bytes: &[u8]) -> wasmtime::Result<Component> {
-        Component::new(&self.engine, bytes)
+    /// Compiles a component, or loads it from the compile cache (compiling
+    /// takes seconds for large guests: never on the request path).
+    pub fn compile(&self, name: &str, bytes: &[u8]) -> wasmtime::Result<Component> {
+        super::cache::compile(&self.engine, name, bytes)
     }
 
     /// A linker with a confined WASI and the imports `add` puts in: a

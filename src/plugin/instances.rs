@@ -84,7 +84,7 @@ impl<W: World> Plugin<W> {
     /// components: call it off the request path.
     pub fn load(name: &str, bytes: &[u8], source: PluginSource) -> Result<Arc<Plugin<W>>, PluginError> {
         let runtime = Runtime::get();
-        let component: Component = runtime.compile(bytes).map_err(|e| PluginError::Compile {
+        let component: Component = runtime.compile(name, bytes).map_err(|e| PluginError::Compile {
             name: name.into(),
             reason: one_line(&e),
         })?;
