@@ -146,6 +146,10 @@ impl BackendState {
     pub fn set_drained(&self, drained: bool) -> bool {
         let changed = self.drained.swap(drained, Ordering::AcqRel) != drained;
         self.refresh_health();
+        if changed {
+            // Panic mode counts the backends not drained, healthy or not.
+            bump_health_epoch();
+        }
         changed
     }
 

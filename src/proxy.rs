@@ -512,7 +512,7 @@ async fn forward<B: BodySource>(
         health::record(&pool.name, &pool.backends, backend, outcome, &config.outlier)
     };
     // The whole wait for a response head, over every try.
-    let deadline = tokio::time::Instant::now() + response_timeout;
+    let deadline = later(response_timeout);
     let mut queued_until = None;
     let mut retrying = None;
     let mut backoff = config.retry_backoff;
@@ -539,35 +539,47 @@ async fn forward<B: BodySource>(
         // The policy's choice if it has room (`max_in_flight`), else another
         // backend with room, else a wait in the pool's queue for a freed slot
         // and a new decision.
-        let Some((index, in_flight)) = with_room(&pool.backends, chosen, &tried, panic) else {
-            let until = *queued_until.get_or_insert_with(|| tokio::time::Instant::now() + config.queue_timeout);
-            // Boxed, as `pause` is: rare, and their timers would otherwise
-            // widen every request's future (callgrind: copies per request).
-            let waited = Box::pin(traffic.wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until));
-            match waited.await {
-                Ok(true) => continue,
-                Ok(false) => {
-                    return Answer::Local(LocalReply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Termination::QueueTimeout,
-                        format!(
-                            "every backend of pool `{}` is at its max_in_flight, and none had room within queue_timeout ({:?})",
-                            pool.name, config.queue_timeout
-                        ),
-                    ));
+        let found = match with_room(&pool.backends, chosen, &tried, panic) {
+            Some(found) => Some(found),
+            None => {
+                // Within the whole wait for an answer, too.
+                let until = *queued_until.get_or_insert_with(|| later(config.queue_timeout).min(deadline));
+                // On each freed slot the policy chooses again.
+                let take = || {
+                    let choice = pool.policy.choose(current, &pool.backends, &tried, view);
+                    choice
+                        .backend
+                        .and_then(|chosen| with_room(&pool.backends, chosen, &tried, panic))
+                };
+                // Boxed, as `pause` is: rare, and their timers would otherwise
+                // widen every request's future (callgrind: copies per request).
+                let waited =
+                    Box::pin(traffic.wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until, take));
+                match waited.await {
+                    Ok(found) => found,
+                    Err(QueueError::Full) => {
+                        return Answer::Local(LocalReply::new(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            Termination::QueueFull,
+                            format!(
+                                "every backend of pool `{}` is at its max_in_flight, and its queue is full ({} waiting)",
+                                pool.name, config.max_queue
+                            ),
+                        ));
+                    }
+                    Err(QueueError::Breaker) => return Answer::Local(circuit_open(pool, Breaker::Pending)),
                 }
-                Err(QueueError::Full) => {
-                    return Answer::Local(LocalReply::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Termination::QueueFull,
-                        format!(
-                            "every backend of pool `{}` is at its max_in_flight, and its queue is full ({} waiting)",
-                            pool.name, config.max_queue
-                        ),
-                    ));
-                }
-                Err(QueueError::Breaker) => return Answer::Local(circuit_open(pool, Breaker::Pending)),
             }
+        };
+        let Some((index, in_flight)) = found else {
+            return Answer::Local(LocalReply::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                Termination::QueueTimeout,
+                format!(
+                    "every backend of pool `{}` is at its max_in_flight, and none had room within queue_timeout ({:?})",
+                    pool.name, config.queue_timeout
+                ),
+            ));
         };
         let backend = &pool.backends[index];
         trace.retries = tried.len() as u32;
@@ -591,6 +603,15 @@ async fn forward<B: BodySource>(
             retrying.is_some()
         };
 
+        // Past the whole wait (queued, or after retries): nothing is sent,
+        // and the backend is not blamed.
+        if tokio::time::Instant::now() >= deadline {
+            return Answer::Local(LocalReply::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                Termination::ResponseTimeout,
+                format!("no backend of pool `{}` answered in time", pool.name),
+            ));
+        }
         let conn = match pool
             .upstream
             .checkout(index, backend.socket, &backend.address, current.client)
@@ -645,7 +666,7 @@ async fn forward<B: BodySource>(
         // This try's deadline: `per_try_timeout`, within the whole wait.
         let try_deadline = config
             .per_try_timeout
-            .map_or(deadline, |per_try| deadline.min(tokio::time::Instant::now() + per_try));
+            .map_or(deadline, |per_try| deadline.min(later(per_try)));
         timer.as_mut().reset(try_deadline);
         let exchanged = tokio::select! {
             biased;
@@ -816,7 +837,15 @@ async fn pause(backoff: Duration, base: Duration) -> Duration {
         let jittered = backoff.mul_f64(jitter());
         tokio::time::sleep(jittered).await;
     }
-    (backoff * 2).min(base * 10)
+    backoff.saturating_mul(2).min(base.saturating_mul(10))
+}
+
+/// The instant `after` from now; far in the future for a duration too long
+/// to add (a config may say "1000000h").
+fn later(after: Duration) -> tokio::time::Instant {
+    let now = tokio::time::Instant::now();
+    now.checked_add(after)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
 /// A number in [0, 1) from a cheap per-thread generator (splitmix64): for

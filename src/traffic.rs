@@ -62,9 +62,12 @@ pub struct PoolTraffic {
     pub budget_refused: AtomicU64,
     /// Panic mode is on (logged when it changes).
     panic: AtomicBool,
-    /// The health epoch `panic` was worked out at: it is worked out again
-    /// only when some backend's health changed, not per request.
+    /// What `panic` was worked out for (the health epoch, the backend list,
+    /// the threshold): it is worked out again only when one changed, not per
+    /// request.
     panic_epoch: AtomicU64,
+    panic_list: AtomicUsize,
+    panic_threshold: std::sync::atomic::AtomicU32,
     /// When the weights of a slow start are next pushed to the plugins.
     next_ramp_push_ms: AtomicU64,
 }
@@ -80,9 +83,11 @@ impl PoolTraffic {
         self.panic.load(Ordering::Relaxed)
     }
 
-    /// A slot was freed at one of the pool's limited backends.
+    /// A slot was freed at one of the pool's limited backends: every waiter
+    /// looks again (the queue is bounded by `max_queue`); one that finds no
+    /// room for itself waits on, and no wakeup is lost to it.
     pub fn slot_freed(&self) {
-        self.freed.notify_one();
+        self.freed.notify_waiters();
     }
 
     /// Checks `breaker`'s threshold for one more (`now` is the count with it):
@@ -145,15 +150,17 @@ impl PoolTraffic {
         Some(retry)
     }
 
-    /// Waits for a slot at a limited backend, for at most `timeout`; `Err`
+    /// Waits in the queue until `take` finds a slot (it is tried again each
+    /// time a slot frees), until `timeout` at most: `Ok(None)` then; `Err`
     /// when the queue is full (`max_queue`, or the `max_pending` breaker).
-    pub async fn wait_for_slot(
+    pub async fn wait_for_slot<T>(
         &self,
         pool: &str,
         max_queue: usize,
         thresholds: &Thresholds,
         timeout: tokio::time::Instant,
-    ) -> Result<bool, QueueError> {
+        mut take: impl FnMut() -> Option<T>,
+    ) -> Result<Option<T>, QueueError> {
         let now = self.queued.fetch_add(1, Ordering::Relaxed) + 1;
         let _queued = Active(&self.queued);
         if now > max_queue {
@@ -162,14 +169,25 @@ impl PoolTraffic {
         if !self.admit(pool, Breaker::Pending, now, thresholds.max_pending) {
             return Err(QueueError::Breaker);
         }
-        let freed = tokio::time::timeout_at(timeout, self.freed.notified()).await.is_ok();
+        let found = loop {
+            // Registered before looking, so a slot freed in between wakes it.
+            let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some(found) = take() {
+                break Some(found);
+            }
+            if tokio::time::timeout_at(timeout, freed).await.is_err() {
+                break None;
+            }
+        };
         // Leaving the queue: the breaker closes once the queue is back under
         // its threshold (requests that need no queue never look at it).
         let left = self.queued.load(Ordering::Relaxed).saturating_sub(1);
         if thresholds.max_pending.is_some_and(|max| left < max) {
             self.close(pool, Breaker::Pending);
         }
-        Ok(freed)
+        Ok(found)
     }
 
     /// Closes `breaker` if it is open (logged once).
@@ -206,8 +224,19 @@ impl PoolTraffic {
         if threshold_percent == 0 {
             return false;
         }
-        let epoch = crate::backend::health_epoch();
-        if self.panic_epoch.load(Ordering::Relaxed) == epoch.wrapping_add(1) {
+        // The epoch changes with every health change and every drain; the
+        // list with a reload; plus one, so that a fresh state never matches.
+        let key = (
+            crate::backend::health_epoch().wrapping_add(1),
+            std::sync::Arc::as_ptr(backends) as *const () as usize,
+            threshold_percent,
+        );
+        // Three loads, no lock: a torn read costs one more walk, or one
+        // request decided by the state of an instant before.
+        if self.panic_epoch.load(Ordering::Relaxed) == key.0
+            && self.panic_list.load(Ordering::Relaxed) == key.1
+            && self.panic_threshold.load(Ordering::Relaxed) == key.2
+        {
             return self.panic.load(Ordering::Relaxed);
         }
         let mut healthy = 0;
@@ -230,10 +259,10 @@ impl PoolTraffic {
             }
             crate::backend::bump_health_epoch();
         }
-        // The epoch it was worked out at, plus one so that a fresh state (0)
-        // never matches; a change since (this flip's own bump included) has
-        // it worked out once more.
-        self.panic_epoch.store(epoch.wrapping_add(1), Ordering::Relaxed);
+        // A change since (this flip's own bump included) has it worked out once more.
+        self.panic_list.store(key.1, Ordering::Relaxed);
+        self.panic_threshold.store(key.2, Ordering::Relaxed);
+        self.panic_epoch.store(key.0, Ordering::Relaxed);
         panic
     }
 }

@@ -45,7 +45,7 @@ async fn a_second_start_loads_from_the_cache_and_a_corrupt_entry_is_compiled_aga
     assert_eq!(get(fulcrum.addr, "/").await.expect("reply").status, 200);
     let log = fulcrum.log();
     assert_eq!(count(&log, "header-hash", "plugin compiled"), 1, "{log}");
-    assert_eq!(count(&log, "header-hash", "from the compile cache"), 0, "{log}");
+    assert_eq!(count(&log, "header-hash", "taken from the compile cache"), 0, "{log}");
     let mode = std::fs::metadata(&cache).expect("cache dir").permissions().mode() & 0o777;
     assert_eq!(mode, 0o700, "only Fulcrum's user may use it");
     let written = entries(&cache);
@@ -60,7 +60,7 @@ async fn a_second_start_loads_from_the_cache_and_a_corrupt_entry_is_compiled_aga
         1,
         "not compiled again:\n{log}"
     );
-    assert_eq!(count(&log, "header-hash", "from the compile cache"), 1, "{log}");
+    assert_eq!(count(&log, "header-hash", "taken from the compile cache"), 1, "{log}");
 
     // Every entry corrupted (a flipped byte in the machine code): refused,
     // compiled again, rewritten; requests are served throughout.
@@ -82,7 +82,7 @@ async fn a_second_start_loads_from_the_cache_and_a_corrupt_entry_is_compiled_aga
     fulcrum.restart();
     let log = fulcrum.log();
     assert_eq!(
-        count(&log, "header-hash", "from the compile cache"),
+        count(&log, "header-hash", "taken from the compile cache"),
         2,
         "rewritten and used:\n{log}"
     );

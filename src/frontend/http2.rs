@@ -135,6 +135,7 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
     let mut source = IncomingSource {
         body: Some(body),
         received: 0,
+        detached: None,
         max: u64::MAX,
     };
     let limits = client.edge.as_deref().map_or(&HeadLimits::DEFAULT, |edge| &edge.limits);
@@ -321,6 +322,8 @@ struct IncomingSource {
     /// `None` once handed to an HTTP/2 backend's stream ([`BodySource::detach`]).
     body: Option<Incoming>,
     received: u64,
+    /// What went through the detached body, counted by it.
+    detached: Option<Arc<std::sync::atomic::AtomicU64>>,
     /// The most body bytes taken (`u64::MAX`: no limit).
     max: u64,
 }
@@ -340,7 +343,7 @@ impl BodySource for IncomingSource {
     }
 
     fn received(&self) -> u64 {
-        self.received
+        self.received + self.detached.as_ref().map_or(0, |n| n.load(Ordering::Relaxed))
     }
 
     fn limit(&mut self, max: u64) {
@@ -366,10 +369,13 @@ impl BodySource for IncomingSource {
 
     fn detach(&mut self) -> Option<crate::http::DetachedBody> {
         let body = self.body.take()?;
+        let counted = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        self.detached = Some(counted.clone());
         let limited = Limited {
             body,
             left: self.max.saturating_sub(self.received),
             max: self.max,
+            counted,
         };
         Some(http_body_util::BodyExt::boxed_unsync(limited))
     }
@@ -382,6 +388,8 @@ struct Limited {
     body: Incoming,
     left: u64,
     max: u64,
+    /// Bytes passed on (the request's `bytes_in`).
+    counted: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Body for Limited {
@@ -398,6 +406,7 @@ impl Body for Limited {
                         return Poll::Ready(Some(Err(ClientBodyError::TooLarge(this.max))));
                     }
                     this.left -= n;
+                    this.counted.fetch_add(n, Ordering::Relaxed);
                 }
                 Poll::Ready(Some(Ok(frame)))
             }

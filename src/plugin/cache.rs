@@ -98,7 +98,7 @@ pub fn compile(engine: &Engine, name: &str, bytes: &[u8]) -> wasmtime::Result<Co
                 match unsafe { Component::deserialize(engine, payload) } {
                     Ok(component) => {
                         HITS.fetch_add(1, Ordering::Relaxed);
-                        tracing::info!(plugin = %name, entry = %path.display(), "plugin loaded from the compile cache");
+                        tracing::info!(plugin = %name, entry = %path.display(), "machine code taken from the compile cache");
                         return Ok(component);
                     }
                     Err(error) => {

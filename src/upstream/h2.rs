@@ -115,6 +115,8 @@ pub struct Conn {
     pub(super) sender: Sender,
     /// Where the connection is shared from: forgotten there once it can open no stream.
     pub(super) shared: std::sync::Arc<super::IdleConns>,
+    /// Its id there.
+    pub(super) shared_id: u64,
     /// Over TLS (the `:scheme` is `https`).
     pub(super) secure: bool,
     /// Whether the connection carried earlier requests.
@@ -165,17 +167,18 @@ impl Conn {
             .is_some_and(|te| te.eq_ignore_ascii_case(b"trailers"));
         let message = to_request(request.encoded, self.secure, trailers).map_err(ExchangeError::Unsendable)?;
         // Waits for a stream when the backend's concurrency limit is reached.
-        let shared = self.shared;
+        let (shared, shared_id) = (self.shared, self.shared_id);
         let not_sent = |e: ::h2::Error| {
             // The next request makes a new connection.
-            shared.forget_shared();
+            shared.forget_shared(shared_id);
             ExchangeError::NotSent(io_error(&e))
         };
         let mut sender = self.sender.ready().await.map_err(not_sent)?;
         let empty = matches!(&body, Outgoing::Held(bytes) if bytes.is_empty());
         let (responding, mut send) = sender.send_request(message, empty).map_err(not_sent)?;
         let mut responding = std::pin::pin!(responding);
-        let mut open_send = None;
+        // Ends the task that copies a detached body, when the answer is over.
+        let mut pump_stop = None;
         let response = match body {
             Outgoing::Held(bytes) => {
                 if !bytes.is_empty() {
@@ -206,46 +209,54 @@ impl Conn {
                             return Err(ExchangeError::Client(error));
                         }
                         first => {
-                            tokio::spawn(pump_detached(first.and_then(Result::ok), detached, send));
+                            let (stop, stopped) = tokio::sync::oneshot::channel();
+                            pump_stop = Some(stop);
+                            tokio::spawn(pump_detached(first.and_then(Result::ok), detached, send, stopped));
                         }
                     }
                     responding.await
                 }
                 None => {
-                    // An HTTP/1 client's body, a piece at a time, until the
-                    // answer comes (a backend may answer before it read it all).
-                    let mut sending = true;
+                    // An HTTP/1 client's body, a piece at a time, all of it
+                    // (as the HTTP/1 exchange sends it), while the answer's
+                    // head may come first. A backend that stops taking the
+                    // body (a reset, or no window for `read_timeout`) ends it.
+                    let mut early = None;
                     loop {
-                        if !sending {
-                            break responding.await;
-                        }
                         let step = tokio::select! {
                             biased;
-                            response = responding.as_mut() => Err(response),
+                            response = responding.as_mut(), if early.is_none() => Err(response),
                             piece = source.next_chunk() => Ok(piece),
                         };
                         match step {
                             Err(response) => {
-                                // Kept open while the answer streams: dropping
-                                // it would reset the stream.
-                                open_send = Some(send);
-                                break response;
+                                let failed = response.is_err();
+                                early = Some(response);
+                                if failed {
+                                    break;
+                                }
                             }
                             Ok(Ok(Some(data))) => {
-                                if let Err(error) = send_with_capacity(&mut send, data).await {
-                                    sending = false;
-                                    tracing::debug!(%error, "the backend stopped taking the request body");
+                                let sent =
+                                    tokio::time::timeout(read_timeout, send_with_capacity(&mut send, data)).await;
+                                if !matches!(sent, Ok(Ok(()))) {
+                                    tracing::debug!("the backend stopped taking the request body");
+                                    break;
                                 }
                             }
                             Ok(Ok(None)) => {
                                 let _ = send.send_data(Bytes::new(), true);
-                                sending = false;
+                                break;
                             }
                             Ok(Err(error)) => {
                                 send.send_reset(Reason::CANCEL);
                                 return Err(ExchangeError::Client(error));
                             }
                         }
+                    }
+                    match early {
+                        Some(response) => response,
+                        None => responding.await,
                     }
                 }
             },
@@ -277,7 +288,7 @@ impl Conn {
             in_flight: Some(in_flight),
             read_timeout,
             quiet: None,
-            _send: open_send,
+            _pump: pump_stop,
             state: BodyState::Data,
         };
         if body.recv.is_end_stream() {
@@ -288,11 +299,19 @@ impl Conn {
 }
 
 /// Sends `data` as the backend's window allows, so that a slow backend holds
-/// back the client rather than filling Fulcrum's memory.
+/// back the client rather than filling Fulcrum's memory. Fails when the
+/// backend resets the stream meanwhile (it wants no more).
 async fn send_with_capacity(send: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), ::h2::Error> {
     while !data.is_empty() {
         send.reserve_capacity(data.len());
-        let granted = match std::future::poll_fn(|cx| send.poll_capacity(cx)).await {
+        let granted = std::future::poll_fn(|cx| {
+            if let Poll::Ready(reset) = send.poll_reset(cx) {
+                return Poll::Ready(Some(Err(reset.map_or_else(|e| e, ::h2::Error::from))));
+            }
+            send.poll_capacity(cx)
+        })
+        .await;
+        let granted = match granted {
             Some(granted) => granted?,
             None => return Err(::h2::Error::from(Reason::STREAM_CLOSED)),
         };
@@ -306,42 +325,56 @@ async fn send_with_capacity(send: &mut SendStream<Bytes>, mut data: Bytes) -> Re
 }
 
 /// Copies an HTTP/2 client's body (data and trailers) to the backend's
-/// stream, for as long as both last.
-async fn pump_detached(mut first: Option<Frame<Bytes>>, mut body: DetachedBody, mut send: SendStream<Bytes>) {
+/// stream, for as long as both last: it stops when the backend resets the
+/// stream, or when the answer is over (`stop` resolves: the response body
+/// ended or was dropped), so a stream never outlives its exchange.
+async fn pump_detached(
+    mut first: Option<Frame<Bytes>>,
+    mut body: DetachedBody,
+    mut send: SendStream<Bytes>,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
     use http_body_util::BodyExt;
-    loop {
-        let frame = match first.take() {
-            Some(frame) => Some(Ok(frame)),
-            None => tokio::select! {
-                frame = body.frame() => frame,
-                // The backend reset the stream: nothing more to send.
-                _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return,
-            },
-        };
-        match frame {
-            None => {
-                let _ = send.send_data(Bytes::new(), true);
-                return;
-            }
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(data) => {
-                    if send_with_capacity(&mut send, data).await.is_err() {
-                        return;
-                    }
+    let copy = async {
+        loop {
+            let frame = match first.take() {
+                Some(frame) => Some(Ok(frame)),
+                None => tokio::select! {
+                    frame = body.frame() => frame,
+                    // The backend reset the stream: nothing more to send.
+                    _ = std::future::poll_fn(|cx| send.poll_reset(cx)) => return,
+                },
+            };
+            match frame {
+                None => {
+                    let _ = send.send_data(Bytes::new(), true);
+                    return;
                 }
-                Err(frame) => {
-                    if let Ok(trailers) = frame.into_trailers() {
-                        let _ = send.send_trailers(trailers);
-                        return;
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        if send_with_capacity(&mut send, data).await.is_err() {
+                            return;
+                        }
                     }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            let _ = send.send_trailers(trailers);
+                            return;
+                        }
+                    }
+                },
+                Some(Err(error)) => {
+                    tracing::debug!(%error, "the client's body failed mid-way: the backend stream is reset");
+                    send.send_reset(Reason::CANCEL);
+                    return;
                 }
-            },
-            Some(Err(error)) => {
-                tracing::debug!(%error, "the client's body failed mid-way: the backend stream is reset");
-                send.send_reset(Reason::CANCEL);
-                return;
             }
         }
+    };
+    tokio::select! {
+        () = copy => {}
+        // The exchange is over: whatever is left of the body goes nowhere.
+        _ = &mut stop => {}
     }
 }
 
@@ -422,9 +455,8 @@ pub struct Http2Body {
     in_flight: Option<InFlight>,
     read_timeout: Duration,
     quiet: Option<Pin<Box<tokio::time::Sleep>>>,
-    /// The request stream of an HTTP/1 client's body the backend answered
-    /// before reading whole: kept so that the stream is not reset.
-    _send: Option<SendStream<Bytes>>,
+    /// Stops the task copying an HTTP/2 client's body, when dropped.
+    _pump: Option<tokio::sync::oneshot::Sender<()>>,
     state: BodyState,
 }
 
@@ -438,7 +470,7 @@ impl Http2Body {
         self.state = BodyState::Done;
         self.quiet = None;
         self.in_flight = None;
-        self._send = None;
+        self._pump = None;
     }
 
     fn fail(&mut self, error: ResponseBodyError) -> ResponseBodyError {

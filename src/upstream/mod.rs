@@ -157,14 +157,23 @@ impl Upstream {
         addr: SocketAddr,
         address: &str,
     ) -> Result<Conn, ConnectError> {
-        if let Some(sender) = idle.shared() {
-            return Ok(Conn::Http2(h2::Conn {
+        let reuse = |(id, sender)| {
+            Conn::Http2(h2::Conn {
                 sender,
                 shared: idle.clone(),
+                shared_id: id,
                 secure: self.secure,
                 reused: true,
                 connected_in: None,
-            }));
+            })
+        };
+        if let Some(shared) = idle.shared() {
+            return Ok(reuse(shared));
+        }
+        // One connect at a time per worker: the others wait for it and share it.
+        let _connecting = idle.connecting().lock().await;
+        if let Some(shared) = idle.shared() {
+            return Ok(reuse(shared));
         }
         let connecting = quanta::Instant::now();
         let stream = self.connector.connect(addr, address, self.connect_timeout).await?;
@@ -180,10 +189,11 @@ impl Upstream {
             Ok(result) => result?,
         };
         idle.count_opened();
-        idle.share(sender.clone());
+        let id = idle.share(sender.clone());
         Ok(Conn::Http2(h2::Conn {
             sender,
             shared: idle.clone(),
+            shared_id: id,
             secure: self.secure,
             reused: false,
             connected_in: Some(connecting.elapsed()),

@@ -70,8 +70,13 @@ fn coarse_now_ms() -> u64 {
 #[derive(Default)]
 pub struct IdleConns {
     idle: [Mutex<Vec<IdleConn>>; SHARDS],
-    /// Each worker's HTTP/2 connection to the backend, shared by its requests.
-    multiplexed: [Mutex<Option<super::h2::Sender>>; SHARDS],
+    /// Each worker's HTTP/2 connection to the backend, shared by its
+    /// requests, with an id (so that only that connection is forgotten when
+    /// it fails, not a newer one).
+    multiplexed: [Mutex<Option<(u64, super::h2::Sender)>>; SHARDS],
+    /// Held while a worker connects, so that a burst of requests makes one
+    /// HTTP/2 connection, not one each.
+    connecting: [tokio::sync::Mutex<()>; SHARDS],
     /// Connections opened to the backend (an atomic shared by the workers:
     /// touched once per new connection, not per request).
     opened: AtomicU64,
@@ -141,12 +146,13 @@ impl IdleConns {
         }
     }
 
-    /// This worker's HTTP/2 connection to the backend, if it is still open.
-    pub fn shared(&self) -> Option<super::h2::Sender> {
+    /// This worker's HTTP/2 connection to the backend, if it is still open,
+    /// with its id.
+    pub fn shared(&self) -> Option<(u64, super::h2::Sender)> {
         let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
         let mut shared = shard.lock().unwrap_or_else(|p| p.into_inner());
         match shared.as_ref() {
-            Some(sender) if super::h2::is_open(sender) => Some(sender.clone()),
+            Some((id, sender)) if super::h2::is_open(sender) => Some((*id, sender.clone())),
             Some(_) => {
                 *shared = None;
                 None
@@ -155,16 +161,28 @@ impl IdleConns {
         }
     }
 
-    /// Forgets this worker's HTTP/2 connection (it can open no more streams).
-    pub fn forget_shared(&self) {
+    /// Forgets this worker's HTTP/2 connection `id` (it can open no more
+    /// streams), if it is still the one shared.
+    pub fn forget_shared(&self, id: u64) {
         let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
-        shard.lock().unwrap_or_else(|p| p.into_inner()).take();
+        let mut shared = shard.lock().unwrap_or_else(|p| p.into_inner());
+        if shared.as_ref().is_some_and(|(current, _)| *current == id) {
+            *shared = None;
+        }
     }
 
-    /// Shares `sender`'s connection with this worker's later requests.
-    pub fn share(&self, sender: super::h2::Sender) {
+    /// Shares `sender`'s connection with this worker's later requests; its id.
+    pub fn share(&self, sender: super::h2::Sender) -> u64 {
+        static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
         let shard = &self.multiplexed[WORKER_INDEX.with(std::cell::Cell::get)];
-        *shard.lock().unwrap_or_else(|p| p.into_inner()) = Some(sender);
+        *shard.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, sender));
+        id
+    }
+
+    /// Held by the one request of this worker that is connecting.
+    pub fn connecting(&self) -> &tokio::sync::Mutex<()> {
+        &self.connecting[WORKER_INDEX.with(std::cell::Cell::get)]
     }
 
     /// Keeps `stream` for a later request, if this worker's share has room.
