@@ -541,35 +541,12 @@ async fn forward<B: BodySource>(
         // and a new decision.
         let found = match with_room(&pool.backends, chosen, &tried, panic) {
             Some(found) => Some(found),
-            None => {
-                // Within the whole wait for an answer, too.
-                let until = *queued_until.get_or_insert_with(|| later(config.queue_timeout).min(deadline));
-                // On each freed slot the policy chooses again.
-                let take = || {
-                    let choice = pool.policy.choose(current, &pool.backends, &tried, view);
-                    choice
-                        .backend
-                        .and_then(|chosen| with_room(&pool.backends, chosen, &tried, panic))
-                };
-                // Boxed, as `pause` is: rare, and their timers would otherwise
-                // widen every request's future (callgrind: copies per request).
-                let waited =
-                    Box::pin(traffic.wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until, take));
-                match waited.await {
-                    Ok(found) => found,
-                    Err(QueueError::Full) => {
-                        return Answer::Local(LocalReply::new(
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            Termination::QueueFull,
-                            format!(
-                                "every backend of pool `{}` is at its max_in_flight, and its queue is full ({} waiting)",
-                                pool.name, config.max_queue
-                            ),
-                        ));
-                    }
-                    Err(QueueError::Breaker) => return Answer::Local(circuit_open(pool, Breaker::Pending)),
-                }
-            }
+            // Boxed: rare, and its state (a timer) would otherwise widen
+            // every request's future (callgrind: copies per request).
+            None => match Box::pin(queue_for_slot(pool, current, &tried, view, &mut queued_until, deadline)).await {
+                Ok(found) => found,
+                Err(reply) => return Answer::Local(reply),
+            },
         };
         let Some((index, in_flight)) = found else {
             return Answer::Local(LocalReply::new(
@@ -793,6 +770,44 @@ async fn forward<B: BodySource>(
                 }
             }
         }
+    }
+}
+
+/// Waits in the pool's queue for a backend with room, the policy choosing
+/// again on each freed slot: the slot taken, `None` past `queue_timeout`
+/// (or the whole wait), or the refusal when the queue cannot take it.
+async fn queue_for_slot(
+    pool: &Pool,
+    current: &CurrentRequest<'_>,
+    tried: &[usize],
+    view: crate::plugin::PoolView,
+    queued_until: &mut Option<tokio::time::Instant>,
+    deadline: tokio::time::Instant,
+) -> Result<Option<(usize, crate::backend::InFlight)>, LocalReply> {
+    let config = &pool.config;
+    // Within the whole wait for an answer, too.
+    let until = *queued_until.get_or_insert_with(|| later(config.queue_timeout).min(deadline));
+    let take = || {
+        let choice = pool.policy.choose(current, &pool.backends, tried, view);
+        choice
+            .backend
+            .and_then(|chosen| with_room(&pool.backends, chosen, tried, view.panic))
+    };
+    match pool
+        .traffic
+        .wait_for_slot(&pool.name, config.max_queue, &config.circuit_breaker, until, take)
+        .await
+    {
+        Ok(found) => Ok(found),
+        Err(QueueError::Full) => Err(LocalReply::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            Termination::QueueFull,
+            format!(
+                "every backend of pool `{}` is at its max_in_flight, and its queue is full ({} waiting)",
+                pool.name, config.max_queue
+            ),
+        )),
+        Err(QueueError::Breaker) => Err(circuit_open(pool, Breaker::Pending)),
     }
 }
 
