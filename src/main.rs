@@ -41,6 +41,26 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Tools for plugin authors.
+    #[command(subcommand)]
+    Plugin(PluginCommand),
+}
+
+#[derive(Subcommand)]
+enum PluginCommand {
+    /// Compile a component, list its imports and exports, link it as a
+    /// balancer, run its `init`, and make smoke decisions against a sample
+    /// pool (timed): exit 0 when it would load, 1 with the reason when not.
+    Check {
+        /// The component (NAME.wasm).
+        file: PathBuf,
+        /// The pool's `policy_config`, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Smoke decisions to make.
+        #[arg(long, default_value_t = 2000)]
+        calls: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -55,12 +75,32 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => fulcrum::root::run(&config, fulcrum::root::stop_signal()),
         Command::Check { config } => check(&config),
+        Command::Plugin(PluginCommand::Check { file, config, calls }) => plugin_check(&file, &config, calls),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("fulcrum: {error:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+fn plugin_check(file: &Path, config: &str, calls: usize) -> anyhow::Result<()> {
+    use fulcrum::plugin::check;
+    match check::check(file, config, calls.max(1), check::DEFAULT_LIMITS) {
+        Ok(report) => {
+            for line in report.lines {
+                println!("{line}");
+            }
+            println!("{}: ok", file.display());
+            Ok(())
+        }
+        Err(failed) => {
+            for line in &failed.report.lines {
+                println!("{line}");
+            }
+            anyhow::bail!("{}: {} failed: {}", file.display(), failed.step, failed.reason)
         }
     }
 }

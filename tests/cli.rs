@@ -59,3 +59,66 @@ fn json_logs_and_a_clean_stop_on_sigint() {
     }
     assert!(logs.contains("SIGINT received"), "{logs}");
 }
+
+/// Runs `fulcrum plugin check` with `args`: exit success, stdout, stderr.
+fn plugin_check(args: &[&str]) -> (bool, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["plugin", "check"])
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .env("XDG_CACHE_HOME", std::env::temp_dir().join("fulcrum-cli-test-cache"))
+        .output()
+        .expect("run fulcrum plugin check");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
+    let header_hash = common::wasm("header_hash.wasm");
+    let (ok, out, err) = plugin_check(&[
+        header_hash.to_str().expect("path"),
+        "--config",
+        r#"{"header":"x-user"}"#,
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("exports: fulcrum:plugin/policy@0.1.0"), "{out}");
+    assert!(out.contains("imports: fulcrum:plugin/host@0.1.0"), "{out}");
+    assert!(out.contains("init: ok"), "{out}");
+    let decisions = out
+        .lines()
+        .find(|l| l.starts_with("decisions: 2000, p50 "))
+        .expect("timed decisions");
+    assert!(decisions.contains(" ns, p99 "), "{decisions}");
+    let split = out.lines().find(|l| l.starts_with("split: ")).expect("split");
+    assert!(
+        split.contains("(weight 1, unhealthy) 0;"),
+        "the unhealthy backend is never chosen: {split}"
+    );
+
+    // A config its init refuses, a component of another world, a plugin
+    // that traps: each refused with the step and the reason, exit 1.
+    let wrong = common::wasm("wrong_world.wasm");
+    let (ok, _, err) = plugin_check(&[wrong.to_str().expect("path")]);
+    assert!(!ok);
+    assert!(
+        err.contains("link failed") && err.contains("fulcrum:plugin/policy@0.1.0"),
+        "{err}"
+    );
+    let misbehave = common::wasm("misbehave.wasm");
+    let (ok, _, err) = plugin_check(&[misbehave.to_str().expect("path"), "--config", r#"{"mode":"trap"}"#]);
+    assert!(!ok);
+    assert!(err.contains("decide failed") && err.contains("unreachable"), "{err}");
+    let (ok, _, err) = plugin_check(&[misbehave.to_str().expect("path"), "--config", r#"{"mode":"refuse"}"#]);
+    assert!(!ok);
+    assert!(
+        err.contains("init failed") && err.contains("told to refuse its config"),
+        "{err}"
+    );
+    let (ok, _, err) = plugin_check(&[header_hash.to_str().expect("path"), "--config", "not json"]);
+    assert!(!ok);
+    assert!(err.contains("config failed") && err.contains("not JSON"), "{err}");
+}

@@ -28,6 +28,7 @@ mod request_view;
 use std::time::Duration;
 
 pub mod cache;
+pub mod check;
 pub use balancer::{BalancerWorld, Choice, Policy, PolicyCounters, PoolView, fallback};
 pub use engine::CurrentRequest;
 pub use engine::{TICKET_SLOTS, Tickets};
