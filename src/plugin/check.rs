@@ -42,14 +42,14 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
         Err(e) => return Err(fail(report, "read", format!("{}: {e}", file.display()))),
     };
     report.say(format!("file: {} ({} bytes)", file.display(), bytes.len()));
-    let name = super::registry::plugin_name(file).unwrap_or_else(|| "plugin".into());
+    let name = super::registry::plugin_name(file).unwrap_or("plugin");
     if let Err(reason) = serde_json::from_str::<serde_json::Value>(config) {
         return Err(fail(report, "config", format!("--config is not JSON: {reason}")));
     }
 
     let runtime = super::engine::Runtime::get();
     let started = Instant::now();
-    let component = match runtime.compile(&name, &bytes) {
+    let component = match runtime.compile(name, &bytes) {
         Ok(component) => component,
         Err(e) => return Err(fail(report, "compile", super::engine::one_line(&e))),
     };
@@ -60,7 +60,7 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
     report.say(format!("imports: {}", list_or_none(&imports)));
     report.say(format!("exports: {}", list_or_none(&exports)));
 
-    let plugin: Arc<Plugin> = match Plugin::load(&name, &bytes, PluginSource::File(file.to_path_buf())) {
+    let plugin: Arc<Plugin> = match Plugin::load(name, &bytes, PluginSource::File(file.to_path_buf())) {
         Ok(plugin) => plugin,
         Err(e) => return Err(fail(report, "link", e.to_string())),
     };
