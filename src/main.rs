@@ -61,6 +61,25 @@ enum PluginCommand {
         #[arg(long, default_value_t = 2000)]
         calls: usize,
     },
+    /// Exercise a policy over synthetic pools: its split (max/mean), whether
+    /// it is deterministic, the share of keys remapped when a backend is
+    /// removed, added or goes unhealthy, and its cost per decision.
+    Test {
+        /// The component (NAME.wasm).
+        file: PathBuf,
+        /// The pool's `policy_config`, as JSON.
+        #[arg(long, default_value = "{}")]
+        config: String,
+        /// Backends in the pool.
+        #[arg(long, default_value_t = 4)]
+        backends: usize,
+        /// Their weights, comma-separated (default: all 1).
+        #[arg(long)]
+        weights: Option<String>,
+        /// Distinct requests (keys: own x-user header, path and client address).
+        #[arg(long, default_value_t = 10_000)]
+        keys: usize,
+    },
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -76,6 +95,13 @@ fn main() -> ExitCode {
         Command::Run { config } => fulcrum::root::run(&config, fulcrum::root::stop_signal()),
         Command::Check { config } => check(&config),
         Command::Plugin(PluginCommand::Check { file, config, calls }) => plugin_check(&file, &config, calls),
+        Command::Plugin(PluginCommand::Test {
+            file,
+            config,
+            backends,
+            weights,
+            keys,
+        }) => plugin_test(&file, config, backends, weights.as_deref(), keys),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -102,6 +128,32 @@ fn plugin_check(file: &Path, config: &str, calls: usize) -> anyhow::Result<()> {
             }
             anyhow::bail!("{}: {} failed: {}", file.display(), failed.step, failed.reason)
         }
+    }
+}
+
+fn plugin_test(file: &Path, config: String, backends: usize, weights: Option<&str>, keys: usize) -> anyhow::Result<()> {
+    use fulcrum::plugin::check;
+    let weights: Vec<u32> = match weights {
+        None => vec![1; backends],
+        Some(list) => list
+            .split(',')
+            .map(|w| w.trim().parse::<u32>())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--weights: {e} (expected e.g. 1,1,2)"))?,
+    };
+    let plan = check::TestPlan {
+        config,
+        weights,
+        keys: keys.max(1),
+    };
+    match check::test(file, &plan, check::DEFAULT_LIMITS) {
+        Ok(report) => {
+            for line in report.lines {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Err(failed) => anyhow::bail!("{}: {} failed: {}", file.display(), failed.step, failed.reason),
     }
 }
 

@@ -122,3 +122,51 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
     assert!(!ok);
     assert!(err.contains("config failed") && err.contains("not JSON"), "{err}");
 }
+
+/// The percentage on the `prefix` line of `plugin test`'s output.
+fn percent_after(out: &str, prefix: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(prefix))
+        .unwrap_or_else(|| panic!("no `{prefix}` line in:\n{out}"));
+    let after = &line[line.find("): ").map_or(0, |i| i + 3)..];
+    after
+        .split('%')
+        .next()
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no percentage in {line}"))
+}
+
+#[test]
+fn plugin_test_gives_known_answers_for_a_modulo_and_a_consistent_hash() {
+    let run = |file: &str, config: &str| {
+        let path = common::wasm(file);
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+            .args(["plugin", "test"])
+            .arg(&path)
+            .args(["--config", config, "--backends", "4", "--keys", "8000"])
+            .env("RUST_LOG", "warn")
+            .env("XDG_CACHE_HOME", std::env::temp_dir().join("fulcrum-cli-test-cache"))
+            .output()
+            .expect("run fulcrum plugin test");
+        assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    // A hash modulo the pool's size: going from 4 to 3 backends moves ~75 % of keys.
+    let modulo = run("misbehave.wasm", r#"{"mode":"modulo"}"#);
+    let moved = percent_after(&modulo, "remove a backend (4 → 3)");
+    assert!((70.0..80.0).contains(&moved), "modulo: {moved}%\n{modulo}");
+    assert!(modulo.contains("deterministic: yes"), "{modulo}");
+    // Jump consistent hashing (header-hash): only the removed backend's ~25 %.
+    let jump = run("header_hash.wasm", r#"{"header":"x-user"}"#);
+    let moved = percent_after(&jump, "remove a backend (4 → 3)");
+    assert!((20.0..30.0).contains(&moved), "jump hash: {moved}%\n{jump}");
+    assert!(jump.contains("of the other backends' keys 0.0%"), "{jump}");
+    let split = jump
+        .lines()
+        .find_map(|l| l.strip_prefix("split max/mean (by weight): "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .expect("split line");
+    assert!(split < 1.1, "an even split: {split}\n{jump}");
+    assert!(jump.contains("the unhealthy one chosen 0 times"), "{jump}");
+}

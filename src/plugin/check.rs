@@ -189,3 +189,198 @@ pub const DEFAULT_LIMITS: Limits = Limits {
     call_timeout: Duration::from_millis(5),
     memory_limit: 16 << 20,
 };
+
+/// How `fulcrum plugin test` exercises a policy.
+#[derive(Debug, Clone)]
+pub struct TestPlan {
+    /// The pool's `policy_config`, as JSON.
+    pub config: String,
+    /// Weights of the pool's backends (their count is the pool's size).
+    pub weights: Vec<u32>,
+    /// Distinct requests (keys), each decided once per pool shape.
+    pub keys: usize,
+}
+
+/// Runs `plan` on `file`: the split over the pool, determinism, the share
+/// of keys remapped when a backend is removed, added or goes unhealthy, and
+/// the cost per decision. Keys are requests with their own `x-user` header,
+/// path and client address.
+pub fn test(file: &Path, plan: &TestPlan, limits: Limits) -> Result<Report, Box<Failed>> {
+    let mut report = Report::default();
+    let fail = |report: Report, step, reason: String| Box::new(Failed { report, step, reason });
+    if plan.weights.len() < 2 {
+        return Err(fail(report, "plan", "a pool of at least 2 backends is needed".into()));
+    }
+    let bytes = std::fs::read(file).map_err(|e| fail(Report::default(), "read", format!("{}: {e}", file.display())))?;
+    let name = super::registry::plugin_name(file).unwrap_or("plugin");
+    let plugin: Arc<Plugin> = Plugin::load(name, &bytes, PluginSource::File(file.to_path_buf()))
+        .map_err(|e| fail(Report::default(), "load", e.to_string()))?;
+    plugin
+        .check(&plan.config, &limits)
+        .map_err(|e| fail(Report::default(), "init", e.to_string()))?;
+    let slot = PluginSlot::new(plugin);
+    let heads: Vec<crate::http::RequestHead> = (0..plan.keys)
+        .filter_map(|i| {
+            let text = format!("GET /item/{i} HTTP/1.1\r\nhost: shop.example\r\nx-user: user-{i}\r\n\r\n");
+            crate::http::h1::parse_request(&mut bytes::BytesMut::from(text.as_str()))
+                .ok()
+                .flatten()
+        })
+        .collect();
+    // Decides every key against `pool` on a fresh instance: the address chosen for each.
+    let mut times = Vec::new();
+    let mut decide_all = |pool: &BackendList, timed: bool| -> Result<Vec<Option<String>>, String> {
+        let policy = Policy::new(slot.clone(), &plan.config, limits, PolicyCounters::default());
+        let mut chosen = Vec::with_capacity(heads.len());
+        for (i, head) in heads.iter().enumerate() {
+            let current = CurrentRequest {
+                head,
+                client: std::net::SocketAddr::from(([198, 51, (i / 250 % 250) as u8, (i % 250) as u8 + 1], 40000)),
+            };
+            let started = Instant::now();
+            let choice = policy.choose(&current, pool, &[], PoolView::default());
+            if timed {
+                times.push(started.elapsed());
+            }
+            if let Some(fault) = choice.fault {
+                return Err(format!("decision {} failed: {fault:?}", i + 1));
+            }
+            chosen.push(choice.backend.map(|b| pool[b].address.clone()));
+        }
+        Ok(chosen)
+    };
+    let n = plan.weights.len();
+    let base = pool_of(&plan.weights, None);
+    let first = decide_all(&base, true).map_err(|e| fail(Report::default(), "decide", e))?;
+    report.say(format!(
+        "plugin: {} ({} keys, {n} backends, weights {:?})",
+        file.display(),
+        plan.keys,
+        plan.weights
+    ));
+
+    // The split, against each backend's share of the weight.
+    let total_weight: u32 = plan.weights.iter().sum();
+    let mut loads = Vec::new();
+    let mut split = Vec::new();
+    for (backend, weight) in base.iter().zip(&plan.weights) {
+        let count = first
+            .iter()
+            .filter(|c| c.as_deref() == Some(backend.address.as_str()))
+            .count();
+        let expected = plan.keys as f64 * f64::from(*weight) / f64::from(total_weight);
+        loads.push(count as f64 / expected);
+        split.push(format!("{} {count}", backend.address));
+    }
+    let max = loads.iter().cloned().fold(0.0, f64::max);
+    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    report.say(format!("split: {}", split.join(", ")));
+    report.say(format!(
+        "split max/mean (by weight): {:.2}",
+        if mean > 0.0 { max / mean } else { 0.0 }
+    ));
+
+    let again = decide_all(&base, false).map_err(|e| fail(Report::default(), "decide", e))?;
+    let differ = first.iter().zip(&again).filter(|(a, b)| a != b).count();
+    report.say(if differ == 0 {
+        "deterministic: yes (the same key, the same backend, on a fresh instance)".to_string()
+    } else {
+        format!(
+            "deterministic: no ({differ} of {} keys went elsewhere on a fresh instance)",
+            plan.keys
+        )
+    });
+
+    let percent = |part: usize, whole: usize| {
+        if whole == 0 {
+            0.0
+        } else {
+            100.0 * part as f64 / whole as f64
+        }
+    };
+    // One backend fewer (the last): which keys moved.
+    let removed_address = base[n - 1].address.clone();
+    let fewer =
+        decide_all(&pool_of(&plan.weights[..n - 1], None), false).map_err(|e| fail(Report::default(), "decide", e))?;
+    let moved = first.iter().zip(&fewer).filter(|(a, b)| a != b).count();
+    let on_removed = first
+        .iter()
+        .filter(|c| c.as_deref() == Some(removed_address.as_str()))
+        .count();
+    let others_moved = first
+        .iter()
+        .zip(&fewer)
+        .filter(|(a, b)| a.as_deref() != Some(removed_address.as_str()) && a != b)
+        .count();
+    report.say(format!(
+        "remove a backend ({n} → {}): {:.1}% of keys remapped; of the other backends' keys {:.1}%",
+        n - 1,
+        percent(moved, plan.keys),
+        percent(others_moved, plan.keys - on_removed)
+    ));
+    // One backend more.
+    let mut more_weights = plan.weights.clone();
+    more_weights.push(1);
+    let more = decide_all(&pool_of(&more_weights, None), false).map_err(|e| fail(Report::default(), "decide", e))?;
+    let moved = first.iter().zip(&more).filter(|(a, b)| a != b).count();
+    report.say(format!(
+        "add a backend ({n} → {}): {:.1}% of keys remapped",
+        n + 1,
+        percent(moved, plan.keys)
+    ));
+    // The first backend unhealthy: keys elsewhere should stay.
+    let flipped =
+        decide_all(&pool_of(&plan.weights, Some(0)), false).map_err(|e| fail(Report::default(), "decide", e))?;
+    let first_address = base[0].address.clone();
+    let on_first = first
+        .iter()
+        .filter(|c| c.as_deref() == Some(first_address.as_str()))
+        .count();
+    let others_moved = first
+        .iter()
+        .zip(&flipped)
+        .filter(|(a, b)| a.as_deref() != Some(first_address.as_str()) && a != b)
+        .count();
+    let chose_unhealthy = flipped
+        .iter()
+        .filter(|c| c.as_deref() == Some(first_address.as_str()))
+        .count();
+    report.say(format!(
+        "a backend unhealthy: {:.1}% of the other backends' keys remapped; the unhealthy one chosen {chose_unhealthy} times",
+        percent(others_moved, plan.keys - on_first)
+    ));
+    times.sort();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    report.say(format!(
+        "cost: p50 {} ns, p99 {} ns per decision",
+        at(0.5).as_nanos(),
+        at(0.99).as_nanos()
+    ));
+    Ok(report)
+}
+
+/// A pool with `weights`, backend `unhealthy` (if any) down.
+fn pool_of(weights: &[u32], unhealthy: Option<usize>) -> BackendList {
+    let backends: Vec<Arc<Backend>> = weights
+        .iter()
+        .enumerate()
+        .map(|(i, &weight)| {
+            let state = Arc::new(BackendState::default());
+            if unhealthy == Some(i) {
+                state.set_up(false);
+            }
+            Arc::new(Backend {
+                address: format!("10.1.{}.{}:8080", i / 250, i % 250 + 1),
+                socket: std::net::SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
+                weight: weight.max(1),
+                state,
+            })
+        })
+        .collect();
+    backends.into()
+}

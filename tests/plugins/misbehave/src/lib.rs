@@ -3,6 +3,8 @@
 //! `"loop"` spins forever, `"trap"` traps, `"grow"` allocates without bound,
 //! `"bad-id"` names a backend that does not exist, `"zero"` always names
 //! backend 0 whatever its health, `"none"` declines.
+//! `"modulo"` hashes the `x-user` header modulo the healthy backends (the
+//! naive hash that `fulcrum plugin test` shows remapping most keys).
 //! `"refuse"` fails `init`. `"chatty"` prints from `init` and from `select`
 //! (then picks the first healthy backend).
 //! Escape attempts, in `select` (or in `init` with `"at": "init"`), each
@@ -80,6 +82,16 @@ impl Guest for Misbehave {
                 HEALTHY.with(|h| h.borrow().first().copied())
             }
             "last" => HEALTHY.with(|h| h.borrow().last().copied()),
+            "modulo" => {
+                let key = fulcrum::plugin::request::header("x-user").unwrap_or_default();
+                let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+                });
+                HEALTHY.with(|h| {
+                    let healthy = h.borrow();
+                    (!healthy.is_empty()).then(|| healthy[(hash % healthy.len() as u64) as usize])
+                })
+            }
             _ => HEALTHY.with(|h| h.borrow().first().copied()),
         }
     }
