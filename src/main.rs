@@ -60,6 +60,9 @@ enum PluginCommand {
         /// Smoke decisions to make.
         #[arg(long, default_value_t = 2000)]
         calls: usize,
+        /// CPU deadline of one call, as `[plugins] call_timeout` (whose default this is).
+        #[arg(long, default_value = "5ms")]
+        call_timeout: humantime::Duration,
     },
     /// Exercise a policy over synthetic pools: its split (max/mean), whether
     /// it is deterministic, the share of keys remapped when a backend is
@@ -79,6 +82,10 @@ enum PluginCommand {
         /// Distinct requests (keys: own x-user header, path and client address).
         #[arg(long, default_value_t = 10_000)]
         keys: usize,
+        /// CPU deadline of one call: generous by default, as this measures
+        /// behaviour, not deadlines (a busy machine can stall a call).
+        #[arg(long, default_value = "1s")]
+        call_timeout: humantime::Duration,
     },
 }
 
@@ -94,14 +101,20 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => fulcrum::root::run(&config, fulcrum::root::stop_signal()),
         Command::Check { config } => check(&config),
-        Command::Plugin(PluginCommand::Check { file, config, calls }) => plugin_check(&file, &config, calls),
+        Command::Plugin(PluginCommand::Check {
+            file,
+            config,
+            calls,
+            call_timeout,
+        }) => plugin_check(&file, &config, calls, call_timeout.into()),
         Command::Plugin(PluginCommand::Test {
             file,
             config,
             backends,
             weights,
             keys,
-        }) => plugin_test(&file, config, backends, weights.as_deref(), keys),
+            call_timeout,
+        }) => plugin_test(&file, config, backends, weights.as_deref(), keys, call_timeout.into()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -112,9 +125,13 @@ fn main() -> ExitCode {
     }
 }
 
-fn plugin_check(file: &Path, config: &str, calls: usize) -> anyhow::Result<()> {
+fn plugin_check(file: &Path, config: &str, calls: usize, call_timeout: std::time::Duration) -> anyhow::Result<()> {
     use fulcrum::plugin::check;
-    match check::check(file, config, calls.max(1), check::DEFAULT_LIMITS) {
+    let limits = fulcrum::plugin::Limits {
+        call_timeout,
+        ..check::DEFAULT_LIMITS
+    };
+    match check::check(file, config, calls.max(1), limits) {
         Ok(report) => {
             for line in report.lines {
                 println!("{line}");
@@ -131,7 +148,14 @@ fn plugin_check(file: &Path, config: &str, calls: usize) -> anyhow::Result<()> {
     }
 }
 
-fn plugin_test(file: &Path, config: String, backends: usize, weights: Option<&str>, keys: usize) -> anyhow::Result<()> {
+fn plugin_test(
+    file: &Path,
+    config: String,
+    backends: usize,
+    weights: Option<&str>,
+    keys: usize,
+    call_timeout: std::time::Duration,
+) -> anyhow::Result<()> {
     use fulcrum::plugin::check;
     let weights: Vec<u32> = match weights {
         None => vec![1; backends],
@@ -146,7 +170,11 @@ fn plugin_test(file: &Path, config: String, backends: usize, weights: Option<&st
         weights,
         keys: keys.max(1),
     };
-    match check::test(file, &plan, check::DEFAULT_LIMITS) {
+    let limits = fulcrum::plugin::Limits {
+        call_timeout,
+        ..check::DEFAULT_LIMITS
+    };
+    match check::test(file, &plan, limits) {
         Ok(report) => {
             for line in report.lines {
                 println!("{line}");

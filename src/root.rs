@@ -63,6 +63,13 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     control.block_on(async move {
+        // Polled once now, so that the stop signals' handlers are in place
+        // before anything listens: a SIGINT sent as soon as the port answers
+        // must stop Fulcrum gracefully, not kill it (the default action).
+        let mut stop = std::pin::pin!(stop);
+        let stopped_already =
+            std::future::poll_fn(|cx| std::task::Poll::Ready(std::future::Future::poll(stop.as_mut(), cx).is_ready()))
+                .await;
         app.start_health_checks(tokio::runtime::Handle::current());
         crate::memory::start_trimmer();
         if let Some(admin) = admin {
@@ -92,7 +99,9 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
             tracing::info!(listen = %listener.config.listen, listener = %listener.config.key, protocol, "listening");
         }
         tracing::info!(workers, pools = app.snapshot().pools.len(), "fulcrum is serving");
-        stop.await;
+        if !stopped_already {
+            stop.await;
+        }
         stop_workers.send_replace(true);
         let drained = tokio::task::spawn_blocking(move || threads.into_iter().all(|t| t.join().unwrap_or(false)))
             .await

@@ -65,6 +65,9 @@ fn plugin_check(args: &[&str]) -> (bool, String, String) {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
         .args(["plugin", "check"])
         .args(args)
+        // Not the 5 ms default: tests run side by side on two cores, and a
+        // stalled call would read as a deadline overrun.
+        .args(["--call-timeout", "1s"])
         .env("RUST_LOG", "warn")
         .env("XDG_CACHE_HOME", std::env::temp_dir().join("fulcrum-cli-test-cache"))
         .output()
@@ -97,6 +100,17 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
     assert!(
         split.contains("(weight 1, unhealthy) 0;"),
         "the unhealthy backend is never chosen: {split}"
+    );
+    let memory = out.lines().find(|l| l.starts_with("memory: ")).expect("memory line");
+    let kib: usize = memory
+        .trim_start_matches("memory: ")
+        .split(' ')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .expect("KiB");
+    assert!(
+        (64..=16 * 1024).contains(&kib),
+        "at least one Wasm page, within the limit: {memory}"
     );
 
     // A config its init refuses, a component of another world, a plugin

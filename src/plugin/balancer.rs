@@ -117,6 +117,11 @@ impl Policy {
         }
     }
 
+    /// The most linear memory this thread's instance reached, in bytes.
+    pub fn peak_memory(&self) -> Option<usize> {
+        self.binding.peak_memory()
+    }
+
     pub fn plugin_name(&self) -> &str {
         &self.binding.slot().name
     }

@@ -133,6 +133,13 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
         })
         .collect();
     report.say(format!("split: {}; none chosen: {none}", split.join(", ")));
+    if let Some(peak) = policy.peak_memory() {
+        report.say(format!(
+            "memory: {} KiB of linear memory at most, of the {} KiB memory_limit",
+            peak / 1024,
+            limits.memory_limit / 1024
+        ));
+    }
     if chosen[3] > 0 {
         return Err(fail(
             report,

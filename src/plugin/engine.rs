@@ -81,7 +81,7 @@ impl StoreState {
 pub struct StoreState {
     wasi: WasiCtx,
     table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: PeakLimits,
     current: LentRequest,
     /// The backend list last pushed with `set-backends`; ids index it.
     pub backends: BackendList,
@@ -108,13 +108,16 @@ impl StoreState {
                 })
                 .build(),
             table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory_limit)
-                .instances(4)
-                .tables(16)
-                .memories(4)
-                .trap_on_grow_failure(true)
-                .build(),
+            limits: PeakLimits {
+                limits: StoreLimitsBuilder::new()
+                    .memory_size(memory_limit)
+                    .instances(4)
+                    .tables(16)
+                    .memories(4)
+                    .trap_on_grow_failure(true)
+                    .build(),
+                peak_memory: 0,
+            },
             current: LentRequest::NONE,
             backends: Arc::from(Vec::new()),
             tickets,
@@ -445,6 +448,48 @@ impl WasiView for StoreState {
             ctx: &mut self.wasi,
             table: &mut self.table,
         }
+    }
+}
+
+/// A store's limits (`memory_limit` and a few counts), remembering the most
+/// linear memory an instance reached: what `fulcrum plugin check` reports.
+pub struct PeakLimits {
+    limits: StoreLimits,
+    /// Bytes: the largest memory size allowed so far.
+    pub peak_memory: usize,
+}
+
+impl wasmtime::ResourceLimiter for PeakLimits {
+    fn memory_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        let allowed = self.limits.memory_growing(current, desired, maximum)?;
+        if allowed {
+            self.peak_memory = self.peak_memory.max(desired);
+        }
+        Ok(allowed)
+    }
+
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.memory_grow_failed(error)
+    }
+
+    fn table_growing(&mut self, current: usize, desired: usize, maximum: Option<usize>) -> wasmtime::Result<bool> {
+        self.limits.table_growing(current, desired, maximum)
+    }
+
+    fn table_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        self.limits.table_grow_failed(error)
+    }
+
+    fn instances(&self) -> usize {
+        self.limits.instances()
+    }
+
+    fn tables(&self) -> usize {
+        self.limits.tables()
+    }
+
+    fn memories(&self) -> usize {
+        self.limits.memories()
     }
 }
 

@@ -247,6 +247,17 @@ pub struct Binding<W: World> {
 }
 
 impl<W: World> Binding<W> {
+    /// The most linear memory this thread's instance of the binding reached,
+    /// in bytes; `None` before it has one.
+    pub fn peak_memory(&self) -> Option<usize> {
+        W::cache().with(|live| {
+            live.borrow()
+                .iter()
+                .find(|(id, _)| *id == self.id)
+                .map(|(_, live)| live.store.data().limits.peak_memory)
+        })
+    }
+
     pub fn new(slot: Arc<PluginSlot<W>>, config: &str, limits: Limits, tickets: Tickets) -> Binding<W> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
         Binding {
