@@ -108,17 +108,11 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
             None => none += 1,
         }
     }
-    times.sort();
-    let at = |q: f64| {
-        times
-            .get(((times.len() as f64 - 1.0) * q) as usize)
-            .copied()
-            .unwrap_or_default()
-    };
+    let (p50, p99) = p50_p99(&mut times);
     report.say(format!(
         "decisions: {calls}, p50 {} ns, p99 {} ns (the first ones start the instance)",
-        at(0.5).as_nanos(),
-        at(0.99).as_nanos()
+        p50.as_nanos(),
+        p99.as_nanos()
     ));
     let split: Vec<String> = pool
         .iter()
@@ -148,6 +142,18 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
         ));
     }
     Ok(report)
+}
+
+/// The median and the 99th percentile of `times` (sorted in place).
+fn p50_p99(times: &mut [Duration]) -> (Duration, Duration) {
+    times.sort();
+    let at = |q: f64| {
+        times
+            .get(((times.len() as f64 - 1.0) * q) as usize)
+            .copied()
+            .unwrap_or_default()
+    };
+    (at(0.5), at(0.99))
 }
 
 fn list_or_none(items: &[String]) -> String {
@@ -356,17 +362,11 @@ pub fn test(file: &Path, plan: &TestPlan, limits: Limits) -> Result<Report, Box<
         "a backend unhealthy: {:.1}% of the other backends' keys remapped; the unhealthy one chosen {chose_unhealthy} times",
         percent(others_moved, plan.keys - on_first)
     ));
-    times.sort();
-    let at = |q: f64| {
-        times
-            .get(((times.len() as f64 - 1.0) * q) as usize)
-            .copied()
-            .unwrap_or_default()
-    };
+    let (p50, p99) = p50_p99(&mut times);
     report.say(format!(
         "cost: p50 {} ns, p99 {} ns per decision",
-        at(0.5).as_nanos(),
-        at(0.99).as_nanos()
+        p50.as_nanos(),
+        p99.as_nanos()
     ));
     Ok(report)
 }

@@ -43,31 +43,14 @@ impl Conn {
     /// takes it. A request that asked to switch protocols accepts a `101`.
     pub async fn exchange<B: BodySource>(
         mut self,
-        request: UpstreamRequest<'_>,
+        mut request: UpstreamRequest<'_>,
         body: Outgoing<'_, B>,
         in_flight: InFlight,
         read_timeout: Duration,
     ) -> Result<(ResponseHead, super::ResponseBody), ExchangeError> {
         let upgrade = request.head.upgrade;
         let head_request = request.head.method == http::Method::HEAD;
-        if request.encoded.is_empty() {
-            let forwarding = h1::Forwarding {
-                client: request.client,
-                peer_trusted: request.peer_trusted,
-                via: request.via,
-                forwarded: request.forwarded,
-                request_id: request.request_id,
-            };
-            h1::encode_request_head(
-                request.head,
-                &forwarding,
-                request.framing,
-                request.fallback_host,
-                upgrade,
-                request.encoded,
-            )
-            .map_err(ExchangeError::Unsendable)?;
-        }
+        request.encode_once(upgrade)?;
         let head: &[u8] = request.encoded;
         match body {
             // A plain send when there is no body: cheaper in the kernel than writev.

@@ -23,7 +23,7 @@ use super::connect::{ConnectError, Transport};
 use super::h1::ResponseBodyError;
 use super::{ExchangeError, Outgoing, UpstreamRequest};
 use crate::backend::InFlight;
-use crate::http::h1::{self, ResponseHead};
+use crate::http::h1::ResponseHead;
 use crate::http::{BodySource, DetachedBody, Framing};
 use ::h2::client::SendRequest;
 use ::h2::{Reason, RecvStream, SendStream};
@@ -132,7 +132,7 @@ impl Conn {
     /// backend answered early, is not sent).
     pub async fn exchange<B: BodySource>(
         self,
-        request: UpstreamRequest<'_>,
+        mut request: UpstreamRequest<'_>,
         body: Outgoing<'_, B>,
         in_flight: InFlight,
         read_timeout: Duration,
@@ -142,24 +142,7 @@ impl Conn {
                 "a protocol switch (Upgrade) cannot be carried to an HTTP/2 backend",
             ));
         }
-        if request.encoded.is_empty() {
-            let forwarding = h1::Forwarding {
-                client: request.client,
-                peer_trusted: request.peer_trusted,
-                via: request.via,
-                forwarded: request.forwarded,
-                request_id: request.request_id,
-            };
-            h1::encode_request_head(
-                request.head,
-                &forwarding,
-                request.framing,
-                request.fallback_host,
-                false,
-                request.encoded,
-            )
-            .map_err(ExchangeError::Unsendable)?;
-        }
+        request.encode_once(false)?;
         let head_request = request.head.method == Method::HEAD;
         let trailers = request
             .head

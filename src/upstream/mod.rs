@@ -221,6 +221,33 @@ pub struct UpstreamRequest<'a> {
     pub encoded: &'a mut Vec<u8>,
 }
 
+impl UpstreamRequest<'_> {
+    /// Encodes the head for the wire at the first try (the HTTP/1 encoder
+    /// decides what is forwarded for both protocols); later tries reuse it.
+    /// `upgrade`: the client's `Upgrade` is passed on.
+    pub fn encode_once(&mut self, upgrade: bool) -> Result<(), ExchangeError> {
+        if !self.encoded.is_empty() {
+            return Ok(());
+        }
+        let forwarding = crate::http::h1::Forwarding {
+            client: self.client,
+            peer_trusted: self.peer_trusted,
+            via: self.via,
+            forwarded: self.forwarded,
+            request_id: self.request_id,
+        };
+        crate::http::h1::encode_request_head(
+            self.head,
+            &forwarding,
+            self.framing,
+            self.fallback_host,
+            upgrade,
+            self.encoded,
+        )
+        .map_err(ExchangeError::Unsendable)
+    }
+}
+
 /// A connection ready for one exchange, in the protocol its pool speaks.
 pub enum Conn {
     Http1(h1::Conn),
