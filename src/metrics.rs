@@ -525,6 +525,21 @@ impl Scrape {
     fn families(&self) -> Vec<MetricFamily> {
         let mut pools: Vec<(&u64, &PoolShard)> = self.pools.iter().collect();
         pools.sort_by_key(|(id, _)| **id);
+        // A pool's counts by circuit-breaker threshold, as samples.
+        let by_threshold = |counts: fn(&PoolView) -> &[u64; 3]| -> Vec<(Labels, u64)> {
+            self.snapshot
+                .pools
+                .iter()
+                .flat_map(|p| {
+                    crate::traffic::Breaker::ALL.iter().map(move |b| {
+                        (
+                            vec![("pool", p.name.clone()), ("threshold", b.as_str().to_string())],
+                            counts(p)[*b as usize],
+                        )
+                    })
+                })
+                .collect()
+        };
         let by_pool = |value: fn(&PoolShard) -> u64| -> Vec<(Labels, u64)> {
             pools
                 .iter()
@@ -720,26 +735,12 @@ impl Scrape {
             counters(
                 "fulcrum_circuit_breaker_trips_total",
                 "Times a pool's circuit breaker opened, by threshold.",
-                self.snapshot.pools.iter().flat_map(|p| {
-                    crate::traffic::Breaker::ALL.iter().map(|b| {
-                        (
-                            vec![("pool", p.name.clone()), ("threshold", b.as_str().to_string())],
-                            p.breaker_trips[*b as usize],
-                        )
-                    })
-                }),
+                by_threshold(|p| &p.breaker_trips),
             ),
             counters(
                 "fulcrum_circuit_breaker_refused_total",
                 "Requests answered 503 (or retries not made) over a circuit breaker's threshold.",
-                self.snapshot.pools.iter().flat_map(|p| {
-                    crate::traffic::Breaker::ALL.iter().map(|b| {
-                        (
-                            vec![("pool", p.name.clone()), ("threshold", b.as_str().to_string())],
-                            p.breaker_refused[*b as usize],
-                        )
-                    })
-                }),
+                by_threshold(|p| &p.breaker_refused),
             ),
             counters(
                 "fulcrum_retry_budget_exhausted_total",

@@ -257,12 +257,17 @@ async fn raw_grpc_call(addr: SocketAddr, path: &str, message: &Note, timeout: Op
 
 /// A tonic client through the balancer (h2c, prior knowledge).
 async fn client(addr: SocketAddr) -> tonic::client::Grpc<tonic::transport::Channel> {
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("endpoint")
-        .connect()
-        .await
-        .expect("connect to the balancer");
-    tonic::client::Grpc::new(channel)
+    client_for(addr, None).await
+}
+
+/// A tonic client through the balancer, its calls naming `host` as their
+/// authority (for host routes) when given.
+async fn client_for(addr: SocketAddr, host: Option<&str>) -> tonic::client::Grpc<tonic::transport::Channel> {
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).expect("endpoint");
+    if let Some(host) = host {
+        endpoint = endpoint.origin(format!("http://{host}").parse().expect("origin"));
+    }
+    tonic::client::Grpc::new(endpoint.connect().await.expect("connect to the balancer"))
 }
 
 async fn unary(
@@ -458,21 +463,9 @@ async fn the_balancers_own_errors_reach_grpc_clients_as_grpc_statuses() {
         backend.addr
     );
     let fulcrum = Fulcrum::start(&config, &[]);
-    let channel_to = |host: &'static str| {
-        let addr = fulcrum.addr;
-        async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .expect("endpoint")
-                .origin(format!("http://{host}").parse().expect("origin"))
-                .connect()
-                .await
-                .expect("connect");
-            tonic::client::Grpc::new(channel)
-        }
-    };
 
     // Routed to a pool that speaks HTTP/1.1: trailers-only UNIMPLEMENTED.
-    let mut to_plain = channel_to("plain.test").await;
+    let mut to_plain = client_for(fulcrum.addr, Some("plain.test")).await;
     let status = unary(&mut to_plain, tonic::Request::new(note("x")))
         .await
         .expect_err("an HTTP/1.1 pool cannot carry gRPC");
@@ -481,14 +474,14 @@ async fn the_balancers_own_errors_reach_grpc_clients_as_grpc_statuses() {
     assert_eq!(backend.calls.load(Ordering::Relaxed), 0, "nothing reached the backend");
 
     // The backend is unreachable: UNAVAILABLE, which gRPC clients may retry.
-    let mut to_down = channel_to("down.test").await;
+    let mut to_down = client_for(fulcrum.addr, Some("down.test")).await;
     let status = unary(&mut to_down, tonic::Request::new(note("x")))
         .await
         .expect_err("no backend answers");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
 
     // No route: UNIMPLEMENTED (gRPC's mapping of 404).
-    let mut nowhere = channel_to("nowhere.test").await;
+    let mut nowhere = client_for(fulcrum.addr, Some("nowhere.test")).await;
     let status = unary(&mut nowhere, tonic::Request::new(note("x")))
         .await
         .expect_err("no route");
@@ -597,26 +590,20 @@ async fn an_h2_backend_over_tls_is_verified_and_reached() {
         ),
         &[],
     );
-    let to = |host: &'static str| {
-        let addr = fulcrum.addr;
-        async move {
-            let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-                .expect("endpoint")
-                .origin(format!("http://{host}").parse().expect("origin"))
-                .connect()
-                .await
-                .expect("connect");
-            tonic::client::Grpc::new(channel)
-        }
-    };
     // A backend that requires a client certificate: the pool's is presented.
-    let answer = unary(&mut to("cert.test").await, tonic::Request::new(note("with a cert")))
-        .await
-        .unwrap_or_else(|e| panic!("{e:?}\n{}", fulcrum.log()));
+    let answer = unary(
+        &mut client_for(fulcrum.addr, Some("cert.test")).await,
+        tonic::Request::new(note("with a cert")),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:?}\n{}", fulcrum.log()));
     assert_eq!(answer.get_ref().text, "mutual: with a cert");
-    let status = unary(&mut to("nocert.test").await, tonic::Request::new(note("x")))
-        .await
-        .expect_err("no client certificate, no connection");
+    let status = unary(
+        &mut client_for(fulcrum.addr, Some("nocert.test")).await,
+        tonic::Request::new(note("x")),
+    )
+    .await
+    .expect_err("no client certificate, no connection");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
     assert_eq!(
         mutual.calls.load(Ordering::Relaxed),
@@ -624,13 +611,7 @@ async fn an_h2_backend_over_tls_is_verified_and_reached() {
         "only the call with a certificate got through"
     );
     for host in ["name.test", "ip.test"] {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", fulcrum.addr))
-            .expect("endpoint")
-            .origin(format!("http://{host}").parse().expect("origin"))
-            .connect()
-            .await
-            .expect("connect");
-        let mut client = tonic::client::Grpc::new(channel);
+        let mut client = client_for(fulcrum.addr, Some(host)).await;
         let answer = unary(&mut client, tonic::Request::new(note("over tls")))
             .await
             .unwrap_or_else(|e| panic!("{host}: {e:?}\n{}", fulcrum.log()));
@@ -639,13 +620,7 @@ async fn an_h2_backend_over_tls_is_verified_and_reached() {
     // The system's roots do not know the test CA: the handshake fails, and
     // nothing is sent in clear.
     let calls = backend.calls.load(Ordering::Relaxed);
-    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", fulcrum.addr))
-        .expect("endpoint")
-        .origin("http://wrong.test".parse().expect("origin"))
-        .connect()
-        .await
-        .expect("connect");
-    let mut client = tonic::client::Grpc::new(channel);
+    let mut client = client_for(fulcrum.addr, Some("wrong.test")).await;
     let status = unary(&mut client, tonic::Request::new(note("x")))
         .await
         .expect_err("an unverified backend is not used");
