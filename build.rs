@@ -1,18 +1,23 @@
-//! Builds the plugin crates (the sample policies in `plugins/` and the test-only
-//! ones in `tests/plugins/`) for `wasm32-wasip2`, so `cargo build`, `cargo run`
+//! Builds the plugin crates (the samples in `plugins/` and the test-only ones
+//! in `tests/plugins/`) for `wasm32-wasip2`, so `cargo build`, `cargo run`
 //! and `cargo test` need no manual step. The built-ins are embedded with
 //! `include_bytes!` from `FULCRUM_PLUGIN_WASM_DIR`.
+//!
+//! One cargo run per world: the SDK's features choose the world a component
+//! carries, and cargo unifies features across the crates of one run, so
+//! balancers, filters and plugins that are both are built apart (into the
+//! same target dir, so the dependencies are built once).
 
 use std::path::PathBuf;
 use std::process::Command;
 
-const PLUGIN_CRATES: [&str; 6] = [
-    "round-robin",
-    "least-conn",
-    "header-hash",
-    "misbehave",
-    "wrong-world",
-    "counter",
+/// The plugin crates, by the world their SDK features select (the last
+/// group's crates do not use the SDK).
+const PLUGIN_CRATES: [&[&str]; 4] = [
+    &["round-robin", "least-conn", "header-hash", "maglev", "peak-ewma", "misbehave"],
+    &["rate-limit", "canary"],
+    &["probe"],
+    &["wrong-world", "counter"],
 ];
 
 fn main() {
@@ -25,6 +30,15 @@ fn main() {
     // A target dir of its own, so this build never waits on the outer build's lock.
     let target_dir = out.join("wasm");
 
+    for group in PLUGIN_CRATES {
+        build_group(&cargo, &root, &target_dir, group);
+    }
+    let wasm_dir = target_dir.join("wasm32-wasip2").join("plugin");
+    println!("cargo:rustc-env=FULCRUM_PLUGIN_WASM_DIR={}", wasm_dir.display());
+}
+
+/// Builds `crates` in one cargo run.
+fn build_group(cargo: &str, root: &std::path::Path, target_dir: &std::path::Path, crates: &[&str]) {
     let mut command = Command::new(cargo);
     command
         .args([
@@ -37,8 +51,8 @@ fn main() {
         ])
         .arg(root.join("Cargo.toml"))
         .arg("--target-dir")
-        .arg(&target_dir);
-    for name in PLUGIN_CRATES {
+        .arg(target_dir);
+    for name in crates {
         command.args(["-p", name]);
     }
     // The outer build's settings are for the host target; they must not leak in.
@@ -67,6 +81,4 @@ fn main() {
         };
         panic!("building the plugins for wasm32-wasip2 failed:\n{stderr}{hint}");
     }
-    let wasm_dir = target_dir.join("wasm32-wasip2").join("plugin");
-    println!("cargo:rustc-env=FULCRUM_PLUGIN_WASM_DIR={}", wasm_dir.display());
 }

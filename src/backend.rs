@@ -31,6 +31,15 @@ pub fn process_ms() -> u64 {
     START.get_or_init(std::time::Instant::now).elapsed().as_millis() as u64 + 1
 }
 
+/// Nanoseconds since the process started, on a monotonic clock (the CPU's
+/// calibrated counter: cheap enough for every request); never 0. What
+/// plugins read as `clock.now`, and the signals' time base.
+pub fn now_ns() -> u64 {
+    static START: std::sync::OnceLock<quanta::Instant> = std::sync::OnceLock::new();
+    let start = *START.get_or_init(quanta::Instant::now);
+    quanta::Instant::now().duration_since(start).as_nanos() as u64 + 1
+}
+
 /// Live, shared state of one backend.
 ///
 /// A backend is healthy (takes new requests) when active checks say it is up,
@@ -81,7 +90,19 @@ pub struct BackendState {
     /// When it last became healthy ([`process_ms`]): a slow start ramps from
     /// there. 0 for a backend healthy since the process started.
     healthy_since_ms: AtomicU64,
+    /// Peak EWMA of the time to the response head: nanoseconds as f64 bits,
+    /// and when it was last updated ([`now_ns`]); 0 before
+    /// the first answer.
+    latency_ewma: AtomicU64,
+    latency_stamp: AtomicU64,
+    /// EWMA of failed outcomes (0.0–1.0, f64 bits); `u64::MAX` before the first.
+    error_ewma: AtomicU64,
 }
+
+/// The time constant of the latency EWMA (Finagle's and Linkerd's default).
+const LATENCY_DECAY_NS: f64 = 10e9;
+/// Each outcome's weight in the error-rate EWMA: about the last 32 count.
+const ERROR_WEIGHT: f64 = 1.0 / 32.0;
 
 impl Default for BackendState {
     fn default() -> Self {
@@ -108,6 +129,9 @@ impl Default for BackendState {
             max_in_flight: AtomicU32::new(0),
             pool_traffic: arc_swap::ArcSwapOption::empty(),
             healthy_since_ms: AtomicU64::new(process_ms()),
+            latency_ewma: AtomicU64::new(0),
+            latency_stamp: AtomicU64::new(0),
+            error_ewma: AtomicU64::new(u64::MAX),
         }
     }
 }
@@ -242,6 +266,54 @@ impl BackendState {
         self.last_error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Feeds the latency EWMA with one time to a response head, at `now`
+    /// (ns). Peak EWMA: a sample above the average replaces it; one below
+    /// pulls it down by how long it has been since the last. Racing updates
+    /// may lose one sample; a load and a store, no lock.
+    pub fn observe_latency(&self, sample_ns: u64, now: u64) {
+        let sample = sample_ns.max(1) as f64;
+        let stamp = self.latency_stamp.swap(now, Ordering::Relaxed);
+        let old = f64::from_bits(self.latency_ewma.load(Ordering::Relaxed));
+        let ewma = if stamp == 0 || sample > old {
+            sample
+        } else {
+            let w = (-(now.saturating_sub(stamp) as f64) / LATENCY_DECAY_NS).exp();
+            old * w + sample * (1.0 - w)
+        };
+        self.latency_ewma.store(ewma.to_bits(), Ordering::Relaxed);
+    }
+
+    /// The latency EWMA in microseconds at `now`, decayed for the time since
+    /// its last sample (an idle backend's cost falls, so it is tried again);
+    /// `None` before the first answer.
+    pub fn latency_ewma_us(&self, now: u64) -> Option<u64> {
+        let stamp = self.latency_stamp.load(Ordering::Relaxed);
+        if stamp == 0 {
+            return None;
+        }
+        let ewma = f64::from_bits(self.latency_ewma.load(Ordering::Relaxed));
+        let w = (-(now.saturating_sub(stamp) as f64) / LATENCY_DECAY_NS).exp();
+        Some((ewma * w / 1e3) as u64)
+    }
+
+    /// Feeds the error-rate EWMA with one outcome.
+    pub fn observe_outcome(&self, failed: bool) {
+        let sample = if failed { 1.0 } else { 0.0 };
+        let old = self.error_ewma.load(Ordering::Relaxed);
+        let rate = if old == u64::MAX {
+            sample
+        } else {
+            f64::from_bits(old) * (1.0 - ERROR_WEIGHT) + sample * ERROR_WEIGHT
+        };
+        self.error_ewma.store(rate.to_bits(), Ordering::Relaxed);
+    }
+
+    /// Recent failed requests per million; `None` before the first outcome.
+    pub fn error_rate_ppm(&self) -> Option<u64> {
+        let rate = self.error_ewma.load(Ordering::Relaxed);
+        (rate != u64::MAX).then(|| (f64::from_bits(rate) * 1e6).round() as u64)
+    }
+
     /// Counts a request as in flight until the guard drops.
     pub fn start_request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -276,10 +348,15 @@ impl Drop for InFlight {
 /// One backend of a pool.
 #[derive(Debug)]
 pub struct Backend {
+    /// Its id as plugins see it: stable while the pool lists it (kept across
+    /// reloads by address); a freed id may be given to a later backend.
+    pub id: u32,
     /// The address as configured, e.g. `127.0.0.1:9001`; the backend's name.
     pub address: String,
     pub socket: SocketAddr,
     pub weight: u32,
+    /// `labels` from the config, sorted by name: what plugins read.
+    pub labels: Arc<[(String, String)]>,
     pub state: Arc<BackendState>,
 }
 

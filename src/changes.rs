@@ -59,6 +59,7 @@ impl Changes {
                     socket: added.socket,
                     weight: added.weight,
                     max_in_flight: None,
+                    labels: Vec::new(),
                 });
             }
         }

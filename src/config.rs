@@ -361,6 +361,8 @@ pub struct BackendConfig {
     pub weight: u32,
     /// This backend's own `max_in_flight`, over the pool's.
     pub max_in_flight: Option<u32>,
+    /// Labels plugins read (`labels = { zone = "a" }`), sorted by name.
+    pub labels: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -564,6 +566,7 @@ struct RawBackendTable {
     address: String,
     weight: Option<u32>,
     max_in_flight: Option<u32>,
+    labels: Option<std::collections::BTreeMap<String, String>>,
 }
 
 #[derive(Deserialize)]
@@ -1011,11 +1014,12 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         let mut backends: Vec<BackendConfig> = Vec::with_capacity(pool.backends.len());
         for (i, backend) in pool.backends.into_iter().enumerate() {
             let bkey = format!("pools.{name}.backends[{i}]");
-            let (address, weight, max_in_flight) = match backend {
-                toml::Value::String(a) => (a, 1, None),
+            let (address, weight, max_in_flight, labels) = match backend {
+                toml::Value::String(a) => (a, 1, None, Vec::new()),
                 table @ toml::Value::Table(_) => {
                     let t: RawBackendTable = table.try_into().map_err(|e| (bkey.clone(), e.message().to_string()))?;
-                    (t.address, t.weight.unwrap_or(1), t.max_in_flight)
+                    let labels = t.labels.unwrap_or_default().into_iter().collect();
+                    (t.address, t.weight.unwrap_or(1), t.max_in_flight, labels)
                 }
                 other => {
                     return Err((
@@ -1045,6 +1049,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 socket,
                 weight,
                 max_in_flight,
+                labels,
             });
         }
         let protocol = match pool.protocol.as_deref() {

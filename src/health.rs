@@ -316,6 +316,7 @@ pub enum Outcome {
 /// ejection is a timer).
 pub fn record(pool: &str, backends: &BackendList, backend: &Arc<Backend>, outcome: Outcome, config: &OutlierConfig) {
     let state = &backend.state;
+    state.observe_outcome(outcome == Outcome::Failure);
     if outcome == Outcome::Success {
         if state.consecutive_failures.load(Ordering::Relaxed) != 0 {
             state.consecutive_failures.store(0, Ordering::Relaxed);

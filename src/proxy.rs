@@ -292,7 +292,14 @@ pub async fn serve<B: BodySource>(
         via: snapshot.config.server.via,
         forwarded: snapshot.config.server.forwarded,
     };
-    let current = CurrentRequest { head, client: resolved };
+    let current = CurrentRequest {
+        head,
+        client: resolved,
+        connection: client,
+        body_prefix: &[],
+        changes: crate::plugin::RequestChanges::none(),
+        pool: "",
+    };
     let redirect = client.edge.as_deref().and_then(|edge| edge.redirect_https);
     let answer = if let Some(port) = redirect {
         Answer::Local(LocalReply::to_https(head, port))

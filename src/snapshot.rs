@@ -41,8 +41,8 @@ pub struct Snapshot {
 /// State that outlives snapshots, keyed so a reload finds it again.
 #[derive(Default)]
 pub struct Kept {
-    /// By (pool, address).
-    backends: HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>)>,
+    /// By (pool, address): its state, its idle connections and its plugin id.
+    backends: HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>, u32)>,
     /// By pool.
     counters: HashMap<String, PolicyCounters>,
     /// Pool ids by name.
@@ -107,20 +107,24 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
         slot.current()
             .check(&pool.policy_config, &limits)
             .map_err(|e| invalid(&config, &format!("pools.{name}.policy_config"), e.to_string()))?;
+        let ids = backend_ids(name, pool, &kept.backends);
         let (backends, idle): (Vec<Arc<Backend>>, Vec<Arc<IdleConns>>) = pool
             .backends
             .iter()
-            .map(|b| {
-                let (state, idle) = kept
+            .zip(ids)
+            .map(|(b, id)| {
+                let (state, idle, _) = kept
                     .backends
                     .entry((name.clone(), b.address.clone()))
-                    .or_default()
+                    .or_insert_with(|| (Arc::default(), Arc::default(), id))
                     .clone();
                 state.set_drained(changes.is_drained(name, &b.address));
                 if kept.builds == 0 {
                     state.healthy_from_start();
                 }
                 let backend = Arc::new(Backend {
+                    id,
+                    labels: b.labels.clone().into(),
                     address: b.address.clone(),
                     socket: b.socket,
                     weight: b.weight,
@@ -199,6 +203,34 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
         pools,
         router,
     })
+}
+
+/// The plugin id of each backend of `pool`, in order: the id it had if the
+/// pool listed it before, else the lowest id no backend of the pool holds.
+fn backend_ids(
+    name: &str,
+    pool: &PoolConfig,
+    kept: &HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>, u32)>,
+) -> Vec<u32> {
+    let known: Vec<Option<u32>> = pool
+        .backends
+        .iter()
+        .map(|b| kept.get(&(name.to_string(), b.address.clone())).map(|k| k.2))
+        .collect();
+    let mut taken: std::collections::BTreeSet<u32> = known.iter().flatten().copied().collect();
+    let mut next_free = 0u32;
+    known
+        .into_iter()
+        .map(|id| {
+            id.unwrap_or_else(|| {
+                while taken.contains(&next_free) {
+                    next_free += 1;
+                }
+                taken.insert(next_free);
+                next_free
+            })
+        })
+        .collect()
 }
 
 pub fn plugin_limits(config: &Config) -> Limits {

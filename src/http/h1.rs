@@ -389,6 +389,14 @@ impl ResponseHead {
         out.extend_from_slice(b"\r\n");
     }
 
+    /// The value of the first header field called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(n, _)| n.of(&self.raw).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v.of(&self.raw))
+    }
+
     /// The backend's end-to-end headers (for an HTTP/2 client).
     pub fn header_map(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.fields.len());

@@ -1,81 +1,16 @@
-//! The balancer world: its bindings, the `host` functions it imports, and
-//! [`Policy`], a pool's use of a balancer plugin, whose [`Policy::choose`] is
-//! the one call the request path makes. When the plugin cannot answer, the
-//! fallback (round robin over healthy backends) does.
+//! A pool's use of a balancer plugin: [`Policy`], whose [`Policy::choose`]
+//! is the one call the request path makes. It pushes the backend list when
+//! it changed, asks the plugin (0.2.0 by stable backend id, 0.1.0 by list
+//! index), checks the answer, and when the plugin cannot answer, the fallback
+//! (round robin over healthy backends) does.
 
-use super::engine::{CurrentRequest, Runtime, StoreState, deadline_ticks};
-use super::instances::{Binding, Cache, Fault, Live, PluginSlot, World};
+use super::engine::{CurrentRequest, StoreState, deadline_ticks};
+use super::instances::{Binding, Fault, Live, PluginSlot};
+use super::world::{PluginInstance, PluginWorld, Pushed, v1, v2};
 use super::{Limits, Tickets};
 use crate::backend::{BackendList, health_epoch};
-use std::cell::RefCell;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
-use std::thread::LocalKey;
-use wasmtime::Store;
-use wasmtime::component::{HasSelf, InstancePre, Linker};
-
-wasmtime::component::bindgen!({
-    path: "wit",
-    world: "balancer",
-});
-
-use self::exports::fulcrum::plugin::policy::Backend as WitBackend;
-use self::fulcrum::plugin::host::Level;
-
-/// The balancer world as the instance cache sees it.
-pub struct BalancerWorld;
-
-/// What a balancer instance remembers: which backend list it was given.
-pub struct Pushed {
-    /// Identity of the backend list last pushed (pointer of its allocation).
-    list: *const (),
-    epoch: u64,
-}
-
-impl Default for Pushed {
-    fn default() -> Self {
-        Pushed {
-            list: std::ptr::null(),
-            epoch: u64::MAX,
-        }
-    }
-}
-
-thread_local! {
-    static BALANCERS: Cache<BalancerWorld> = const { RefCell::new(Vec::new()) };
-}
-
-impl World for BalancerWorld {
-    const NAME: &'static str = "fulcrum:plugin/balancer";
-    type Pre = BalancerPre<StoreState>;
-    type Instance = Balancer;
-    type Local = Pushed;
-
-    fn linker() -> &'static Linker<StoreState> {
-        static LINKER: OnceLock<Linker<StoreState>> = OnceLock::new();
-        LINKER.get_or_init(|| {
-            Runtime::get()
-                .linker(|linker| Balancer::add_to_linker::<StoreState, HasSelf<StoreState>>(linker, |s| s))
-                .unwrap_or_else(|e| panic!("the balancer world's imports cannot be linked: {e:#}"))
-        })
-    }
-
-    fn bind(pre: InstancePre<StoreState>) -> wasmtime::Result<Self::Pre> {
-        BalancerPre::new(pre)
-    }
-
-    fn instantiate(pre: &Self::Pre, store: &mut Store<StoreState>) -> wasmtime::Result<Balancer> {
-        pre.instantiate(store)
-    }
-
-    fn init(instance: &Balancer, store: &mut Store<StoreState>, config: &str) -> wasmtime::Result<Result<(), String>> {
-        instance.fulcrum_plugin_policy().call_init(store, config)
-    }
-
-    fn cache() -> &'static LocalKey<Cache<Self>> {
-        &BALANCERS
-    }
-}
 
 /// The outcome of [`Policy::choose`].
 #[derive(Debug, Clone, PartialEq)]
@@ -105,12 +40,12 @@ pub struct PolicyCounters {
 
 /// A pool's use of a balancer plugin.
 pub struct Policy {
-    binding: Binding<BalancerWorld>,
+    binding: Binding<PluginWorld>,
     fallback_ticket: Arc<AtomicU64>,
 }
 
 impl Policy {
-    pub fn new(slot: Arc<PluginSlot<BalancerWorld>>, config: &str, limits: Limits, counters: PolicyCounters) -> Policy {
+    pub fn new(slot: Arc<PluginSlot<PluginWorld>>, config: &str, limits: Limits, counters: PolicyCounters) -> Policy {
         Policy {
             binding: Binding::new(slot, config, limits, counters.tickets),
             fallback_ticket: counters.fallback_ticket,
@@ -126,7 +61,7 @@ impl Policy {
         &self.binding.slot().name
     }
 
-    pub fn slot(&self) -> &Arc<PluginSlot<BalancerWorld>> {
+    pub fn slot(&self) -> &Arc<PluginSlot<PluginWorld>> {
         self.binding.slot()
     }
 
@@ -144,21 +79,29 @@ impl Policy {
         let answer = self.binding.call(
             |live| decide(live, request, backends, tried, &limits, view),
             |choice| match *choice {
-                None => Ok(()),
-                Some(id) => {
-                    let index = id as usize;
+                Decision::None => Ok(()),
+                Decision::Index(index) => {
                     if backends.get(index).is_some_and(|b| b.state.is_usable(view.panic)) && !tried.contains(&index) {
                         Ok(())
                     } else {
-                        tracing::warn!(plugin = %self.plugin_name(), backend = id, "plugin chose a backend that is unknown, unhealthy or already tried; using the fallback");
+                        let id = backends.get(index).map_or(u32::MAX, |b| b.id);
+                        tracing::warn!(plugin = %self.plugin_name(), backend = id, "plugin chose a backend that is unhealthy or already tried; using the fallback");
                         Err(Fault::BadChoice(id))
                     }
+                }
+                Decision::Unknown(id) => {
+                    tracing::warn!(plugin = %self.plugin_name(), backend = id, "plugin chose a backend id the pool does not have; using the fallback");
+                    Err(Fault::BadChoice(id))
                 }
             },
         );
         match answer {
-            Ok(choice) => Choice {
-                backend: choice.map(|id| id as usize),
+            Ok(Decision::Index(index)) => Choice {
+                backend: Some(index),
+                fault: None,
+            },
+            Ok(_) => Choice {
+                backend: None,
                 fault: None,
             },
             Err(fault) => Choice {
@@ -169,45 +112,110 @@ impl Policy {
     }
 }
 
+/// A plugin's answer, turned from its ids into the list's indices.
+#[derive(Debug, Clone, Copy)]
+enum Decision {
+    /// No backend: answer 503.
+    None,
+    Index(usize),
+    /// An id that is in no pushed list.
+    Unknown(u32),
+}
+
 /// One decision on a cached instance: pushes the backend list first when it
 /// (or any backend's health) changed since the last push.
 fn decide(
-    live: &mut Live<BalancerWorld>,
+    live: &mut Live<PluginWorld>,
     request: &CurrentRequest<'_>,
     backends: &BackendList,
     tried: &[usize],
     limits: &Limits,
     view: PoolView,
-) -> wasmtime::Result<Option<u32>> {
-    let policy = live.instance.fulcrum_plugin_policy();
+) -> wasmtime::Result<Decision> {
     let list_id = Arc::as_ptr(backends) as *const ();
     let epoch = health_epoch();
-    if live.local.list != list_id || live.local.epoch != epoch {
-        let now_ms = crate::backend::process_ms();
-        let wit: Vec<WitBackend> = backends
-            .iter()
-            .enumerate()
-            .map(|(i, b)| WitBackend {
-                id: i as u32,
-                address: b.address.clone(),
-                weight: crate::traffic::effective_weight(b, view.slow_start, now_ms),
-                healthy: b.state.is_usable(view.panic),
+    let push = live.local.list != list_id || live.local.epoch != epoch;
+    match &live.instance {
+        PluginInstance::Current {
+            balancer: Some(balancer),
+            ..
+        } => {
+            if push {
+                let now_ms = crate::backend::process_ms();
+                let wit: Vec<v2::fulcrum::plugin::backends::Backend> = backends
+                    .iter()
+                    .map(|b| v2::fulcrum::plugin::backends::Backend {
+                        id: b.id,
+                        address: b.address.clone(),
+                        weight: crate::traffic::effective_weight(b, view.slow_start, now_ms)
+                            .saturating_mul(if view.slow_start.is_some() { 1 } else { 100 }),
+                        healthy: b.state.is_usable(view.panic),
+                        max_in_flight: b.state.max_in_flight(),
+                        labels: b.labels.to_vec(),
+                    })
+                    .collect();
+                let state = live.store.data_mut();
+                state.push_backends(backends);
+                state.view = view;
+                live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
+                balancer.call_set_backends(&mut live.store, &wit)?;
+                live.local = Pushed { list: list_id, epoch };
+            }
+            live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+            let chosen = StoreState::with_request(&mut live.store, request, None, |store| {
+                if tried.is_empty() {
+                    balancer.call_select(store)
+                } else {
+                    let tried: Vec<u32> = tried.iter().map(|&i| backends[i].id).collect();
+                    balancer.call_reselect(store, &tried)
+                }
+            })?;
+            Ok(match chosen {
+                None => Decision::None,
+                Some(id) => live.store.data().index_of(id).map_or(Decision::Unknown(id), Decision::Index),
             })
-            .collect();
-        live.store.data_mut().backends = backends.clone();
-        live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
-        policy.call_set_backends(&mut live.store, &wit)?;
-        live.local = Pushed { list: list_id, epoch };
-    }
-    live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
-    StoreState::with_request(&mut live.store, request, |store| {
-        if tried.is_empty() {
-            policy.call_select(store)
-        } else {
-            let tried: Vec<u32> = tried.iter().map(|&i| i as u32).collect();
-            policy.call_reselect(store, &tried)
         }
-    })
+        PluginInstance::Legacy(legacy) => {
+            // 0.1.0 ids are the list's indices, and weights are as 0.1.0 had them.
+            let policy = legacy.fulcrum_plugin_policy();
+            if push {
+                let now_ms = crate::backend::process_ms();
+                let wit: Vec<v1::exports::fulcrum::plugin::policy::Backend> = backends
+                    .iter()
+                    .enumerate()
+                    .map(|(i, b)| v1::exports::fulcrum::plugin::policy::Backend {
+                        id: i as u32,
+                        address: b.address.clone(),
+                        weight: crate::traffic::effective_weight(b, view.slow_start, now_ms),
+                        healthy: b.state.is_usable(view.panic),
+                    })
+                    .collect();
+                let state = live.store.data_mut();
+                state.push_backends(backends);
+                state.view = view;
+                live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
+                policy.call_set_backends(&mut live.store, &wit)?;
+                live.local = Pushed { list: list_id, epoch };
+            }
+            live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+            let chosen = StoreState::with_request(&mut live.store, request, None, |store| {
+                if tried.is_empty() {
+                    policy.call_select(store)
+                } else {
+                    let tried: Vec<u32> = tried.iter().map(|&i| i as u32).collect();
+                    policy.call_reselect(store, &tried)
+                }
+            })?;
+            Ok(match chosen {
+                None => Decision::None,
+                Some(i) if (i as usize) < backends.len() => Decision::Index(i as usize),
+                Some(i) => Decision::Unknown(i),
+            })
+        }
+        PluginInstance::Current { balancer: None, .. } => Err(wasmtime::Error::msg(
+            "the plugin exports no balancer (`fulcrum:plugin/policy@0.2.0`)",
+        )),
+    }
 }
 
 /// Round robin over healthy backends (any not drained, in panic mode) not yet tried: what
@@ -223,39 +231,3 @@ pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64, pan
         .find(|&i| backends[i].state.is_usable(panic) && !tried.contains(&i))
 }
 
-impl self::fulcrum::plugin::host::Host for StoreState {
-    fn in_flight_all(&mut self) -> Vec<u32> {
-        self.backends.iter().map(|b| b.state.in_flight()).collect()
-    }
-
-    fn in_flight_four(&mut self, first: u32) -> (u32, u32, u32, u32) {
-        let backends = &self.backends;
-        let count = |i: u32| {
-            backends
-                .get(first.saturating_add(i) as usize)
-                .map_or(0, |b| b.state.in_flight())
-        };
-        (count(0), count(1), count(2), count(3))
-    }
-
-    fn in_flight(&mut self, id: u32) -> u32 {
-        self.backends.get(id as usize).map_or(0, |b| b.state.in_flight())
-    }
-
-    fn next_ticket(&mut self, slot: u32) -> u64 {
-        self.tickets
-            .get(slot as usize)
-            .map_or(0, |counter| counter.fetch_add(1, Ordering::Relaxed))
-    }
-
-    fn log(&mut self, level: Level, message: String) {
-        let plugin = &*self.plugin_name;
-        match level {
-            Level::Trace => tracing::trace!(plugin, "{message}"),
-            Level::Debug => tracing::debug!(plugin, "{message}"),
-            Level::Info => tracing::info!(plugin, "{message}"),
-            Level::Warn => tracing::warn!(plugin, "{message}"),
-            Level::Error => tracing::error!(plugin, "{message}"),
-        }
-    }
-}

@@ -66,7 +66,7 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
     };
     report.say(format!(
         "world: {} (digest {})",
-        <super::BalancerWorld as super::instances::World>::NAME,
+        plugin.pre.describe(),
         plugin.digest
     ));
     if let Err(e) = plugin.check(config, &limits) {
@@ -82,12 +82,11 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
     let mut none = 0;
     for i in 0..calls {
         let head = &heads[i % heads.len()];
-        let current = CurrentRequest {
-            head,
-            client: format!("192.0.2.{}:{}", 1 + i % 200, 40000 + i % 20000)
-                .parse()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([192, 0, 2, 1], 40000))),
-        };
+        let client = crate::http::ClientAddr::new(std::net::SocketAddr::from((
+            [192, 0, 2, 1 + (i % 200) as u8],
+            40000 + (i % 20000) as u16,
+        )));
+        let current = sample_request(head, &client);
         // Every tenth a retry, after the first backend failed.
         let tried: &[usize] = if i % 10 == 9 { &[0] } else { &[] };
         let started = Instant::now();
@@ -174,6 +173,8 @@ fn sample_pool() -> BackendList {
                 state.set_up(false);
             }
             Arc::new(Backend {
+                id: i,
+                labels: Arc::from(Vec::new()),
                 socket: std::net::SocketAddr::from(([10, 0, 0, i as u8 + 1], 8080)),
                 address,
                 weight: if i == 1 { 2 } else { 1 },
@@ -182,6 +183,18 @@ fn sample_pool() -> BackendList {
         })
         .collect();
     backends.into()
+}
+
+/// `head` from `client` as a plugin reads it: no filters, no body prefix.
+fn sample_request<'a>(head: &'a crate::http::RequestHead, client: &'a crate::http::ClientAddr) -> CurrentRequest<'a> {
+    CurrentRequest {
+        head,
+        client: client.addr,
+        connection: client,
+        body_prefix: &[],
+        changes: super::RequestChanges::none(),
+        pool: "sample",
+    }
 }
 
 /// A few requests of different shapes.
@@ -246,10 +259,11 @@ pub fn test(file: &Path, plan: &TestPlan, limits: Limits) -> Result<Report, Box<
         let policy = Policy::new(slot.clone(), &plan.config, limits, PolicyCounters::default());
         let mut chosen = Vec::with_capacity(heads.len());
         for (i, head) in heads.iter().enumerate() {
-            let current = CurrentRequest {
-                head,
-                client: std::net::SocketAddr::from(([198, 51, (i / 250 % 250) as u8, (i % 250) as u8 + 1], 40000)),
-            };
+            let client = crate::http::ClientAddr::new(std::net::SocketAddr::from((
+                [198, 51, (i / 250 % 250) as u8, (i % 250) as u8 + 1],
+                40000,
+            )));
+            let current = sample_request(head, &client);
             let started = Instant::now();
             let choice = policy.choose(&current, pool, &[], PoolView::default());
             if timed {
@@ -382,6 +396,9 @@ fn pool_of(weights: &[u32], unhealthy: Option<usize>) -> BackendList {
                 state.set_up(false);
             }
             Arc::new(Backend {
+                // Ids by position: removing the last backend keeps the others' ids.
+                id: i as u32,
+                labels: Arc::from(Vec::new()),
                 address: format!("10.1.{}.{}:8080", i / 250, i % 250 + 1),
                 socket: std::net::SocketAddr::from(([10, 1, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
                 weight: weight.max(1),

@@ -2,7 +2,9 @@
 //! compilation, the linker every world starts from (a confined WASI), and the
 //! per-store host state: limits, log output and the request lent for a call.
 
-use crate::backend::BackendList;
+use crate::backend::{Backend, BackendList};
+use crate::http::ClientAddr;
+use crate::http::h1::ResponseHead;
 use crate::http::request::RequestHead;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -21,16 +23,37 @@ pub const TICKET_SLOTS: usize = 16;
 pub type Tickets = Arc<[AtomicU64; TICKET_SLOTS]>;
 
 /// The request a plugin call is about: its head (borrowed from the front
-/// end, which keeps it for the access log) and the client's address.
+/// end, which keeps it for the access log), who sent it, and what the route
+/// and its filters added.
 pub struct CurrentRequest<'a> {
     pub head: &'a RequestHead,
+    /// The client as resolved (trusted proxies, PROXY protocol).
     pub client: SocketAddr,
+    /// The connection it came on: the TCP peer, TLS.
+    pub connection: &'a ClientAddr,
+    /// The body's first bytes (the route's `body_prefix`), empty without one.
+    pub body_prefix: &'a [u8],
+    /// Header edits and metadata from the route's filters so far.
+    pub changes: &'a super::RequestChanges,
+    /// The pool it goes to.
+    pub pool: &'a str,
+}
+
+impl CurrentRequest<'_> {
+    /// The TCP peer: the proxy that sent a PROXY header, else the client.
+    pub fn peer(&self) -> SocketAddr {
+        self.connection
+            .edge
+            .as_deref()
+            .and_then(|edge| edge.proxied_by)
+            .unwrap_or(self.connection.addr)
+    }
 }
 
 /// The current request as the store sees it: a pointer set for the length of
 /// one call and cleared after, so the request is lent to the plugin without
 /// being copied or moved.
-pub struct LentRequest(*const CurrentRequest<'static>);
+pub struct LentRequest(*const CurrentRequest<'static>, *const ResponseHead);
 
 // SAFETY: the pointer is only dereferenced by host functions running inside
 // the call that lent it, on the lending thread, while the lender's borrow lives.
@@ -38,7 +61,7 @@ unsafe impl Send for LentRequest {}
 unsafe impl Sync for LentRequest {}
 
 impl LentRequest {
-    const NONE: LentRequest = LentRequest(std::ptr::null());
+    const NONE: LentRequest = LentRequest(std::ptr::null(), std::ptr::null());
 }
 
 impl StoreState {
@@ -48,6 +71,7 @@ impl StoreState {
     pub fn with_request<R>(
         store: &mut Store<StoreState>,
         request: &CurrentRequest<'_>,
+        response: Option<&ResponseHead>,
         f: impl FnOnce(&mut Store<StoreState>) -> R,
     ) -> R {
         /// Clears the lent request when dropped.
@@ -58,7 +82,10 @@ impl StoreState {
             }
         }
         // The lifetime is erased here and the borrow's end is kept by the guard.
-        store.data_mut().current = LentRequest(std::ptr::from_ref(request).cast::<CurrentRequest<'static>>());
+        store.data_mut().current = LentRequest(
+            std::ptr::from_ref(request).cast::<CurrentRequest<'static>>(),
+            response.map_or(std::ptr::null(), std::ptr::from_ref),
+        );
         let lent = Lent(store);
         f(lent.0)
     }
@@ -68,12 +95,44 @@ impl StoreState {
         unsafe { self.current.0.as_ref() }
     }
 
+    pub(super) fn response(&self) -> Option<&ResponseHead> {
+        // SAFETY: as for the request.
+        unsafe { self.current.1.as_ref() }
+    }
+
     pub(super) fn head(&self) -> Option<&RequestHead> {
         self.request().map(|r| r.head)
     }
 
     pub(super) fn client(&self) -> Option<SocketAddr> {
         self.request().map(|r| r.client)
+    }
+
+    /// The backend with plugin id `id` in the list last pushed.
+    pub(super) fn backend_by_id(&self, id: u32) -> Option<&Backend> {
+        let index = *self.index_of.get(id as usize)?;
+        self.backends.get(index as usize).map(|b| &**b)
+    }
+
+    /// Makes `backends` the list plugin ids refer to.
+    pub(super) fn push_backends(&mut self, backends: &BackendList) {
+        self.backends = backends.clone();
+        self.index_of.clear();
+        for (index, backend) in backends.iter().enumerate() {
+            let id = backend.id as usize;
+            if self.index_of.len() <= id {
+                self.index_of.resize(id + 1, u32::MAX);
+            }
+            self.index_of[id] = index as u32;
+        }
+    }
+
+    /// The index in the pushed list of the backend with plugin id `id`.
+    pub(super) fn index_of(&self, id: u32) -> Option<usize> {
+        self.index_of
+            .get(id as usize)
+            .filter(|&&i| i != u32::MAX)
+            .map(|&i| i as usize)
     }
 }
 
@@ -83,9 +142,17 @@ pub struct StoreState {
     table: ResourceTable,
     pub limits: PeakLimits,
     current: LentRequest,
-    /// The backend list last pushed with `set-backends`; ids index it.
-    pub backends: BackendList,
+    /// The backend list last pushed with `set-backends`, and for each plugin
+    /// id its index there (`u32::MAX`: none).
+    pub(super) backends: BackendList,
+    index_of: Vec<u32>,
+    /// What the pool's decisions see (panic mode, slow start).
+    pub view: super::PoolView,
     pub tickets: Tickets,
+    /// The plugin's keyed shared state (by plugin name).
+    pub shared: Arc<dyn super::shared::SharedStore>,
+    /// The `random` interface's generator state.
+    pub random: u64,
     pub plugin_name: Arc<str>,
 }
 
@@ -120,10 +187,37 @@ impl StoreState {
             },
             current: LentRequest::NONE,
             backends: Arc::from(Vec::new()),
+            index_of: Vec::new(),
+            view: super::PoolView::default(),
             tickets,
+            shared: super::shared::store_of(&plugin_name),
+            random: instance_seed(),
             plugin_name,
         }
     }
+}
+
+/// The seed of `random` for plugins started from now on; 0 for a different
+/// one per instance (`fulcrum plugin test --seed` sets it).
+static RANDOM_SEED: AtomicU64 = AtomicU64::new(0);
+
+/// Makes instances started from now on draw the same numbers for `seed`.
+pub fn seed_random(seed: u64) {
+    RANDOM_SEED.store(seed, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn instance_seed() -> u64 {
+    use std::sync::atomic::Ordering::Relaxed;
+    static INSTANCES: AtomicU64 = AtomicU64::new(0);
+    let seed = RANDOM_SEED.load(Relaxed);
+    if seed != 0 {
+        return seed;
+    }
+    let n = INSTANCES.fetch_add(1, Relaxed);
+    let clock = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (clock ^ n.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1
 }
 
 /// A plugin's stdout or stderr, written to the log a line at a time, on the

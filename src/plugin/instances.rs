@@ -65,7 +65,7 @@ pub struct Plugin<W: World> {
     pub digest: String,
     /// When this version was compiled and linked.
     pub loaded_at: std::time::SystemTime,
-    pre: W::Pre,
+    pub pre: W::Pre,
     consecutive_faults: AtomicU32,
     quarantined: AtomicBool,
 }
@@ -207,6 +207,8 @@ pub enum Fault {
     Trap(String),
     /// The plugin named a backend that is unknown, unhealthy, or already tried.
     BadChoice(u32),
+    /// A filter's answer the host cannot use (a bad status, an unknown pool).
+    BadAnswer(String),
     /// The plugin version is quarantined.
     Quarantined,
 }
@@ -218,7 +220,7 @@ impl Fault {
     fn kind_index(&self) -> usize {
         match self {
             Fault::Trap(_) => 0,
-            Fault::BadChoice(_) => 1,
+            Fault::BadChoice(_) | Fault::BadAnswer(_) => 1,
             Fault::Quarantined => 2,
         }
     }

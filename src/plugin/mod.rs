@@ -1,17 +1,23 @@
 //! The plugin host, as the rest of Fulcrum uses it: no wasmtime type crosses
 //! this module's surface.
 //!
-//! - [`Plugin`]: one compiled and linked version of a balancer component.
+//! - [`Plugin`]: one compiled and linked version of a component: a balancer,
+//!   a filter or both (`fulcrum:plugin@0.2.0`), or a 0.1.0 balancer.
 //! - [`PluginSlot`]: the version of a named plugin that serves now; hot reload
 //!   swaps it atomically.
 //! - [`Policy`]: a pool's use of a plugin (its config and shared counters);
-//!   [`Policy::choose`] is the one call the request path makes.
+//!   [`Policy::choose`] is the call the request path makes to pick a backend.
+//! - [`Filter`]: a route's use of a filter plugin; [`Filter::on_request`] and
+//!   [`Filter::on_response`].
 //!
 //! Inside, by job: `engine` (wasmtime engine, confined WASI, store state, the
-//! request lent for a call), `instances` (per-thread instance cache, faults, quarantine and hot
-//! swap, generic over the world), `request_view` (the `request` interface
-//! plugins read the current request through), `balancer` (the balancer world on top) and [`registry`]
-//! (built-ins and the plugin directory).
+//! request lent for a call), `instances` (per-thread instance cache, faults,
+//! quarantine and hot swap, generic over the world), `world` (the WIT
+//! bindings of 0.2.0 and 0.1.0 and the world binding either), `host` (the
+//! services plugins import), `request_view` (the `request` and `response`
+//! interfaces), [`shared`] (state shared by a plugin's instances),
+//! `balancer` and `filter` (the two uses), and [`registry`] (built-ins and
+//! the plugin directory).
 //!
 //! Instances live in a per-thread cache, one per policy and worker thread, so a
 //! decision is a single component call with no lock and no instantiation. A
@@ -21,23 +27,29 @@
 
 mod balancer;
 mod engine;
+mod filter;
+mod host;
 mod instances;
 pub mod registry;
 mod request_view;
+pub mod shared;
+mod world;
 
 use std::time::Duration;
 
 pub mod cache;
 pub mod check;
-pub use balancer::{BalancerWorld, Choice, Policy, PolicyCounters, PoolView, fallback};
-pub use engine::CurrentRequest;
-pub use engine::{TICKET_SLOTS, Tickets};
+pub use balancer::{Choice, Policy, PolicyCounters, PoolView, fallback};
+pub use engine::{CurrentRequest, TICKET_SLOTS, Tickets, seed_random};
+pub use filter::{DirectResponse, EditOp, Filter, FilterVerdict, HeaderEdit, OnFault, RequestChanges};
+pub use host::SIGNALS;
 pub use instances::{Fault, QUARANTINE_AFTER, digest};
+pub use world::PluginWorld;
 
-/// A compiled, linked balancer plugin version.
-pub type Plugin = instances::Plugin<BalancerWorld>;
-/// The balancer plugin version serving now under a name.
-pub type PluginSlot = instances::PluginSlot<BalancerWorld>;
+/// A compiled, linked plugin version.
+pub type Plugin = instances::Plugin<PluginWorld>;
+/// The plugin version serving now under a name.
+pub type PluginSlot = instances::PluginSlot<PluginWorld>;
 
 /// Why a plugin was refused or failed.
 #[derive(Debug, thiserror::Error)]

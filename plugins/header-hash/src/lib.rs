@@ -4,9 +4,12 @@
 //!
 //! `policy_config = { header = "x-user-id" }` names the header; requests
 //! without it fall back to the client's IP.
+//!
+//! Keys hash over every backend of the pool (by stable id), not only the
+//! healthy ones: when a backend goes down, only its own keys move (to a
+//! healthy backend chosen by a second hash), and they come back when it does.
 
-/// A backend's id, as the WIT `backend-id`.
-pub type BackendId = u32;
+use fulcrum_plugin_sdk::{Backend, BackendId, Balancer, Plugin, request};
 
 /// Jump consistent hash: a bucket in `0..buckets` for `key`.
 pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
@@ -19,71 +22,73 @@ pub fn jump_hash(mut key: u64, buckets: usize) -> usize {
     b.max(0) as usize
 }
 
-/// 64-bit FNV-1a.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    })
+pub use fulcrum_plugin_sdk::fnv1a;
+
+/// The backend for `key` among `all` (sorted by id, with health): its
+/// jump-hash bucket if that one is usable, else one of the usable ones by a
+/// second hash of the key.
+pub fn choose(key: u64, all: &[(BackendId, bool)], usable: impl Fn(BackendId, bool) -> bool) -> Option<BackendId> {
+    if all.is_empty() {
+        return None;
+    }
+    let (id, healthy) = all[jump_hash(key, all.len())];
+    if usable(id, healthy) {
+        return Some(id);
+    }
+    let rest: Vec<BackendId> = all.iter().filter(|&&(id, h)| usable(id, h)).map(|&(id, _)| id).collect();
+    (!rest.is_empty()).then(|| rest[jump_hash(key.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15, rest.len())])
 }
 
-/// The component glue: only built for Wasm, so the logic above tests on the host.
-#[cfg(target_arch = "wasm32")]
-mod component {
-    wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
-
-    use super::{fnv1a, jump_hash};
-    use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
-    use fulcrum::plugin::request;
-    use std::cell::RefCell;
-
-    thread_local! {
-        static HEADER: RefCell<Option<String>> = const { RefCell::new(None) };
-        static HEALTHY: RefCell<Vec<BackendId>> = const { RefCell::new(Vec::new()) };
-    }
-
-    fn key() -> u64 {
-        let by_header = HEADER.with(|h| h.borrow().as_deref().and_then(request::header));
-        match by_header {
-            Some(value) => fnv1a(value.as_bytes()),
-            None => request::client_ip_hash(),
-        }
-    }
-
-    struct HeaderHash;
-
-    impl Guest for HeaderHash {
-        fn init(config: String) -> Result<(), String> {
-            // A flat JSON object; the one key read is "header".
-            let header = config
-                .split("\"header\"")
-                .nth(1)
-                .and_then(|rest| rest.split('"').nth(1))
-                .map(str::to_ascii_lowercase);
-            HEADER.with(|h| *h.borrow_mut() = header);
-            Ok(())
-        }
-
-        fn set_backends(backends: Vec<Backend>) {
-            HEALTHY.with(|h| *h.borrow_mut() = backends.iter().filter(|b| b.healthy).map(|b| b.id).collect());
-        }
-
-        fn select() -> Option<BackendId> {
-            HEALTHY.with(|h| {
-                let healthy = h.borrow();
-                (!healthy.is_empty()).then(|| healthy[jump_hash(key(), healthy.len())])
-            })
-        }
-
-        fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
-            HEALTHY.with(|h| {
-                let rest: Vec<BackendId> = h.borrow().iter().copied().filter(|id| !tried.contains(id)).collect();
-                (!rest.is_empty()).then(|| rest[jump_hash(key(), rest.len())])
-            })
-        }
-    }
-
-    export!(HeaderHash);
+/// The policy's config: `{"header": "x-user-id"}`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The header whose value is the key; none: the client's IP.
+    pub header: Option<String>,
 }
+
+/// The policy: the key's header, and every backend by id with its health.
+pub struct HeaderHash {
+    header: Option<String>,
+    backends: Vec<(BackendId, bool)>,
+}
+
+impl HeaderHash {
+    fn key(&self) -> u64 {
+        self.header
+            .as_deref()
+            .and_then(request::header_hash)
+            .unwrap_or_else(request::client_ip_hash)
+    }
+}
+
+impl Plugin for HeaderHash {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        Ok(HeaderHash {
+            header: config.header.map(|h| h.to_ascii_lowercase()),
+            backends: Vec::new(),
+        })
+    }
+}
+
+impl Balancer for HeaderHash {
+    fn set_backends(&mut self, backends: Vec<Backend>) {
+        self.backends = backends.iter().map(|b| (b.id, b.healthy)).collect();
+        self.backends.sort_unstable();
+    }
+
+    fn select(&mut self) -> Option<BackendId> {
+        choose(self.key(), &self.backends, |_, healthy| healthy)
+    }
+
+    fn reselect(&mut self, tried: &[BackendId]) -> Option<BackendId> {
+        choose(self.key(), &self.backends, |id, healthy| healthy && !tried.contains(&id))
+    }
+}
+
+fulcrum_plugin_sdk::export_balancer!(HeaderHash);
 
 #[cfg(test)]
 mod tests {
@@ -105,5 +110,22 @@ mod tests {
             .filter(|k| jump_hash(fnv1a(&k.to_le_bytes()), 10) != jump_hash(fnv1a(&k.to_le_bytes()), 11))
             .count();
         assert!(moved < 150, "{moved} of 1000 keys moved");
+    }
+
+    #[test]
+    fn an_unhealthy_backend_moves_only_its_own_keys() {
+        let all: Vec<(BackendId, bool)> = (0..4).map(|id| (id, true)).collect();
+        let mut down = all.clone();
+        down[0].1 = false;
+        for k in 0..1000u32 {
+            let key = fnv1a(&k.to_le_bytes());
+            let before = choose(key, &all, |_, h| h);
+            let after = choose(key, &down, |_, h| h);
+            if before != Some(0) {
+                assert_eq!(before, after, "key {k} moved though its backend stayed up");
+            } else {
+                assert_ne!(after, Some(0));
+            }
+        }
     }
 }

@@ -2,14 +2,13 @@
 //! to its weight (nginx's `least_conn`).
 //!
 //! Pools up to `exact_up_to` backends (default 64) are scanned whole, reading
-//! the in-flight counts four at a time (pools up to 8) or as one list. Ties are broken by the host's shared
+//! the `in-flight` signal eight backends per host call. Ties are broken by the host's shared
 //! ticket, in proportion to weight, so an idle pool still rotates instead of
 //! always favouring the first backend. Larger pools use the power of two
 //! choices (as Envoy's least-request does): two random healthy backends are
 //! compared, which keeps a decision O(1) however large the pool.
 
-/// A backend's id, as the WIT `backend-id`.
-pub type BackendId = u32;
+use fulcrum_plugin_sdk::{Backend, BackendId, Balancer, Plugin, Signal, random, shared};
 
 /// Pools up to this size are scanned whole unless `exact_up_to` says otherwise.
 pub const DEFAULT_EXACT_UP_TO: usize = 64;
@@ -90,109 +89,83 @@ pub fn pick_two(
     Some(if lighter(cb, b, ca, a) { b.id } else { a.id })
 }
 
-/// The component glue: only built for Wasm, so the logic above tests on the host.
-#[cfg(target_arch = "wasm32")]
-mod component {
-    wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
-
-    use super::{DEFAULT_EXACT_UP_TO, Peer, pick, pick_two};
-    use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
-    use fulcrum::plugin::host;
-    use std::cell::{Cell, RefCell};
-
-    thread_local! {
-        static HEALTHY: RefCell<Vec<Peer>> = const { RefCell::new(Vec::new()) };
-        static EXACT_UP_TO: Cell<usize> = const { Cell::new(DEFAULT_EXACT_UP_TO) };
-        static RNG: Cell<u64> = const { Cell::new(0x9E37_79B9_7F4A_7C15) };
-        static BACKENDS: Cell<usize> = const { Cell::new(0) };
-    }
-
-    /// Every backend's in-flight count, indexed by id, read the cheapest way
-    /// for the pool's size: four per host call into a stack buffer for small
-    /// pools (no allocation on either side), one list otherwise.
-    fn with_in_flight_counts<R>(backends: usize, f: impl FnOnce(&[u32]) -> R) -> R {
-        if backends > 8 {
-            return f(&host::in_flight_all());
-        }
-        let mut counts = [0u32; 8];
-        for first in (0..backends).step_by(4) {
-            let (a, b, c, d) = host::in_flight_four(first as u32);
-            counts[first..first + 4].copy_from_slice(&[a, b, c, d]);
-        }
-        f(&counts[..backends])
-    }
-
-    fn backend_count() -> usize {
-        BACKENDS.with(Cell::get)
-    }
-
-    fn next_random() -> u64 {
-        RNG.with(|r| {
-            let mut x = r.get();
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            r.set(x);
-            x
-        })
-    }
-
-    fn decide(tried: &[BackendId]) -> Option<BackendId> {
-        HEALTHY.with(|h| {
-            let peers = h.borrow();
-            if peers.len() > EXACT_UP_TO.with(Cell::get) {
-                return pick_two(&peers, tried, next_random, host::in_flight);
-            }
-            with_in_flight_counts(backend_count(), |conns| {
-                pick(&peers, conns, tried, || host::next_ticket(0))
-            })
-        })
-    }
-
-    struct LeastConn;
-
-    impl Guest for LeastConn {
-        fn init(config: String) -> Result<(), String> {
-            // The config is a flat JSON object; the one key read is `exact_up_to`.
-            if let Some(rest) = config.split("\"exact_up_to\"").nth(1) {
-                let digits: String = rest
-                    .trim_start_matches([' ', ':'])
-                    .chars()
-                    .take_while(char::is_ascii_digit)
-                    .collect();
-                let limit = digits
-                    .parse()
-                    .map_err(|_| format!("exact_up_to must be a whole number, got {}", rest.trim()))?;
-                EXACT_UP_TO.with(|c| c.set(limit));
-            }
-            RNG.with(|r| r.set(host::next_ticket(1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1));
-            Ok(())
-        }
-
-        fn set_backends(backends: Vec<Backend>) {
-            let healthy = backends
-                .iter()
-                .filter(|b| b.healthy)
-                .map(|b| Peer {
-                    id: b.id,
-                    weight: u64::from(b.weight.max(1)),
-                })
-                .collect();
-            HEALTHY.with(|h| *h.borrow_mut() = healthy);
-            BACKENDS.with(|n| n.set(backends.len()));
-        }
-
-        fn select() -> Option<BackendId> {
-            decide(&[])
-        }
-
-        fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
-            decide(&tried)
-        }
-    }
-
-    export!(LeastConn);
+/// The policy's config: `{"exact_up_to": N}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Pools up to this size are scanned whole; larger ones use two choices.
+    pub exact_up_to: usize,
 }
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            exact_up_to: DEFAULT_EXACT_UP_TO,
+        }
+    }
+}
+
+/// The policy: the healthy backends, and where the in-flight counts are read into.
+pub struct LeastConn {
+    healthy: Vec<Peer>,
+    exact_up_to: usize,
+    in_flight: Signal,
+    /// In-flight counts by id, refilled per decision (no allocation per call).
+    counts: Vec<u32>,
+}
+
+impl Plugin for LeastConn {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        Ok(LeastConn {
+            healthy: Vec::new(),
+            exact_up_to: config.exact_up_to,
+            in_flight: Signal::resolve("in-flight")?,
+            counts: Vec::new(),
+        })
+    }
+}
+
+impl LeastConn {
+    fn decide(&mut self, tried: &[BackendId]) -> Option<BackendId> {
+        if self.healthy.len() > self.exact_up_to {
+            let signal = self.in_flight;
+            let load = |id| signal.read(id).unwrap_or(0) as u32;
+            return pick_two(&self.healthy, tried, random::next, load);
+        }
+        let last = self.counts.len().checked_sub(1)? as u32;
+        let counts = &mut self.counts;
+        self.in_flight
+            .for_each(last, |id, value| counts[id as usize] = value.unwrap_or(0) as u32);
+        pick(&self.healthy, &self.counts, tried, || shared::next_ticket(0))
+    }
+}
+
+impl Balancer for LeastConn {
+    fn set_backends(&mut self, backends: Vec<Backend>) {
+        self.healthy = backends
+            .iter()
+            .filter(|b| b.healthy)
+            .map(|b| Peer {
+                id: b.id,
+                weight: u64::from(b.weight.max(1)),
+            })
+            .collect();
+        let ids = backends.iter().map(|b| b.id as usize + 1).max().unwrap_or(0);
+        self.counts = vec![0; ids];
+    }
+
+    fn select(&mut self) -> Option<BackendId> {
+        self.decide(&[])
+    }
+
+    fn reselect(&mut self, tried: &[BackendId]) -> Option<BackendId> {
+        self.decide(tried)
+    }
+}
+
+fulcrum_plugin_sdk::export_balancer!(LeastConn);
 
 #[cfg(test)]
 mod tests {

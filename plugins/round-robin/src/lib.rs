@@ -7,8 +7,7 @@
 //! backend set changes, and maps the host's shared ticket counter onto it, so
 //! every instance agrees on whose turn it is.
 
-/// A backend's id, as the WIT `backend-id`.
-pub type BackendId = u32;
+use fulcrum_plugin_sdk::{Backend, BackendId, Balancer, NoConfig, Plugin, shared};
 
 /// Longest schedule kept; larger weight sums are scaled down to fit.
 const MAX_SCHEDULE: u64 = 1 << 16;
@@ -49,63 +48,47 @@ fn gcd(a: u64, b: u64) -> u64 {
     if b == 0 { a } else { gcd(b, a % b) }
 }
 
-/// The component glue: only built for Wasm, so the logic above tests on the host.
-#[cfg(target_arch = "wasm32")]
-mod component {
-    wit_bindgen::generate!({ path: "../../wit", world: "balancer" });
-
-    use super::smooth_schedule;
-    use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
-    use fulcrum::plugin::host;
-    use std::cell::RefCell;
-
-    thread_local! {
-        static SCHEDULE: RefCell<Vec<BackendId>> = const { RefCell::new(Vec::new()) };
-    }
-
-    struct RoundRobin;
-
-    impl Guest for RoundRobin {
-        fn init(_config: String) -> Result<(), String> {
-            Ok(())
-        }
-
-        fn set_backends(backends: Vec<Backend>) {
-            let healthy: Vec<(BackendId, u32)> = backends
-                .iter()
-                .filter(|b| b.healthy)
-                .map(|b| (b.id, b.weight))
-                .collect();
-            SCHEDULE.with(|s| *s.borrow_mut() = smooth_schedule(&healthy));
-        }
-
-        fn select() -> Option<BackendId> {
-            SCHEDULE.with(|s| {
-                let schedule = s.borrow();
-                if schedule.is_empty() {
-                    return None;
-                }
-                let ticket = host::next_ticket(0);
-                Some(schedule[(ticket % schedule.len() as u64) as usize])
-            })
-        }
-
-        fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
-            SCHEDULE.with(|s| {
-                let schedule = s.borrow();
-                if schedule.is_empty() {
-                    return None;
-                }
-                let start = host::next_ticket(0) as usize;
-                (0..schedule.len())
-                    .map(|step| schedule[(start + step) % schedule.len()])
-                    .find(|id| !tried.contains(id))
-            })
-        }
-    }
-
-    export!(RoundRobin);
+/// The policy: the schedule of the healthy backends, and the shared ticket.
+pub struct RoundRobin {
+    schedule: Vec<BackendId>,
 }
+
+impl Plugin for RoundRobin {
+    type Config = NoConfig;
+
+    fn new(_: NoConfig) -> Result<Self, String> {
+        Ok(RoundRobin { schedule: Vec::new() })
+    }
+}
+
+impl Balancer for RoundRobin {
+    fn set_backends(&mut self, backends: Vec<Backend>) {
+        let healthy: Vec<(BackendId, u32)> = backends
+            .iter()
+            .filter(|b| b.healthy)
+            .map(|b| (b.id, b.weight))
+            .collect();
+        self.schedule = smooth_schedule(&healthy);
+    }
+
+    fn select(&mut self) -> Option<BackendId> {
+        if self.schedule.is_empty() {
+            return None;
+        }
+        let ticket = shared::next_ticket(0);
+        Some(self.schedule[(ticket % self.schedule.len() as u64) as usize])
+    }
+
+    fn reselect(&mut self, tried: &[BackendId]) -> Option<BackendId> {
+        let n = self.schedule.len();
+        let start = shared::next_ticket(0) as usize;
+        (0..n)
+            .map(|step| self.schedule[(start + step) % n])
+            .find(|id| !tried.contains(id))
+    }
+}
+
+fulcrum_plugin_sdk::export_balancer!(RoundRobin);
 
 #[cfg(test)]
 mod tests {

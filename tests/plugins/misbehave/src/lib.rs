@@ -15,26 +15,35 @@
 // Only a Wasm component: there is nothing to build or test on the host.
 #![cfg(target_arch = "wasm32")]
 
-wit_bindgen::generate!({ path: "../../../wit", world: "balancer" });
+use fulcrum_plugin_sdk::{Backend, BackendId, Balancer, Plugin, log, request};
 
-use exports::fulcrum::plugin::policy::{Backend, BackendId, Guest};
-use std::cell::RefCell;
-
-thread_local! {
-    static MODE: RefCell<String> = const { RefCell::new(String::new()) };
-    static HEALTHY: RefCell<Vec<BackendId>> = const { RefCell::new(Vec::new()) };
+/// `{"mode": "...", "at": "init"}`.
+#[derive(serde::Deserialize)]
+#[serde(default)]
+struct Config {
+    mode: String,
+    at: Option<String>,
 }
 
-struct Misbehave;
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            mode: "first".into(),
+            at: None,
+        }
+    }
+}
 
-impl Guest for Misbehave {
-    fn init(config: String) -> Result<(), String> {
-        let mode = config
-            .split("\"mode\"")
-            .nth(1)
-            .and_then(|rest| rest.split('"').nth(1))
-            .unwrap_or("first")
-            .to_string();
+struct Misbehave {
+    mode: String,
+    healthy: Vec<BackendId>,
+}
+
+impl Plugin for Misbehave {
+    type Config = Config;
+
+    fn new(config: Config) -> Result<Self, String> {
+        let mode = config.mode;
         if mode == "refuse" {
             return Err("this plugin was told to refuse its config".into());
         }
@@ -42,20 +51,23 @@ impl Guest for Misbehave {
             println!("hello from init");
             eprintln!("complaint from init");
         }
-        if config.contains("\"at\"") && config.contains("\"init\"") {
+        if config.at.as_deref() == Some("init") {
             escape(&mode);
         }
-        MODE.with(|m| *m.borrow_mut() = mode);
-        Ok(())
+        Ok(Misbehave {
+            mode,
+            healthy: Vec::new(),
+        })
+    }
+}
+
+impl Balancer for Misbehave {
+    fn set_backends(&mut self, backends: Vec<Backend>) {
+        self.healthy = backends.iter().filter(|b| b.healthy).map(|b| b.id).collect();
     }
 
-    fn set_backends(backends: Vec<Backend>) {
-        HEALTHY.with(|h| *h.borrow_mut() = backends.iter().filter(|b| b.healthy).map(|b| b.id).collect());
-    }
-
-    fn select() -> Option<BackendId> {
-        let mode = MODE.with(|m| m.borrow().clone());
-        match mode.as_str() {
+    fn select(&mut self) -> Option<BackendId> {
+        match self.mode.as_str() {
             "loop" => {
                 let mut n: u64 = 0;
                 loop {
@@ -74,36 +86,31 @@ impl Guest for Misbehave {
             "zero" => Some(0),
             "chatty" => {
                 println!("hello from select");
-                HEALTHY.with(|h| h.borrow().first().copied())
+                self.healthy.first().copied()
             }
             "none" => None,
             "sleep" | "tcp" | "udp" | "dns" | "file" | "env" | "stdin" => {
-                escape(&mode);
-                HEALTHY.with(|h| h.borrow().first().copied())
+                escape(&self.mode);
+                self.healthy.first().copied()
             }
-            "last" => HEALTHY.with(|h| h.borrow().last().copied()),
+            "last" => self.healthy.last().copied(),
             "modulo" => {
-                let key = fulcrum::plugin::request::header("x-user").unwrap_or_default();
-                let hash = key.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-                    (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-                });
-                HEALTHY.with(|h| {
-                    let healthy = h.borrow();
-                    (!healthy.is_empty()).then(|| healthy[(hash % healthy.len() as u64) as usize])
-                })
+                let key = request::header("x-user").unwrap_or_default();
+                let hash = fulcrum_plugin_sdk::fnv1a(key.as_bytes());
+                (!self.healthy.is_empty()).then(|| self.healthy[(hash % self.healthy.len() as u64) as usize])
             }
-            _ => HEALTHY.with(|h| h.borrow().first().copied()),
+            _ => self.healthy.first().copied(),
         }
     }
 
-    fn reselect(tried: Vec<BackendId>) -> Option<BackendId> {
-        HEALTHY.with(|h| h.borrow().iter().copied().find(|id| !tried.contains(id)))
+    fn reselect(&mut self, tried: &[BackendId]) -> Option<BackendId> {
+        self.healthy.iter().copied().find(|id| !tried.contains(id))
     }
 }
 
 /// Tries to reach outside the sandbox (or to block) and logs what happened.
 fn escape(mode: &str) {
-    use fulcrum::plugin::host::{Level, log};
+    use log::Level;
     use std::io::Read;
     let outcome: Result<String, String> = match mode {
         "sleep" => {
@@ -137,9 +144,9 @@ fn escape(mode: &str) {
         _ => Err("not an escape mode".into()),
     };
     match outcome {
-        Ok(what) => log(Level::Warn, &format!("escape {mode}: SUCCEEDED ({what})")),
-        Err(reason) => log(Level::Info, &format!("escape {mode}: denied: {reason}")),
+        Ok(what) => fulcrum_plugin_sdk::log(Level::Warn, &format!("escape {mode}: SUCCEEDED ({what})")),
+        Err(reason) => fulcrum_plugin_sdk::log(Level::Info, &format!("escape {mode}: denied: {reason}")),
     }
 }
 
-export!(Misbehave);
+fulcrum_plugin_sdk::export_balancer!(Misbehave);

@@ -1,0 +1,182 @@
+//! The services the host gives plugins, by interface: `log`, `clock`,
+//! `random`, `shared` and `backends` of 0.2.0, and the frozen 0.1.0 `host`.
+//! (The current request and response are read in request_view.rs.)
+
+use super::engine::StoreState;
+use super::world::{v1, v2};
+use crate::backend::{Backend, now_ns};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use v2::fulcrum::plugin::backends::Batch;
+use v2::fulcrum::plugin::log::Level;
+
+/// The signals the host measures, by name; a signal's id is its index here.
+pub const SIGNALS: [&str; 7] = [
+    "in-flight",
+    "max-in-flight",
+    "full",
+    "latency-ewma-us",
+    "error-rate-ppm",
+    "requests",
+    "weight",
+];
+
+/// The value of signal `signal` for `backend`, `None` when it has none.
+fn signal_value(signal: u32, backend: &Backend, state: &StoreState) -> Option<u64> {
+    let live = &backend.state;
+    match signal {
+        0 => Some(u64::from(live.in_flight())),
+        1 => Some(u64::from(live.max_in_flight())),
+        2 => Some(u64::from(live.is_full())),
+        3 => live.latency_ewma_us(now_ns()),
+        4 => live.error_rate_ppm(),
+        5 => Some(live.requests.load(Ordering::Relaxed)),
+        6 => Some(u64::from(crate::traffic::effective_weight(
+            backend,
+            state.view.slow_start,
+            crate::backend::process_ms(),
+        ))),
+        _ => None,
+    }
+}
+
+impl v2::fulcrum::plugin::types::Host for StoreState {}
+
+impl v2::fulcrum::plugin::log::Host for StoreState {
+    fn log(&mut self, level: Level, message: String) {
+        let level = match level {
+            Level::Trace => 0,
+            Level::Debug => 1,
+            Level::Info => 2,
+            Level::Warn => 3,
+            Level::Error => 4,
+        };
+        write_log(&self.plugin_name, level, &message);
+    }
+}
+
+/// A plugin's log line at `level` (0 trace … 4 error).
+fn write_log(plugin: &str, level: u8, message: &str) {
+    match level {
+        0 => tracing::trace!(plugin, "{message}"),
+        1 => tracing::debug!(plugin, "{message}"),
+        2 => tracing::info!(plugin, "{message}"),
+        3 => tracing::warn!(plugin, "{message}"),
+        _ => tracing::error!(plugin, "{message}"),
+    }
+}
+
+impl v2::fulcrum::plugin::clock::Host for StoreState {
+    fn now(&mut self) -> u64 {
+        now_ns()
+    }
+}
+
+impl v2::fulcrum::plugin::random::Host for StoreState {
+    fn next(&mut self) -> u64 {
+        // splitmix64 over the instance's own state (seeded in `StoreState::new`).
+        self.random = self.random.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.random;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+}
+
+impl v2::fulcrum::plugin::shared::Host for StoreState {
+    fn next_ticket(&mut self, slot: u32) -> u64 {
+        self.tickets
+            .get(slot as usize)
+            .map_or(0, |counter| counter.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn count(&mut self, key: String, delta: u64, window_ms: u32) -> u64 {
+        let window = (window_ms > 0).then(|| Duration::from_millis(u64::from(window_ms)));
+        self.shared.count(&key, delta, window, now_ns())
+    }
+
+    fn take(&mut self, key: String, rate: f64, burst: u32) -> Result<(), u64> {
+        self.shared
+            .take(&key, rate, burst, now_ns())
+            .map_err(|wait| u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX))
+    }
+
+    fn get(&mut self, key: String) -> Option<Vec<u8>> {
+        self.shared.get(&key, now_ns())
+    }
+
+    fn set(&mut self, key: String, value: Vec<u8>, ttl_ms: u32) -> bool {
+        let ttl = (ttl_ms > 0).then(|| Duration::from_millis(u64::from(ttl_ms)));
+        self.shared.set(&key, value, ttl, now_ns())
+    }
+
+    fn remove(&mut self, key: String) -> bool {
+        self.shared.remove(&key)
+    }
+}
+
+impl v2::fulcrum::plugin::backends::Host for StoreState {
+    fn signal(&mut self, name: String) -> Option<u32> {
+        SIGNALS.iter().position(|known| *known == name).map(|i| i as u32)
+    }
+
+    fn read(&mut self, signal: u32, first: u32) -> Batch {
+        let mut values = [0u64; 8];
+        let mut missing = 0u8;
+        for (i, value) in values.iter_mut().enumerate() {
+            match self
+                .backend_by_id(first.saturating_add(i as u32))
+                .and_then(|b| signal_value(signal, b, self))
+            {
+                Some(v) => *value = v,
+                None => missing |= 1 << i,
+            }
+        }
+        let [a, b, c, d, e, f, g, h] = values;
+        Batch {
+            values: (a, b, c, d, e, f, g, h),
+            missing,
+        }
+    }
+
+    fn read_one(&mut self, signal: u32, id: u32) -> Option<u64> {
+        self.backend_by_id(id).and_then(|b| signal_value(signal, b, self))
+    }
+}
+
+/// 0.1.0's one host interface: in-flight counts by list index, tickets, log.
+impl v1::fulcrum::plugin::host::Host for StoreState {
+    fn in_flight_all(&mut self) -> Vec<u32> {
+        self.backends.iter().map(|b| b.state.in_flight()).collect()
+    }
+
+    fn in_flight_four(&mut self, first: u32) -> (u32, u32, u32, u32) {
+        let backends = &self.backends;
+        let count = |i: u32| {
+            backends
+                .get(first.saturating_add(i) as usize)
+                .map_or(0, |b| b.state.in_flight())
+        };
+        (count(0), count(1), count(2), count(3))
+    }
+
+    fn in_flight(&mut self, id: u32) -> u32 {
+        self.backends.get(id as usize).map_or(0, |b| b.state.in_flight())
+    }
+
+    fn next_ticket(&mut self, slot: u32) -> u64 {
+        v2::fulcrum::plugin::shared::Host::next_ticket(self, slot)
+    }
+
+    fn log(&mut self, level: v1::fulcrum::plugin::host::Level, message: String) {
+        use v1::fulcrum::plugin::host::Level;
+        let level = match level {
+            Level::Trace => 0,
+            Level::Debug => 1,
+            Level::Info => 2,
+            Level::Warn => 3,
+            Level::Error => 4,
+        };
+        write_log(&self.plugin_name, level, &message);
+    }
+}
