@@ -25,6 +25,8 @@ fn backends(n: usize) -> (BackendList, Vec<InFlight>) {
     let list: Vec<Arc<Backend>> = (0..n)
         .map(|i| {
             Arc::new(Backend {
+                id: i as u32,
+                labels: Arc::from(Vec::new()),
                 address: format!("10.0.{}.{}:80", i / 250, i % 250 + 1),
                 socket: format!("10.0.{}.{}:80", i / 250, i % 250 + 1).parse().expect("address"),
                 weight: 1 + (i % 3) as u32,
@@ -53,12 +55,27 @@ fn request(headers: usize) -> RequestHead {
         .expect("complete")
 }
 
-/// `head` as the policy sees it, from a client at 192.0.2.7.
-fn current(head: &RequestHead) -> CurrentRequest<'_> {
+/// The client every benchmark request comes from.
+fn client() -> fulcrum::http::ClientAddr {
+    fulcrum::http::ClientAddr::new("192.0.2.7:51000".parse().expect("client"))
+}
+
+/// `head` from `client` as the policy sees it.
+fn current<'a>(head: &'a RequestHead, client: &'a fulcrum::http::ClientAddr) -> CurrentRequest<'a> {
     CurrentRequest {
         head,
-        client: "192.0.2.7:51000".parse().expect("client"),
+        client: client.addr,
+        connection: client,
+        body_prefix: &[],
+        changes: fulcrum::plugin::RequestChanges::none(),
+        pool: "bench",
     }
+}
+
+/// A plugin built beside the built-ins (or a committed fixture), by file.
+fn slot_of(name: &str, path: &str) -> Arc<PluginSlot> {
+    let wasm = std::fs::read(path).unwrap_or_else(|e| panic!("{path}: {e}"));
+    PluginSlot::new(Plugin::load(name, &wasm, PluginSource::Builtin).unwrap_or_else(|e| panic!("{name}: {e}")))
 }
 
 fn policy(slot: Arc<PluginSlot>, config: &str) -> Policy {
@@ -68,13 +85,22 @@ fn policy(slot: Arc<PluginSlot>, config: &str) -> Policy {
 fn decisions(c: &mut Criterion) {
     let registry = Registry::with_builtins().expect("built-ins load");
     let mut group = c.benchmark_group("decision");
-    for name in ["round-robin", "least-conn"] {
-        let slot = registry.slot(name).expect("built-in");
-        for n in [3, 100, 1000] {
+    let client = client();
+    let wasm_dir = env!("FULCRUM_PLUGIN_WASM_DIR");
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/plugin-0.1.0/least_conn.wasm");
+    let slots = [
+        ("round-robin", registry.slot("round-robin").expect("built-in"), &[3, 100, 1000][..]),
+        ("least-conn", registry.slot("least-conn").expect("built-in"), &[3, 100, 1000][..]),
+        ("least-conn-0.1.0", slot_of("least-conn-0.1.0", fixture), &[3][..]),
+        ("maglev", slot_of("maglev", &format!("{wasm_dir}/maglev.wasm")), &[3, 100][..]),
+        ("peak-ewma", slot_of("peak-ewma", &format!("{wasm_dir}/peak_ewma.wasm")), &[3, 100][..]),
+    ];
+    for (name, slot, sizes) in slots {
+        for &n in sizes {
             let policy = policy(slot.clone(), "{}");
             let (list, _load) = backends(n);
             let head = request(3);
-            let current = current(&head);
+            let current = current(&head, &client);
             assert!(
                 policy
                     .choose(&current, &list, &[], fulcrum::plugin::PoolView::default())
@@ -94,7 +120,7 @@ fn decisions(c: &mut Criterion) {
         let policy = policy(slot.clone(), r#"{"header":"x-user"}"#);
         let (list, _load) = backends(3);
         let head = request(headers);
-        let current = current(&head);
+        let current = current(&head, &client);
         assert!(
             policy
                 .choose(&current, &list, &[], fulcrum::plugin::PoolView::default())
@@ -122,6 +148,8 @@ fn host_work(c: &mut Criterion) {
         path_prefix: prefix.to_string(),
         pool: format!("p{i}"),
         max_body_size: None,
+        filters: Vec::new(),
+        body_prefix: 0,
     })
     .collect();
     let router = Router::new(&routes, |name| name.strip_prefix('p').and_then(|n| n.parse().ok()));
@@ -141,6 +169,7 @@ fn host_work(c: &mut Criterion) {
                 via: false,
                 forwarded: false,
                 request_id: None,
+                edits: &[],
             };
             fulcrum::http::h1::encode_request_head(
                 &request,
@@ -177,7 +206,7 @@ fn host_work(c: &mut Criterion) {
                 .expect("valid")
                 .expect("complete");
             out.clear();
-            head.write_for_client(&mut out, false, false, false, b"");
+            head.write_for_client(&mut out, false, false, false, b"", &[]);
             black_box(out.len())
         })
     });

@@ -4,11 +4,11 @@
 //! watcher that follow the snapshot.
 
 use crate::changes::{Added, Changes, PoolChanges};
-use crate::config::{BackendConfig, Config, ConfigError, PoolConfig};
+use crate::config::{BackendConfig, Config, ConfigError};
 use crate::health::Checks;
 use crate::plugin::Plugin;
 use crate::plugin::registry::{PluginDir, Registry, Validator};
-use crate::snapshot::{self, Kept, Snapshot, check_against, invalid, plugin_limits};
+use crate::snapshot::{self, Kept, Snapshot, check_against, invalid};
 use crate::watch::{FileWatcher, Handler, Settled};
 use arc_swap::ArcSwap;
 use std::path::{Path, PathBuf};
@@ -60,18 +60,12 @@ impl App {
         }
         let registry = Arc::new(Registry::with_builtins().map_err(|e| invalid(&config, "plugins", e.to_string()))?);
         if let Some(dir) = &config.plugins.dir {
-            let limits = plugin_limits(&config);
-            let pools: Vec<PoolConfig> = config.pools.values().cloned().collect();
-            let validator: Validator =
-                Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, pools.iter(), &limits));
+            let uses = config.clone();
+            let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &uses));
             for (path, error) in registry.load_dir(dir, &validator) {
                 let name = crate::plugin::registry::plugin_name(&path).unwrap_or_default();
                 if config.plugin_policies().any(|p| p == name) || !dir.is_dir() {
-                    let key = config
-                        .pools
-                        .iter()
-                        .find(|(_, p)| p.policy == name)
-                        .map_or("plugins.dir".to_string(), |(n, _)| format!("pools.{n}.policy"));
+                    let key = config.key_naming_plugin(name).unwrap_or_else(|| "plugins.dir".to_string());
                     return Err(invalid(&config, &key, error.to_string()));
                 }
                 tracing::warn!(path = %path.display(), %error, "plugin refused");
@@ -398,9 +392,7 @@ impl App {
                 let Some(app) = app.upgrade() else {
                     return Ok(());
                 };
-                let snapshot = app.snapshot();
-                let limits = plugin_limits(&snapshot.config);
-                check_against(plugin, name, snapshot.config.pools.values(), &limits)
+                check_against(plugin, name, &app.snapshot().config)
             });
             let dir = dir.canonicalize().map_err(notify::Error::io)?;
             watcher.watch(&dir, Box::new(PluginDir::new(self.registry.clone(), &dir, validator)))?;

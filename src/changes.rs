@@ -115,6 +115,7 @@ mod tests {
             socket: address.parse().expect("address"),
             weight,
             max_in_flight: None,
+            labels: Vec::new(),
         }
     }
 

@@ -37,6 +37,19 @@ pub struct Config {
     /// Pools by name, sorted.
     pub pools: BTreeMap<String, PoolConfig>,
     pub routes: Vec<RouteConfig>,
+    /// Filters by name (`[filters.NAME]`), sorted.
+    pub filters: BTreeMap<String, FilterConfig>,
+}
+
+/// One `[filters.NAME]`: a filter plugin with its config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FilterConfig {
+    /// The plugin's name (a `NAME.wasm` in the plugin directory).
+    pub plugin: String,
+    /// `config`, as JSON (`{}` when absent).
+    pub config: String,
+    /// What a fault (deadline, memory cap, trap, bad answer) does to the request.
+    pub on_fault: crate::plugin::OnFault,
 }
 
 /// The hex SHA-256 of a config file's text: which file serves (the
@@ -164,6 +177,18 @@ pub struct PluginsConfig {
     pub memory_limit: usize,
     /// Where compiled plugins are kept between starts; `None`: not kept.
     pub cache_dir: Option<PathBuf>,
+    /// Per-plugin `call_timeout` and `memory_limit` (`[plugins.limits.NAME]`),
+    /// over the ones above.
+    pub limits: BTreeMap<String, PluginLimits>,
+    /// Entries of each plugin's shared key-value store.
+    pub shared_entries: usize,
+}
+
+/// One plugin's own limits; `None` keeps the global one.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PluginLimits {
+    pub call_timeout: Option<Duration>,
+    pub memory_limit: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -374,6 +399,10 @@ pub struct RouteConfig {
     /// The largest request body taken (413 above); `server.max_body_size`
     /// when not set; no limit when neither is.
     pub max_body_size: Option<u64>,
+    /// The route's filters, by name, in the order they run.
+    pub filters: Vec<String>,
+    /// How much of the body's start plugins may read (`request.body-prefix`); 0: none.
+    pub body_prefix: usize,
 }
 
 // ---- the file as written -------------------------------------------------
@@ -390,6 +419,23 @@ struct RawConfig {
     pools: BTreeMap<String, RawPool>,
     #[serde(default)]
     routes: Vec<RawRoute>,
+    #[serde(default)]
+    filters: BTreeMap<String, RawFilter>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFilter {
+    plugin: String,
+    config: Option<toml::Value>,
+    on_fault: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPluginLimits {
+    call_timeout: Option<String>,
+    memory_limit: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -474,6 +520,9 @@ struct RawPlugins {
     memory_limit: Option<String>,
     cache_dir: Option<PathBuf>,
     cache: Option<bool>,
+    #[serde(default)]
+    limits: BTreeMap<String, RawPluginLimits>,
+    shared_entries: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -576,6 +625,9 @@ struct RawRoute {
     path_prefix: Option<String>,
     pool: String,
     max_body_size: Option<String>,
+    #[serde(default)]
+    filters: Vec<String>,
+    body_prefix: Option<String>,
 }
 
 // ---- loading -------------------------------------------------------------
@@ -628,7 +680,23 @@ impl Config {
         self.pools
             .values()
             .map(|p| p.policy.as_str())
+            .chain(self.filters.values().map(|f| f.plugin.as_str()))
             .filter(|p| !crate::plugin::registry::is_builtin(p))
+    }
+
+    /// The config key that names plugin `name` first: a pool's policy or a
+    /// filter's plugin.
+    pub fn key_naming_plugin(&self, name: &str) -> Option<String> {
+        self.pools
+            .iter()
+            .find(|(_, p)| p.policy == name)
+            .map(|(n, _)| format!("pools.{n}.policy"))
+            .or_else(|| {
+                self.filters
+                    .iter()
+                    .find(|(_, f)| f.plugin == name)
+                    .map(|(n, _)| format!("filters.{n}.plugin"))
+            })
     }
 }
 
@@ -971,6 +1039,39 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 .or_else(|| std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache")))
                 .map(|base| base.join("fulcrum").join("plugins")),
         },
+        limits: raw
+            .plugins
+            .limits
+            .into_iter()
+            .map(|(name, limits)| {
+                let key = |k: &str| format!("plugins.limits.{name}.{k}");
+                let call_timeout = limits
+                    .call_timeout
+                    .as_deref()
+                    .map(|t| duration(&key("call_timeout"), Some(t), Duration::ZERO))
+                    .transpose()?;
+                if call_timeout.is_some_and(|t| t.is_zero()) {
+                    return Err((key("call_timeout"), "must be more than 0".into()));
+                }
+                let memory_limit = limits
+                    .memory_limit
+                    .as_deref()
+                    .map(|m| size(&key("memory_limit"), Some(m), 0))
+                    .transpose()?;
+                Ok((
+                    name,
+                    PluginLimits {
+                        call_timeout,
+                        memory_limit,
+                    },
+                ))
+            })
+            .collect::<Result<_, KeyError>>()?,
+        shared_entries: match raw.plugins.shared_entries {
+            Some(0) => return Err(("plugins.shared_entries".into(), "must be at least 1".into())),
+            Some(n) => n,
+            None => crate::plugin::shared::DEFAULT_ENTRIES,
+        },
     };
     if plugins.call_timeout.is_zero() {
         return Err(("plugins.call_timeout".into(), "must be more than 0".into()));
@@ -1192,8 +1293,53 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         .as_deref()
         .map(|text| size("server.max_body_size", Some(text), 0).map(|n| n as u64))
         .transpose()?;
+    let mut filters = BTreeMap::new();
+    for (name, filter) in raw.filters {
+        let key = |k: &str| format!("filters.{name}.{k}");
+        let config = match filter.config {
+            None => "{}".to_string(),
+            Some(value) => serde_json::to_string(&value)
+                .map_err(|e| (key("config"), format!("cannot be given as JSON: {e}")))?,
+        };
+        let on_fault = match filter.on_fault.as_deref() {
+            None | Some("allow") => crate::plugin::OnFault::Allow,
+            Some("deny") => crate::plugin::OnFault::Deny,
+            Some(other) => return Err((key("on_fault"), format!("`{other}` is not \"allow\" or \"deny\""))),
+        };
+        filters.insert(
+            name,
+            FilterConfig {
+                plugin: filter.plugin,
+                config,
+                on_fault,
+            },
+        );
+    }
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, route) in raw.routes.into_iter().enumerate() {
+        for (j, filter) in route.filters.iter().enumerate() {
+            if !filters.contains_key(filter) {
+                let defined: Vec<&String> = filters.keys().collect();
+                return Err((
+                    format!("routes[{i}].filters[{j}]"),
+                    format!(
+                        "unknown filter `{filter}`; define it as [filters.{filter}] (defined: {})",
+                        if defined.is_empty() {
+                            "none".to_string()
+                        } else {
+                            defined.iter().map(|d| d.as_str()).collect::<Vec<_>>().join(", ")
+                        }
+                    ),
+                ));
+            }
+        }
+        let body_prefix = size(&format!("routes[{i}].body_prefix"), route.body_prefix.as_deref(), 0)?;
+        if body_prefix > MAX_BODY_PREFIX {
+            return Err((
+                format!("routes[{i}].body_prefix"),
+                format!("at most {} KiB: it is held in memory for every request", MAX_BODY_PREFIX / 1024),
+            ));
+        }
         if !pools.contains_key(&route.pool) {
             return Err((
                 format!("routes[{i}].pool"),
@@ -1220,6 +1366,8 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             path_prefix,
             pool: route.pool,
             max_body_size,
+            filters: route.filters,
+            body_prefix,
         });
     }
     if routes.is_empty() {
@@ -1235,6 +1383,8 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 path_prefix: "/".into(),
                 pool: pool.clone(),
                 max_body_size: max_body_default,
+                filters: Vec::new(),
+                body_prefix: 0,
             });
         }
     }
@@ -1250,8 +1400,12 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         plugins,
         pools,
         routes,
+        filters,
     })
 }
+
+/// The largest `body_prefix` a route may ask for.
+pub const MAX_BODY_PREFIX: usize = 1 << 20;
 
 /// One entry of `retry_on`.
 fn retry_on(value: &toml::Value) -> Result<RetryOn, String> {

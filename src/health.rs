@@ -397,6 +397,8 @@ mod tests {
         (0..n)
             .map(|i| {
                 Arc::new(Backend {
+                    id: i as u32,
+                    labels: Arc::from(Vec::new()),
                     address: format!("127.0.0.1:{}", 1000 + i),
                     socket: format!("127.0.0.1:{}", 1000 + i).parse().expect("addr"),
                     weight: 1,
@@ -540,6 +542,8 @@ mod tests {
         let address = closed.local_addr().expect("addr");
         drop(closed);
         let backends: BackendList = vec![Arc::new(Backend {
+            id: 0,
+            labels: Arc::from(Vec::new()),
             address: address.to_string(),
             socket: address,
             weight: 1,

@@ -15,7 +15,7 @@ use crate::config::RetryOn;
 use crate::health::{self, Outcome};
 use crate::http::h1::ResponseHead;
 use crate::http::{BodySource, ClientAddr, ClientBodyError, Framing, RequestHead};
-use crate::plugin::CurrentRequest;
+use crate::plugin::{CurrentRequest, FilterVerdict, OnFault, RequestChanges};
 pub use crate::record::{RequestRecord, Termination};
 use crate::snapshot::{Pool, Snapshot};
 use crate::traffic::{Breaker, QueueError};
@@ -29,14 +29,18 @@ use std::time::Duration;
 // fraction of what the OS clock costs (five reads per request).
 use quanta::Instant;
 
-/// An answer the balancer gives itself, with a one-line plain-text body.
+/// An answer the balancer gives itself: a one-line plain-text body, or a
+/// filter's own headers and body.
 #[derive(Debug)]
 pub struct LocalReply {
     pub status: StatusCode,
     pub cause: Termination,
     pub message: String,
-    /// Where a redirect points (its `Location`).
-    pub location: Option<String>,
+    /// Headers to add (a redirect's `Location`, a filter's `Retry-After`).
+    pub headers: Vec<(String, String)>,
+    /// A filter's body, sent as it is instead of `message` (its content type,
+    /// if any, is among `headers`).
+    pub body: Option<Bytes>,
 }
 
 impl LocalReply {
@@ -46,7 +50,19 @@ impl LocalReply {
             status,
             cause,
             message: message.into(),
-            location: None,
+            headers: Vec::new(),
+            body: None,
+        }
+    }
+
+    /// A route's filter's answer.
+    fn from_filter(answer: crate::plugin::DirectResponse, filter: &str) -> LocalReply {
+        LocalReply {
+            status: answer.status,
+            cause: Termination::FilterAnswered,
+            message: format!("answered by filter `{filter}`"),
+            headers: answer.headers,
+            body: Some(answer.body),
         }
     }
 
@@ -77,7 +93,8 @@ impl LocalReply {
             status,
             cause: Termination::RedirectedToHttps,
             message: format!("this site is served over HTTPS: {location}"),
-            location: Some(location),
+            headers: vec![("location".into(), location)],
+            body: None,
         }
     }
 }
@@ -88,6 +105,8 @@ pub struct Forwarded {
     pub body: ResponseBody,
     /// A buffer done with (the request head sent upstream), to write the response head into.
     pub scratch: Vec<u8>,
+    /// Filters' edits to the response's headers.
+    pub edits: Vec<crate::http::edit::HeaderEdit>,
 }
 
 /// What [`serve`] answers.
@@ -252,12 +271,6 @@ fn observe(snapshot: &Snapshot, record: &RequestRecord<'_>) {
     tests::capture(record);
 }
 
-/// The pool a request goes to, by its host and path, with its index and the
-/// route's body limit.
-pub fn route<'a>(snapshot: &'a Snapshot, head: &RequestHead) -> Option<(usize, &'a Pool, Option<u64>)> {
-    let matched = snapshot.router.route_for(head.host(), head.path())?;
-    Some((matched.pool, snapshot.pools.get(matched.pool)?, matched.max_body_size))
-}
 
 /// Serves one request: route, select, forward; what it learns goes in
 /// `trace` (from [`Trace::start`]). `timer` bounds the wait for the backend's
@@ -292,36 +305,55 @@ pub async fn serve<B: BodySource>(
         via: snapshot.config.server.via,
         forwarded: snapshot.config.server.forwarded,
     };
-    let current = CurrentRequest {
-        head,
-        client: resolved,
-        connection: client,
-        body_prefix: &[],
-        changes: crate::plugin::RequestChanges::none(),
-        pool: "",
-    };
     let redirect = client.edge.as_deref().and_then(|edge| edge.redirect_https);
     let answer = if let Some(port) = redirect {
         Answer::Local(LocalReply::to_https(head, port))
     } else {
-        match route(snapshot, current.head) {
+        match snapshot.router.route_for(head.host(), head.path()) {
             None => Answer::Local(LocalReply::new(
                 StatusCode::NOT_FOUND,
                 Termination::NoRoute,
                 "no route matches this request",
             )),
-            Some((index, pool, max_body)) => {
-                trace.pool = Some(index);
+            Some(matched) => {
+                let filters = snapshot
+                    .route_filters
+                    .get(matched.route)
+                    .map_or(&[][..], Vec::as_slice);
                 // A declared length over the limit: refused before anything is sent.
+                let max_body = matched.max_body_size;
                 let refused = max_body.filter(|&max| matches!(source.framing(), Framing::Length(n) if n > max));
                 if let Some(max) = refused {
+                    trace.pool = Some(matched.pool);
                     Answer::Local(body_too_large(max))
                 } else {
                     if let Some(max) = max_body {
                         source.limit(max);
                     }
-                    // One call site: two would each keep room in the request's future.
-                    forward(pool, client, hop, &current, source, timer, trace).await
+                    let mut source = Prefixed { held: None, source };
+                    if filters.is_empty() && matched.body_prefix == 0 {
+                        trace.pool = Some(matched.pool);
+                        let pool = &snapshot.pools[matched.pool];
+                        let current = CurrentRequest {
+                            head,
+                            client: resolved,
+                            connection: client,
+                            body_prefix: &[],
+                            changes: RequestChanges::none(),
+                            pool: &pool.name,
+                        };
+                        // One call site: two would each keep room in the request's future.
+                        forward(pool, client, hop, &current, &mut source, timer, trace).await
+                    } else {
+                        // Boxed: its state (the filters' changes, the body's
+                        // prefix) stays out of the plain request's future.
+                        let route = FilteredRoute {
+                            pool: matched.pool,
+                            body_prefix: matched.body_prefix,
+                            filters,
+                        };
+                        Box::pin(filter_then_forward(snapshot, route, client, hop, head, resolved, &mut source, timer, trace)).await
+                    }
                 }
             }
         }
@@ -331,6 +363,161 @@ pub async fn serve<B: BodySource>(
     }
     trace.bytes_in = source.received();
     answer
+}
+
+/// A route with filters or a body prefix, as the pipeline needs it.
+struct FilteredRoute<'a> {
+    pool: usize,
+    body_prefix: usize,
+    filters: &'a [std::sync::Arc<crate::plugin::Filter>],
+}
+
+/// Reads the body's prefix if the route wants one, runs the route's filters
+/// in order (the first that answers ends the request; a fault is passed or
+/// refused by the filter's `on_fault`), then forwards to the pool they chose
+/// with their header edits, and asks the filters that want it about the
+/// response head.
+#[allow(clippy::too_many_arguments)]
+async fn filter_then_forward<B: BodySource>(
+    snapshot: &Snapshot,
+    route: FilteredRoute<'_>,
+    client: &ClientAddr,
+    hop: Hop,
+    head: &RequestHead,
+    resolved: std::net::SocketAddr,
+    source: &mut Prefixed<'_, B>,
+    timer: Pin<&mut tokio::time::Sleep>,
+    trace: &mut Trace,
+) -> Answer {
+    let mut pool_index = route.pool;
+    trace.pool = Some(pool_index);
+    // The prefix is held for the backend too: at most the pool's retry_buffer.
+    let want = route.body_prefix.min(snapshot.pools[pool_index].config.retry_buffer);
+    let prefix = if want > 0 {
+        match read_prefix(source.source, want).await {
+            Ok(prefix) => prefix,
+            Err(reply) => return Answer::Local(reply),
+        }
+    } else {
+        Bytes::new()
+    };
+    let visible = &prefix[..prefix.len().min(want)];
+    let mut changes = RequestChanges::default();
+    let mut responders: SmallVec<[&crate::plugin::Filter; 2]> = SmallVec::new();
+    for filter in route.filters {
+        let current = CurrentRequest {
+            head,
+            client: resolved,
+            connection: client,
+            body_prefix: visible,
+            changes: &changes,
+            pool: &snapshot.pools[pool_index].name,
+        };
+        let pool_exists = |name: &str| snapshot.pools.iter().any(|p| p.name == name);
+        match filter.on_request(&current, pool_exists) {
+            Ok(FilterVerdict::Proceed {
+                headers,
+                pool,
+                metadata,
+                wants_response,
+            }) => {
+                changes.headers.extend(headers);
+                changes.metadata.extend(metadata);
+                if let Some(index) = pool.and_then(|name| snapshot.pools.iter().position(|p| p.name == name)) {
+                    pool_index = index;
+                    trace.pool = Some(index);
+                }
+                if wants_response {
+                    responders.push(filter);
+                }
+            }
+            Ok(FilterVerdict::Respond(answer)) => return Answer::Local(LocalReply::from_filter(answer, &filter.name)),
+            Err(_) if filter.on_fault == OnFault::Allow => {}
+            Err(fault) => {
+                return Answer::Local(LocalReply::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Termination::FilterFault,
+                    format!(
+                        "filter `{}` could not decide ({}), and its on_fault is \"deny\"",
+                        filter.name,
+                        fault.kind()
+                    ),
+                ));
+            }
+        }
+    }
+    let pool = &snapshot.pools[pool_index];
+    let current = CurrentRequest {
+        head,
+        client: resolved,
+        connection: client,
+        body_prefix: visible,
+        changes: &changes,
+        pool: &pool.name,
+    };
+    if !prefix.is_empty() {
+        source.held = Some(prefix.clone());
+    }
+    let mut answer = forward(pool, client, hop, &current, source, timer, trace).await;
+    if let Answer::Backend(forwarded) = &mut answer {
+        for filter in responders {
+            let edits = filter.on_response(&current, &forwarded.head);
+            forwarded.edits.extend(edits);
+        }
+    }
+    answer
+}
+
+/// Reads at least `want` bytes of the body (or all of it, if shorter): what
+/// plugins read as `request.body-prefix`, then sent on first.
+async fn read_prefix<B: BodySource>(source: &mut B, want: usize) -> Result<Bytes, LocalReply> {
+    if matches!(source.framing(), Framing::Empty) {
+        return Ok(Bytes::new());
+    }
+    let mut held = BytesMut::with_capacity(want);
+    while held.len() < want {
+        match source.next_chunk().await.map_err(|e| client_body_reply(&e))? {
+            Some(chunk) => held.extend_from_slice(&chunk),
+            None => break,
+        }
+    }
+    Ok(held.freeze())
+}
+
+/// The client's body with the bytes already read for the filters (the body
+/// prefix) put back in front.
+pub struct Prefixed<'a, B> {
+    held: Option<Bytes>,
+    source: &'a mut B,
+}
+
+impl<B: BodySource> BodySource for Prefixed<'_, B> {
+    fn framing(&self) -> Framing {
+        self.source.framing()
+    }
+
+    async fn next_chunk(&mut self) -> Result<Option<Bytes>, ClientBodyError> {
+        match self.held.take() {
+            Some(held) => Ok(Some(held)),
+            None => self.source.next_chunk().await,
+        }
+    }
+
+    fn received(&self) -> u64 {
+        self.source.received()
+    }
+
+    fn limit(&mut self, max: u64) {
+        self.source.limit(max);
+    }
+
+    fn detach(&mut self) -> Option<crate::http::DetachedBody> {
+        // With bytes held, the rest is read here, after them.
+        if self.held.is_some() {
+            return None;
+        }
+        self.source.detach()
+    }
 }
 
 /// The client's `X-Request-Id`, if it is one a log line can carry.
@@ -643,6 +830,7 @@ async fn forward<B: BodySource>(
             peer_trusted: hop.peer_trusted,
             via: hop.via,
             forwarded: hop.forwarded,
+            edits: &current.changes.headers,
             encoded: &mut encoded,
         };
 
@@ -705,6 +893,7 @@ async fn forward<B: BodySource>(
                     head: response,
                     body: body_in,
                     scratch: encoded,
+                    edits: Vec::new(),
                 });
             }
             Ok(Err(error)) => error,

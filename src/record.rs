@@ -46,11 +46,15 @@ pub enum Termination {
     QueueTimeout,
     /// Over a circuit breaker's threshold.
     CircuitOpen,
+    /// A route's filter answered the request itself (a 403, a 429, a redirect).
+    FilterAnswered,
+    /// A route's filter faulted and its `on_fault = "deny"` refused the request (503).
+    FilterFault,
 }
 
 impl Termination {
     /// Every cause, in declaration order: `ALL[cause as usize] == cause`.
-    pub const ALL: [Termination; 16] = [
+    pub const ALL: [Termination; 18] = [
         Termination::Completed,
         Termination::BadRequest,
         Termination::NoRoute,
@@ -67,6 +71,8 @@ impl Termination {
         Termination::QueueFull,
         Termination::QueueTimeout,
         Termination::CircuitOpen,
+        Termination::FilterAnswered,
+        Termination::FilterFault,
     ];
 
     /// The name in logs and metric labels.
@@ -88,6 +94,8 @@ impl Termination {
             Termination::QueueFull => "queue_full",
             Termination::QueueTimeout => "queue_timeout",
             Termination::CircuitOpen => "circuit_open",
+            Termination::FilterAnswered => "filter_answered",
+            Termination::FilterFault => "filter_fault",
         }
     }
 }

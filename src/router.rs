@@ -18,6 +18,9 @@ struct Route {
     path_prefix: String,
     pool: usize,
     max_body_size: Option<u64>,
+    /// Its index in the config's `[[routes]]`.
+    order: usize,
+    body_prefix: usize,
 }
 
 /// The route a request matched.
@@ -27,6 +30,10 @@ pub struct Matched {
     pub pool: usize,
     /// The largest request body the route takes.
     pub max_body_size: Option<u64>,
+    /// The route's index in the config's `[[routes]]` (its filters are found by it).
+    pub route: usize,
+    /// The route's `body_prefix`.
+    pub body_prefix: usize,
 }
 
 impl Router {
@@ -44,6 +51,8 @@ impl Router {
                         path_prefix: r.path_prefix.clone(),
                         pool,
                         max_body_size: r.max_body_size,
+                        order,
+                        body_prefix: r.body_prefix,
                     },
                 ))
             })
@@ -81,6 +90,8 @@ impl Router {
             .map(|r| Matched {
                 pool: r.pool,
                 max_body_size: r.max_body_size,
+                route: r.order,
+                body_prefix: r.body_prefix,
             })
     }
 }
@@ -108,6 +119,8 @@ mod tests {
             path_prefix: prefix.into(),
             pool: pool.into(),
             max_body_size: None,
+            filters: Vec::new(),
+            body_prefix: 0,
         }
     }
 

@@ -7,7 +7,7 @@ use crate::backend::{Backend, BackendList, BackendState};
 use crate::changes::Changes;
 use crate::config::{Config, ConfigError, PoolConfig};
 use crate::plugin::registry::Registry;
-use crate::plugin::{Limits, Plugin, PluginError, Policy, PolicyCounters};
+use crate::plugin::{Filter, Limits, Plugin, PluginError, Policy, PolicyCounters, Tickets};
 use crate::router::Router;
 use crate::upstream::tls::TlsConnector;
 use crate::upstream::{Connector, IdleConns, PoolLimits, TcpConnector, Upstream};
@@ -36,6 +36,8 @@ pub struct Snapshot {
     pub access_log: Option<Arc<AccessLog>>,
     pub pools: Vec<Pool>,
     pub router: Router,
+    /// Each route's filters in order, by the route's index in the config.
+    pub route_filters: Vec<Vec<Arc<Filter>>>,
 }
 
 /// State that outlives snapshots, keyed so a reload finds it again.
@@ -49,6 +51,8 @@ pub struct Kept {
     pool_ids: HashMap<String, u64>,
     /// Traffic state by pool.
     traffic: HashMap<String, Arc<crate::traffic::PoolTraffic>>,
+    /// Ticket counters of each filter, by name.
+    filter_tickets: HashMap<String, Tickets>,
     /// Snapshots built: backends of the first are not new (no slow start).
     builds: u64,
     /// The access log, opened once at start.
@@ -70,6 +74,7 @@ impl Snapshot {
             access_log: None,
             pools: Vec::new(),
             router: Router::new(&[], |_| None),
+            route_filters: Vec::new(),
         }
     }
 }
@@ -80,7 +85,7 @@ impl Snapshot {
 /// `changes` say), its upstream, and the routes. Forgets kept state of
 /// backends and pools that are gone.
 pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut Kept) -> Result<Snapshot, ConfigError> {
-    let limits = plugin_limits(&config);
+    crate::plugin::shared::set_entries_limit(config.plugins.shared_entries);
     let mut pools = Vec::with_capacity(config.pools.len());
     // Each pool as it runs: the file's, with the runtime changes applied.
     let running: BTreeMap<&String, PoolConfig> = config
@@ -104,6 +109,17 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
                 format!("unknown policy `{}`: not built in, and {dir}", pool.policy),
             )
         })?;
+        let limits = plugin_limits(&config, &pool.policy);
+        if !slot.current().pre.is_balancer() {
+            return Err(invalid(
+                &config,
+                &key,
+                format!(
+                    "plugin `{}` is a filter, not a balancer: name it in a [filters.NAME] table",
+                    pool.policy
+                ),
+            ));
+        }
         slot.current()
             .check(&pool.policy_config, &limits)
             .map_err(|e| invalid(&config, &format!("pools.{name}.policy_config"), e.to_string()))?;
@@ -195,6 +211,12 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
     kept.counters.retain(|pool, _| config.pools.contains_key(pool));
     kept.traffic.retain(|pool, _| config.pools.contains_key(pool));
     kept.pool_ids.retain(|pool, _| config.pools.contains_key(pool));
+    let filters = build_filters(&config, registry, kept)?;
+    let route_filters = config
+        .routes
+        .iter()
+        .map(|route| route.filters.iter().filter_map(|name| filters.get(name).cloned()).collect())
+        .collect();
     let names: Vec<&String> = config.pools.keys().collect();
     let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));
     Ok(Snapshot {
@@ -202,7 +224,52 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
         access_log: kept.access_log.clone(),
         pools,
         router,
+        route_filters,
     })
+}
+
+/// Each `[filters.NAME]` with its plugin, checked (a filter, whose `init`
+/// takes the config), its tickets kept across reloads by name.
+fn build_filters(
+    config: &Config,
+    registry: &Registry,
+    kept: &mut Kept,
+) -> Result<HashMap<String, Arc<Filter>>, ConfigError> {
+    let mut filters = HashMap::new();
+    for (name, filter) in &config.filters {
+        let key = format!("filters.{name}.plugin");
+        let slot = registry.slot(&filter.plugin).ok_or_else(|| {
+            let dir = config
+                .plugins
+                .dir
+                .as_ref()
+                .map_or("no [plugins] dir is set".to_string(), |d| {
+                    format!("no {}.wasm in {}", filter.plugin, d.display())
+                });
+            invalid(config, &key, format!("unknown plugin `{}`: {dir}", filter.plugin))
+        })?;
+        if !slot.current().pre.is_filter() {
+            return Err(invalid(
+                config,
+                &key,
+                format!(
+                    "plugin `{}` is not a filter (it exports no fulcrum:plugin/request-filter)",
+                    filter.plugin
+                ),
+            ));
+        }
+        let limits = plugin_limits(config, &filter.plugin);
+        slot.current()
+            .check(&filter.config, &limits)
+            .map_err(|e| invalid(config, &format!("filters.{name}.config"), e.to_string()))?;
+        let tickets = kept.filter_tickets.entry(name.clone()).or_default().clone();
+        filters.insert(
+            name.clone(),
+            Arc::new(Filter::new(name, slot, &filter.config, limits, filter.on_fault, tickets)),
+        );
+    }
+    kept.filter_tickets.retain(|name, _| config.filters.contains_key(name));
+    Ok(filters)
 }
 
 /// The plugin id of each backend of `pool`, in order: the id it had if the
@@ -233,10 +300,17 @@ fn backend_ids(
         .collect()
 }
 
-pub fn plugin_limits(config: &Config) -> Limits {
+/// The limits plugin `plugin`'s calls run with: its own
+/// `[plugins.limits.NAME]`, else the global ones.
+pub fn plugin_limits(config: &Config, plugin: &str) -> Limits {
+    let own = config.plugins.limits.get(plugin);
     Limits {
-        call_timeout: config.plugins.call_timeout,
-        memory_limit: config.plugins.memory_limit,
+        call_timeout: own
+            .and_then(|l| l.call_timeout)
+            .unwrap_or(config.plugins.call_timeout),
+        memory_limit: own
+            .and_then(|l| l.memory_limit)
+            .unwrap_or(config.plugins.memory_limit),
     }
 }
 
@@ -248,15 +322,30 @@ pub fn invalid(config: &Config, key: &str, reason: String) -> ConfigError {
     }
 }
 
-/// Runs `init` of `plugin` with the config of every pool that uses `name`.
-pub fn check_against<'a>(
-    plugin: &Plugin,
-    name: &str,
-    pools: impl Iterator<Item = &'a PoolConfig>,
-    limits: &Limits,
-) -> Result<(), PluginError> {
-    for pool in pools.filter(|p| p.policy == name) {
-        plugin.check(&pool.policy_config, limits)?;
+/// Checks a new version of plugin `name` against every use `config` makes
+/// of it: a balancer for each pool that names it, a filter for each filter,
+/// and `init` passing with each use's config.
+pub fn check_against(plugin: &Plugin, name: &str, config: &Config) -> Result<(), PluginError> {
+    let limits = plugin_limits(config, name);
+    let refuse = |reason: String| PluginError::Init {
+        name: name.to_string(),
+        reason,
+    };
+    for (pool_name, pool) in config.pools.iter().filter(|(_, p)| p.policy == name) {
+        if !plugin.pre.is_balancer() {
+            return Err(refuse(format!(
+                "pool `{pool_name}` uses it as its policy, and this version exports no balancer"
+            )));
+        }
+        plugin.check(&pool.policy_config, &limits)?;
+    }
+    for (filter_name, filter) in config.filters.iter().filter(|(_, f)| f.plugin == name) {
+        if !plugin.pre.is_filter() {
+            return Err(refuse(format!(
+                "filter `{filter_name}` uses it, and this version exports no filter"
+            )));
+        }
+        plugin.check(&filter.config, &limits)?;
     }
     Ok(())
 }

@@ -201,6 +201,7 @@ async fn serve_request<S: ClientStream>(
                 keep,
                 http10,
                 client.edge.as_deref(),
+                &forwarded.edits,
             )
             .await;
             buffers::give_write(std::mem::take(&mut forwarded.scratch));
@@ -255,15 +256,25 @@ async fn write_local<S: AsyncWrite + Unpin>(
         (true, false) => None,
     };
     let mut extra = added_headers(edge);
-    if let Some(location) = &reply.location {
-        extra.extend_from_slice(b"location: ");
-        extra.extend_from_slice(location.as_bytes());
+    for (name, value) in &reply.headers {
+        extra.extend_from_slice(name.as_bytes());
+        extra.extend_from_slice(b": ");
+        extra.extend_from_slice(value.as_bytes());
         extra.extend_from_slice(b"\r\n");
     }
-    h1::local_response(reply.status, &reply.message, connection, &extra, &mut out);
+    let sent = match &reply.body {
+        None => {
+            h1::local_response(reply.status, &reply.message, connection, &extra, &mut out);
+            reply.message.len() as u64 + 1
+        }
+        Some(body) => {
+            h1::direct_response(reply.status, body, connection, &extra, &mut out);
+            body.len() as u64
+        }
+    };
     let written = stream.write_all(&out).await.is_ok();
     let delivery = if written { Delivery::Whole } else { Delivery::ClientGone };
-    (written && keep, delivery, reply.message.len() as u64 + 1)
+    (written && keep, delivery, sent)
 }
 
 /// Header lines the listener adds to every answer (HSTS over TLS); none for
@@ -288,6 +299,7 @@ async fn write_response<S: AsyncWrite + Unpin>(
     keep: bool,
     http10: bool,
     edge: Option<&Edge>,
+    edits: &[crate::http::edit::HeaderEdit],
 ) -> (bool, Delivery, u64) {
     const GONE: Delivery = Delivery::ClientGone;
     let mut sent = 0u64;
@@ -298,8 +310,15 @@ async fn write_response<S: AsyncWrite + Unpin>(
     let close = !keep || (unframed && http10);
     out.clear();
     match edge {
-        None => head.write_for_client(out, chunked, close, http10 && !close, b""),
-        Some(edge) => head.write_for_client(out, chunked, close, http10 && !close, &added_headers(Some(edge))),
+        None => head.write_for_client(out, chunked, close, http10 && !close, b"", edits),
+        Some(edge) => head.write_for_client(
+            out,
+            chunked,
+            close,
+            http10 && !close,
+            &added_headers(Some(edge)),
+            edits,
+        ),
     }
     loop {
         // Take what is already at hand without waiting; write before waiting.
@@ -370,12 +389,13 @@ async fn tunnel<S: AsyncRead + AsyncWrite + Unpin>(
         head,
         body,
         scratch: out,
+        edits,
     } = forwarded;
     let Some(mut upgraded) = body.take_upgraded() else {
         return;
     };
     out.clear();
-    head.write_for_client(out, false, false, false, b"");
+    head.write_for_client(out, false, false, false, b"", edits);
     out.extend_from_slice(&upgraded.early);
     if stream.write_all(out).await.is_err() {
         return;

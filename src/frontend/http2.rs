@@ -169,10 +169,38 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
             }));
             *response.status_mut() = forwarded.head.status;
             *response.headers_mut() = forwarded.head.header_map();
+            if !forwarded.edits.is_empty() {
+                apply_edits(response.headers_mut(), &forwarded.edits);
+            }
             add_hsts(&mut response, client);
             response
         }
         Answer::Local(reply) => local_response(&snapshot, trace, Some(&head), reply, client),
+    }
+}
+
+/// Applies filters' response header edits to an HTTP/2 response's headers.
+fn apply_edits(headers: &mut http::HeaderMap, edits: &[crate::http::edit::HeaderEdit]) {
+    use crate::http::edit::EditOp;
+    for edit in edits {
+        // Checked valid when the filter answered.
+        let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(edit.name.as_bytes()),
+            http::HeaderValue::from_str(&edit.value),
+        ) else {
+            continue;
+        };
+        match edit.op {
+            EditOp::Set => {
+                headers.insert(name, value);
+            }
+            EditOp::Append => {
+                headers.append(name, value);
+            }
+            EditOp::Remove => {
+                headers.remove(name);
+            }
+        }
     }
 }
 
@@ -188,16 +216,26 @@ fn local_response(
     if head.is_some_and(RequestHead::is_grpc) {
         return grpc_response(snapshot, trace, head, reply, client);
     }
-    let body = Bytes::from(format!("{}\n", reply.message));
+    let plain = reply.body.is_none();
+    let body = reply
+        .body
+        .unwrap_or_else(|| Bytes::from(format!("{}\n", reply.message)));
     proxy::finish(snapshot, &trace, head, Delivery::Whole, body.len() as u64);
     let mut response = Response::new(ProxyBody::Local(Full::new(body)));
     *response.status_mut() = reply.status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        http::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if let Some(location) = reply.location.and_then(|l| http::HeaderValue::from_str(&l).ok()) {
-        response.headers_mut().insert(header::LOCATION, location);
+    if plain {
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            http::HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+    }
+    for (name, value) in reply.headers {
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(name.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
     }
     add_hsts(&mut response, client);
     response

@@ -355,7 +355,15 @@ impl ResponseHead {
     /// end-to-end headers, then `framing` (a `Content-Length` from the backend
     /// is kept as it is) and, if `close`, `Connection: close`.
     /// `extra`: whole header lines Fulcrum adds (each ending in CRLF).
-    pub fn write_for_client(&self, out: &mut Vec<u8>, chunked: bool, close: bool, keep_alive_10: bool, extra: &[u8]) {
+    pub fn write_for_client(
+        &self,
+        out: &mut Vec<u8>,
+        chunked: bool,
+        close: bool,
+        keep_alive_10: bool,
+        extra: &[u8],
+        edits: &[super::edit::HeaderEdit],
+    ) {
         out.extend_from_slice(b"HTTP/1.1 ");
         out.extend_from_slice(itoa::Buffer::new().format(self.status.as_u16()).as_bytes());
         out.push(b' ');
@@ -367,13 +375,18 @@ impl ResponseHead {
         }
         out.extend_from_slice(b"\r\n");
         for (name, value) in self.forwarded_fields() {
-            if chunked && name.eq_ignore_ascii_case(b"content-length") {
+            if (chunked && name.eq_ignore_ascii_case(b"content-length"))
+                || (!edits.is_empty() && super::edit::touches(edits, name))
+            {
                 continue;
             }
             out.extend_from_slice(name);
             out.extend_from_slice(b": ");
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
+        }
+        if !edits.is_empty() {
+            super::edit::write_edited(edits, |name| self.header_all(name), out);
         }
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -387,6 +400,15 @@ impl ResponseHead {
         }
         out.extend_from_slice(extra);
         out.extend_from_slice(b"\r\n");
+    }
+
+    /// The values of every header field called `name`, in order.
+    pub fn header_all(&self, name: &str) -> Vec<&[u8]> {
+        self.fields
+            .iter()
+            .filter(|(n, _)| n.of(&self.raw).eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| v.of(&self.raw))
+            .collect()
     }
 
     /// The value of the first header field called `name` (case-insensitive).
@@ -626,6 +648,25 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
     out.push(b'\n');
 }
 
+/// Writes a response with `body` as it is: a filter's answer. Its own headers
+/// (`extra`, as `name: value\r\n` lines) carry its content type, if any.
+pub fn direct_response(status: StatusCode, body: &[u8], connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    out.extend_from_slice(itoa::Buffer::new().format(status.as_u16()).as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\ncontent-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    if let Some(connection) = connection {
+        out.extend_from_slice(b"\r\nconnection: ");
+        out.extend_from_slice(connection.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(extra);
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
 /// Headers of the client's request that are not copied upstream as they are:
 /// hop-by-hop ones ([`super::HOP_BY_HOP`]), framing (rewritten), `Host` and
 /// the `X-Forwarded-*` family (rewritten), `Expect` (answered by the balancer).
@@ -661,6 +702,8 @@ pub struct Forwarding<'a> {
     /// An `X-Request-Id` Fulcrum made, added (a client's own is passed on as
     /// it came).
     pub request_id: Option<&'a str>,
+    /// The route's filters' header edits.
+    pub edits: &'a [super::edit::HeaderEdit],
 }
 
 /// This hop's `Forwarded` line (RFC 7239): `for` the connection's client (an
@@ -717,14 +760,25 @@ pub fn encode_request_head(
     out.extend_from_slice(host);
     out.extend_from_slice(b"\r\n");
 
+    let edits = forwarding.edits;
     for (name, value) in request.headers() {
-        if rewritten_upstream(name) || request.named_by_connection(name) {
+        if rewritten_upstream(name) || request.named_by_connection(name) || (!edits.is_empty() && super::edit::touches(edits, name)) {
             continue;
         }
         out.extend_from_slice(name);
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
         out.extend_from_slice(b"\r\n");
+    }
+    if !edits.is_empty() {
+        let values = |name: &str| {
+            request
+                .headers()
+                .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .map(|(_, v)| v)
+                .collect()
+        };
+        super::edit::write_edited(edits, values, out);
     }
 
     // From a trusted proxy the chain goes on; from anyone else it starts here.
@@ -820,6 +874,7 @@ mod tests {
                 via: false,
                 forwarded: true,
                 request_id: None,
+                edits: &[],
             };
             let mut out = Vec::new();
             encode_request_head(&request, &forwarding, request.body, "backend:1", false, &mut out).expect("encodes");
@@ -865,6 +920,7 @@ mod tests {
             via: false,
             forwarded: false,
             request_id: None,
+            edits: &[],
         };
         let mut out = Vec::new();
         encode_request_head(&request, &forwarding, request.body, "backend:1", false, &mut out).expect("encodes");
@@ -900,6 +956,7 @@ mod tests {
             via: false,
             forwarded: false,
             request_id: Some("abc"),
+            edits: &[],
         };
         encode_request_head(&request, &forwarding, Framing::Chunked, "10.0.0.2:80", false, &mut out).expect("encodes");
         let text = String::from_utf8_lossy(&out);
@@ -1025,7 +1082,7 @@ mod tests {
         assert_eq!((head.status, head.body), (StatusCode::OK, Framing::Length(2)));
         assert_eq!((head.reason.start, head.reason.end), (0, 0));
         let mut out = Vec::new();
-        head.write_for_client(&mut out, false, false, false, b"");
+        head.write_for_client(&mut out, false, false, false, b"", &[]);
         assert!(
             out.starts_with(b"HTTP/1.1 200 OK\r\n"),
             "{}",
@@ -1053,7 +1110,7 @@ mod tests {
             false,
         );
         let mut out = Vec::new();
-        head.write_for_client(&mut out, true, false, false, b"");
+        head.write_for_client(&mut out, true, false, false, b"", &[]);
         assert_eq!(
             String::from_utf8_lossy(&out),
             "HTTP/1.1 200 Fine\r\nX-Kept: yes\r\ntransfer-encoding: chunked\r\n\r\n"

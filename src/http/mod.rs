@@ -1,8 +1,10 @@
 //! HTTP as the proxy sees it, whatever the client or backend speaks: the types
 //! both protocols share (framing, spans of a head, head and body errors, the
 //! request body's source, the client's address),
-//! the request head ([`request`]) and the HTTP/1.1 codec ([`h1`]).
+//! the request head ([`request`]), the HTTP/1.1 codec ([`h1`]) and filters'
+//! header edits ([`edit`]).
 
+pub mod edit;
 pub mod forwarded;
 pub mod h1;
 pub mod request;

@@ -21,9 +21,9 @@ use v2::fulcrum::plugin::types::{EditOp as WitEditOp, HeaderEdit as WitHeaderEdi
 /// Largest body a filter may answer with.
 pub const MAX_DIRECT_BODY: usize = 64 * 1024;
 
-/// Headers a filter may not edit: the connection's and the framing's, which
-/// the host writes itself.
-const PROTECTED: [&str; 8] = [
+/// Headers a filter may not edit: the connection's and the framing's, and
+/// those the host writes for the hop, which it writes itself.
+const PROTECTED: [&str; 14] = [
     "connection",
     "content-length",
     "transfer-encoding",
@@ -32,23 +32,15 @@ const PROTECTED: [&str; 8] = [
     "upgrade",
     "keep-alive",
     "proxy-connection",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-forwarded-client-cert",
+    "forwarded",
+    "via",
 ];
 
-/// How a header edit applies (the WIT `edit-op`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum EditOp {
-    Set,
-    Append,
-    Remove,
-}
-
-/// One header edit, checked: a valid name (lower case) and value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HeaderEdit {
-    pub op: EditOp,
-    pub name: String,
-    pub value: String,
-}
+pub use crate::http::edit::{EditOp, HeaderEdit};
 
 /// What the route's filters changed so far: seen by later filters and the
 /// balancer, applied to the request sent upstream.

@@ -217,6 +217,11 @@ impl Fault {
     /// The kinds' names, in [`PluginSlot::faults_by_kind`]'s order.
     pub const KINDS: [&'static str; 3] = ["trap", "bad_answer", "quarantined"];
 
+    /// The kind's name, as in [`Fault::KINDS`].
+    pub fn kind(&self) -> &'static str {
+        Self::KINDS[self.kind_index()]
+    }
+
     fn kind_index(&self) -> usize {
         match self {
             Fault::Trap(_) => 0,

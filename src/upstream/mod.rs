@@ -217,6 +217,8 @@ pub struct UpstreamRequest<'a> {
     pub via: bool,
     /// Add this hop's `Forwarded` element (`server.forwarded`).
     pub forwarded: bool,
+    /// The route's filters' header edits.
+    pub edits: &'a [crate::http::edit::HeaderEdit],
     /// The head as written for the wire: encoded at the first try, reused by the others.
     pub encoded: &'a mut Vec<u8>,
 }
@@ -235,6 +237,7 @@ impl UpstreamRequest<'_> {
             via: self.via,
             forwarded: self.forwarded,
             request_id: self.request_id,
+            edits: self.edits,
         };
         crate::http::h1::encode_request_head(
             self.head,
@@ -505,6 +508,7 @@ mod tests {
                 peer_trusted: false,
                 via: false,
                 forwarded: false,
+                edits: &[],
                 encoded: &mut encoded,
             };
             let (response, mut body) = conn
