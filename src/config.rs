@@ -1648,6 +1648,8 @@ mod tests {
                 path_prefix: "/".into(),
                 pool: "web".into(),
                 max_body_size: None,
+                filters: Vec::new(),
+                body_prefix: 0,
             }]
         );
     }

@@ -54,10 +54,10 @@ enum PluginCommand {
     Check {
         /// The component (NAME.wasm).
         file: PathBuf,
-        /// The pool's `policy_config`, as JSON.
+        /// The use's config, as JSON (a pool's `policy_config`, a filter's `config`).
         #[arg(long, default_value = "{}")]
         config: String,
-        /// Smoke decisions to make.
+        /// Smoke calls to make.
         #[arg(long, default_value_t = 2000)]
         calls: usize,
         /// CPU deadline of one call, as `[plugins] call_timeout` (whose default this is).
@@ -86,6 +86,9 @@ enum PluginCommand {
         /// behaviour, not deadlines (a busy machine can stall a call).
         #[arg(long, default_value = "1s")]
         call_timeout: humantime::Duration,
+        /// The seed of the plugin's `random` interface: a run repeats exactly.
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
     },
 }
 
@@ -114,7 +117,16 @@ fn main() -> ExitCode {
             weights,
             keys,
             call_timeout,
-        }) => plugin_test(&file, config, backends, weights.as_deref(), keys, call_timeout.into()),
+            seed,
+        }) => plugin_test(
+            &file,
+            config,
+            backends,
+            weights.as_deref(),
+            keys,
+            call_timeout.into(),
+            seed,
+        ),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -155,6 +167,7 @@ fn plugin_test(
     weights: Option<&str>,
     keys: usize,
     call_timeout: std::time::Duration,
+    seed: u64,
 ) -> anyhow::Result<()> {
     use fulcrum::plugin::check;
     let weights: Vec<u32> = match weights {
@@ -169,6 +182,7 @@ fn plugin_test(
         config,
         weights,
         keys: keys.max(1),
+        seed,
     };
     let limits = fulcrum::plugin::Limits {
         call_timeout,

@@ -88,8 +88,12 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
         r#"{"header":"x-user"}"#,
     ]);
     assert!(ok, "{out}\n{err}");
-    assert!(out.contains("exports: fulcrum:plugin/policy@0.1.0"), "{out}");
-    assert!(out.contains("imports: fulcrum:plugin/host@0.1.0"), "{out}");
+    assert!(
+        out.contains("exports: fulcrum:plugin/lifecycle@0.2.0, fulcrum:plugin/policy@0.2.0"),
+        "{out}"
+    );
+    assert!(out.contains("imports: fulcrum:plugin/request@0.2.0"), "{out}");
+    assert!(out.contains("world: fulcrum:plugin@0.2.0 balancer "), "{out}");
     assert!(out.contains("init: ok"), "{out}");
     let decisions = out
         .lines()
@@ -119,7 +123,7 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
     let (ok, _, err) = plugin_check(&[wrong.to_str().expect("path")]);
     assert!(!ok);
     assert!(
-        err.contains("link failed") && err.contains("fulcrum:plugin/policy@0.1.0"),
+        err.contains("link failed") && err.contains("fulcrum:plugin/lifecycle@0.2.0"),
         "{err}"
     );
     let misbehave = common::wasm("misbehave.wasm");
@@ -135,6 +139,36 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
     let (ok, _, err) = plugin_check(&[header_hash.to_str().expect("path"), "--config", "not json"]);
     assert!(!ok);
     assert!(err.contains("config failed") && err.contains("not JSON"), "{err}");
+    // The SDK's typed config: a misspelt key is refused with serde's reason.
+    let (ok, _, err) = plugin_check(&[header_hash.to_str().expect("path"), "--config", r#"{"hedaer":"x"}"#]);
+    assert!(!ok);
+    assert!(err.contains("init failed") && err.contains("unknown field `hedaer`"), "{err}");
+}
+
+#[test]
+fn plugin_check_runs_a_filter_and_a_0_1_0_balancer() {
+    let rate_limit = common::wasm("rate_limit.wasm");
+    let (ok, out, err) = plugin_check(&[
+        rate_limit.to_str().expect("path"),
+        "--config",
+        r#"{"rate": 10, "burst": 5}"#,
+        "--calls",
+        "50",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("world: fulcrum:plugin@0.2.0 filter "), "{out}");
+    assert!(out.contains("filter calls: 50, p50 "), "{out}");
+    // 50 calls from 50 client addresses spread over 200: each bucket has room.
+    let verdicts = out.lines().find(|l| l.starts_with("verdicts: ")).expect("verdicts");
+    assert_eq!(verdicts, "verdicts: proceed 50", "{out}");
+    let (ok, _, err) = plugin_check(&[rate_limit.to_str().expect("path"), "--config", r#"{"rate": 0, "burst": 5}"#]);
+    assert!(!ok && err.contains("rate must be a positive number"), "{err}");
+
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/plugin-0.1.0/least_conn.wasm");
+    let (ok, out, err) = plugin_check(&[fixture]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("world: fulcrum:plugin@0.1.0 balancer "), "{out}");
+    assert!(out.contains("imports: fulcrum:plugin/host@0.1.0"), "{out}");
 }
 
 /// The percentage on the `prefix` line of `plugin test`'s output.
@@ -183,4 +217,22 @@ fn plugin_test_gives_known_answers_for_a_modulo_and_a_consistent_hash() {
         .expect("split line");
     assert!(split < 1.1, "an even split: {split}\n{jump}");
     assert!(jump.contains("the unhealthy one chosen 0 times"), "{jump}");
+    // Since it hashes over every backend by stable id, a backend going down
+    // moves only its own keys.
+    assert!(
+        jump.contains("a backend unhealthy: 0.0% of the other backends' keys remapped"),
+        "{jump}"
+    );
+    // Maglev: the removed backend's ~25 %, and very few others.
+    let maglev = run("maglev.wasm", r#"{"header":"x-user"}"#);
+    let moved = percent_after(&maglev, "remove a backend (4 → 3)");
+    assert!((20.0..30.0).contains(&moved), "maglev: {moved}%\n{maglev}");
+    let others = maglev
+        .lines()
+        .find(|l| l.starts_with("remove a backend"))
+        .and_then(|l| l.split("of the other backends' keys ").nth(1))
+        .and_then(|v| v.trim_end_matches('%').parse::<f64>().ok())
+        .expect("others line");
+    assert!(others <= 1.0, "maglev moves at most 1% of the others: {others}%\n{maglev}");
+    assert!(maglev.contains("deterministic: yes"), "{maglev}");
 }

@@ -6,11 +6,12 @@ use common::*;
 use std::time::{Duration, Instant};
 
 /// A pool served by the plugin `swap` (from `plugins.d/swap.wasm`), which
-/// starts as the test plugin in mode "first": every request to backend-1.
+/// starts as the test plugin in its default mode, "first": every request to
+/// backend-1. No `policy_config`, so round robin (which takes none) takes it too.
 fn swap_config(backends: &[DemoBackend]) -> String {
     format!(
         "[server]\nlisten = \"{{listen}}\"\n[plugins]\ndir = \"plugins.d\"\n\
-         [pools.web]\npolicy = \"swap\"\npolicy_config = {{ mode = \"first\" }}\nbackends = {}\n",
+         [pools.web]\npolicy = \"swap\"\nbackends = {}\n",
         backends_toml(backends, &[])
     )
 }
@@ -106,7 +107,7 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
     );
     assert!(
         fulcrum.wait_for_log(
-            "does not implement the fulcrum:plugin/balancer world",
+            "does not implement the fulcrum:plugin@0.2.0 world",
             Duration::from_secs(5)
         ),
         "{}",

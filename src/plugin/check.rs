@@ -1,9 +1,10 @@
 //! `fulcrum plugin check FILE.wasm`: what a plugin author runs before
 //! dropping a component into the plugin directory. It compiles the file,
-//! lists what it imports and exports, links it against the balancer world,
-//! runs `init` with the given config, then makes smoke decisions against
-//! sample pools and requests (healthy and unhealthy backends, retries) and
-//! times them. Every step that fails says why, and the check stops there.
+//! lists what it imports and exports, links it against the plugin world,
+//! runs `init` with the given config, then makes smoke calls and times them:
+//! a balancer decides against a sample pool and requests (healthy and
+//! unhealthy backends, retries), a filter judges sample requests. Every step
+//! that fails says why, and the check stops there.
 
 use super::{CurrentRequest, Limits, Plugin, PluginSlot, PluginSource, Policy, PolicyCounters, PoolView};
 use crate::backend::{Backend, BackendList, BackendState};
@@ -73,6 +74,85 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
         return Err(fail(report, "init", e.to_string()));
     }
     report.say(format!("init: ok with {config}"));
+    if plugin.pre.is_balancer() {
+        report = check_balancer(report, plugin.clone(), config, calls, limits)?;
+    }
+    if plugin.pre.is_filter() {
+        report = check_filter(report, plugin, config, calls, limits)?;
+    }
+    Ok(report)
+}
+
+/// Smoke calls of a filter: `on-request` on the sample requests in turn.
+fn check_filter(
+    mut report: Report,
+    plugin: Arc<Plugin>,
+    config: &str,
+    calls: usize,
+    limits: Limits,
+) -> Result<Report, Box<Failed>> {
+    let fail = |report: Report, step, reason: String| Box::new(Failed { report, step, reason });
+    let filter = super::Filter::new(
+        "check",
+        PluginSlot::new(plugin),
+        config,
+        limits,
+        super::OnFault::Allow,
+        super::Tickets::default(),
+    );
+    let heads = sample_requests();
+    let mut times = Vec::with_capacity(calls);
+    let mut verdicts: std::collections::BTreeMap<String, usize> = std::collections::BTreeMap::new();
+    for i in 0..calls {
+        let head = &heads[i % heads.len()];
+        let client = crate::http::ClientAddr::new(std::net::SocketAddr::from((
+            [192, 0, 2, 1 + (i % 200) as u8],
+            40000 + (i % 20000) as u16,
+        )));
+        let current = sample_request(head, &client);
+        let started = Instant::now();
+        let verdict = filter.on_request(&current, |pool| pool == "sample");
+        times.push(started.elapsed());
+        let verdict = match verdict {
+            Ok(verdict) => verdict,
+            Err(fault) => {
+                return Err(fail(
+                    report,
+                    "filter",
+                    format!(
+                        "call {} of {calls} failed: {fault:?} (the balancer would apply the filter's on_fault)",
+                        i + 1
+                    ),
+                ));
+            }
+        };
+        let kind = match verdict {
+            super::FilterVerdict::Proceed { pool: Some(pool), .. } => format!("proceed to pool {pool}"),
+            super::FilterVerdict::Proceed { .. } => "proceed".to_string(),
+            super::FilterVerdict::Respond(answer) => format!("respond {}", answer.status.as_u16()),
+        };
+        *verdicts.entry(kind).or_default() += 1;
+    }
+    let (p50, p99) = p50_p99(&mut times);
+    report.say(format!(
+        "filter calls: {calls}, p50 {} ns, p99 {} ns (the first ones start the instance)",
+        p50.as_nanos(),
+        p99.as_nanos()
+    ));
+    let verdicts: Vec<String> = verdicts.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+    report.say(format!("verdicts: {}", verdicts.join(", ")));
+    Ok(report)
+}
+
+/// Smoke decisions of a balancer against the sample pool.
+fn check_balancer(
+    mut report: Report,
+    plugin: Arc<Plugin>,
+    config: &str,
+    calls: usize,
+    limits: Limits,
+) -> Result<Report, Box<Failed>> {
+    let fail = |report: Report, step, reason: String| Box::new(Failed { report, step, reason });
 
     let policy = Policy::new(PluginSlot::new(plugin), config, limits, PolicyCounters::default());
     let pool = sample_pool();
@@ -225,6 +305,8 @@ pub struct TestPlan {
     pub weights: Vec<u32>,
     /// Distinct requests (keys), each decided once per pool shape.
     pub keys: usize,
+    /// The seed of the plugin's `random` (the same seed, the same draws).
+    pub seed: u64,
 }
 
 /// Runs `plan` on `file`: the split over the pool, determinism, the share
@@ -241,6 +323,14 @@ pub fn test(file: &Path, plan: &TestPlan, limits: Limits) -> Result<Report, Box<
     let name = super::registry::plugin_name(file).unwrap_or("plugin");
     let plugin: Arc<Plugin> = Plugin::load(name, &bytes, PluginSource::File(file.to_path_buf()))
         .map_err(|e| fail(Report::default(), "load", e.to_string()))?;
+    if !plugin.pre.is_balancer() {
+        return Err(fail(
+            Report::default(),
+            "load",
+            "this component is a filter: `plugin test` runs balancers (try `fulcrum plugin check`)".into(),
+        ));
+    }
+    super::seed_random(plan.seed.max(1));
     plugin
         .check(&plan.config, &limits)
         .map_err(|e| fail(Report::default(), "init", e.to_string()))?;

@@ -34,7 +34,7 @@ pub type Cache<W> = RefCell<Vec<(u64, Live<W>)>>;
 
 /// A plugin world: how its components are bound, started and initialised.
 pub trait World: Sized + 'static {
-    /// The world's name in messages, e.g. `fulcrum:plugin/balancer`.
+    /// The world's name in messages, e.g. `fulcrum:plugin@0.2.0`.
     const NAME: &'static str;
     /// The component bound to the world's exports, ready to instantiate.
     type Pre: Send + Sync;

@@ -118,7 +118,7 @@ thread_local! {
 }
 
 impl World for PluginWorld {
-    const NAME: &'static str = "fulcrum:plugin (0.2.0 balancer or filter, or 0.1.0 balancer)";
+    const NAME: &'static str = "fulcrum:plugin@0.2.0";
     type Pre = PluginPre;
     type Instance = PluginInstance;
     type Local = Pushed;

@@ -64,6 +64,10 @@ fn pick(peers: &[Peer], conns: &[u32], tried: &[BackendId], ticket: impl FnOnce(
     Some(best.id)
 }
 
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
 /// Power of two choices among `peers` not yet tried: two drawn with `random`,
 /// the lighter by `in_flight` wins. O(1) in the pool's size.
 pub fn pick_two(
@@ -152,6 +156,10 @@ impl Balancer for LeastConn {
                 weight: u64::from(b.weight.max(1)),
             })
             .collect();
+        // Weights come in hundredths: reduced, so that ties take turns one
+        // request at a time rather than a hundred.
+        let divisor = self.healthy.iter().fold(0, |g, p| gcd(g, p.weight)).max(1);
+        self.healthy.iter_mut().for_each(|p| p.weight /= divisor);
         let ids = backends.iter().map(|b| b.id as usize + 1).max().unwrap_or(0);
         self.counts = vec![0; ids];
     }

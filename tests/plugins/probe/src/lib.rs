@@ -3,7 +3,7 @@
 //! filter world through the balancer:
 //!
 //! - path `/deny…`: 403 with a body; `/limited…`: 429 with `Retry-After: 2`;
-//!   `/redirect…`: 302 to `/elsewhere`.
+//!   `/redirect…`: 302 to `/elsewhere`; `/trap…`: a trap (a fault).
 //! - every other request goes on with `x-probe: seen` set, `x-remove-me`
 //!   removed, `x-added` appended, and `on-response` asked for, which adds
 //!   `x-probe-status: STATUS` and `x-probe-saw: VALUE` (the response's
@@ -58,6 +58,9 @@ impl Filter for Probe {
         }
         if path.starts_with("/limited") {
             return Respond::status(429).header("retry-after", "2").text("slow down\n").into();
+        }
+        if path.starts_with("/trap") {
+            core::arch::wasm32::unreachable();
         }
         if path.starts_with("/redirect") {
             return Respond::status(302).header("location", "/elsewhere").into();
