@@ -14,7 +14,14 @@ use std::process::Command;
 /// The plugin crates, by the world their SDK features select (the last
 /// group's crates do not use the SDK).
 const PLUGIN_CRATES: [&[&str]; 4] = [
-    &["round-robin", "least-conn", "header-hash", "maglev", "peak-ewma", "misbehave"],
+    &[
+        "round-robin",
+        "least-conn",
+        "header-hash",
+        "maglev",
+        "peak-ewma",
+        "misbehave",
+    ],
     &["rate-limit", "canary"],
     &["probe"],
     &["wrong-world", "counter"],

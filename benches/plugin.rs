@@ -87,13 +87,32 @@ fn decisions(c: &mut Criterion) {
     let mut group = c.benchmark_group("decision");
     let client = client();
     let wasm_dir = env!("FULCRUM_PLUGIN_WASM_DIR");
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/plugin-0.1.0/least_conn.wasm");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/plugin-0.1.0/least_conn.wasm"
+    );
     let slots = [
-        ("round-robin", registry.slot("round-robin").expect("built-in"), &[3, 100, 1000][..]),
-        ("least-conn", registry.slot("least-conn").expect("built-in"), &[3, 100, 1000][..]),
+        (
+            "round-robin",
+            registry.slot("round-robin").expect("built-in"),
+            &[3, 100, 1000][..],
+        ),
+        (
+            "least-conn",
+            registry.slot("least-conn").expect("built-in"),
+            &[3, 100, 1000][..],
+        ),
         ("least-conn-0.1.0", slot_of("least-conn-0.1.0", fixture), &[3][..]),
-        ("maglev", slot_of("maglev", &format!("{wasm_dir}/maglev.wasm")), &[3, 100][..]),
-        ("peak-ewma", slot_of("peak-ewma", &format!("{wasm_dir}/peak_ewma.wasm")), &[3, 100][..]),
+        (
+            "maglev",
+            slot_of("maglev", &format!("{wasm_dir}/maglev.wasm")),
+            &[3, 100][..],
+        ),
+        (
+            "peak-ewma",
+            slot_of("peak-ewma", &format!("{wasm_dir}/peak_ewma.wasm")),
+            &[3, 100][..],
+        ),
     ];
     for (name, slot, sizes) in slots {
         for &n in sizes {

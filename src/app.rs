@@ -65,7 +65,9 @@ impl App {
             for (path, error) in registry.load_dir(dir, &validator) {
                 let name = crate::plugin::registry::plugin_name(&path).unwrap_or_default();
                 if config.plugin_policies().any(|p| p == name) || !dir.is_dir() {
-                    let key = config.key_naming_plugin(name).unwrap_or_else(|| "plugins.dir".to_string());
+                    let key = config
+                        .key_naming_plugin(name)
+                        .unwrap_or_else(|| "plugins.dir".to_string());
                     return Err(invalid(&config, &key, error.to_string()));
                 }
                 tracing::warn!(path = %path.display(), %error, "plugin refused");

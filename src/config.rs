@@ -1298,8 +1298,9 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         let key = |k: &str| format!("filters.{name}.{k}");
         let config = match filter.config {
             None => "{}".to_string(),
-            Some(value) => serde_json::to_string(&value)
-                .map_err(|e| (key("config"), format!("cannot be given as JSON: {e}")))?,
+            Some(value) => {
+                serde_json::to_string(&value).map_err(|e| (key("config"), format!("cannot be given as JSON: {e}")))?
+            }
         };
         let on_fault = match filter.on_fault.as_deref() {
             None | Some("allow") => crate::plugin::OnFault::Allow,
@@ -1337,7 +1338,10 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
         if body_prefix > MAX_BODY_PREFIX {
             return Err((
                 format!("routes[{i}].body_prefix"),
-                format!("at most {} KiB: it is held in memory for every request", MAX_BODY_PREFIX / 1024),
+                format!(
+                    "at most {} KiB: it is held in memory for every request",
+                    MAX_BODY_PREFIX / 1024
+                ),
             ));
         }
         if !pools.contains_key(&route.pool) {

@@ -318,6 +318,8 @@ pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 #[derive(Debug)]
 struct SnapshotView {
     pools: Vec<PoolView>,
+    /// Every plugin in use (by pools and filters), once each.
+    plugins: Vec<PluginView>,
     config_hash: String,
     /// (listener, certificate file, notAfter) of every served certificate.
     certificates: Vec<(String, String, i64)>,
@@ -325,12 +327,21 @@ struct SnapshotView {
 }
 
 #[derive(Debug)]
+struct PluginView {
+    name: String,
+    /// By `Fault::KINDS`.
+    faults: [u64; 3],
+    quarantined: bool,
+    /// Entries and evictions of its shared key-value store, if it has used one.
+    shared: Option<(usize, u64)>,
+}
+
+#[derive(Debug)]
 struct PoolView {
     id: u64,
     name: String,
+    /// Its policy's plugin.
     plugin: String,
-    plugin_faults: [u64; 3],
-    plugin_quarantined: bool,
     backends: Vec<BackendView>,
     /// Requests waiting for a backend with room.
     queued: usize,
@@ -360,40 +371,57 @@ impl SnapshotView {
         let pools = snapshot
             .pools
             .iter()
-            .map(|pool| {
-                let slot = pool.policy.slot();
-                PoolView {
-                    id: pool.id,
-                    name: pool.name.clone(),
-                    plugin: pool.policy.plugin_name().to_string(),
-                    plugin_faults: [0, 1, 2].map(|i| slot.faults_by_kind[i].load(Relaxed)),
-                    plugin_quarantined: slot.current().is_quarantined(),
-                    queued: pool.traffic.queued(),
-                    panic: pool.traffic.in_panic(),
-                    breaker_trips: [0, 1, 2].map(|i| pool.traffic.trips[i].load(Relaxed)),
-                    breaker_refused: [0, 1, 2].map(|i| pool.traffic.refused[i].load(Relaxed)),
-                    budget_refused: pool.traffic.budget_refused.load(Relaxed),
-                    backends: pool
-                        .backends
-                        .iter()
-                        .enumerate()
-                        .map(|(index, b)| BackendView {
-                            id: b.state.id,
-                            address: b.address.clone(),
-                            healthy: b.state.is_healthy(),
-                            in_flight: b.state.in_flight(),
-                            idle: pool.upstream.idle_count(index),
-                            opened: pool.upstream.opened_count(index),
-                            check_passes: b.state.checks_passed.load(Relaxed),
-                            check_failures: b.state.checks_failed.load(Relaxed),
-                            ejections: b.state.ejections_total.load(Relaxed),
-                        })
-                        .collect(),
-                }
+            .map(|pool| PoolView {
+                id: pool.id,
+                name: pool.name.clone(),
+                plugin: pool.policy.plugin_name().to_string(),
+                queued: pool.traffic.queued(),
+                panic: pool.traffic.in_panic(),
+                breaker_trips: [0, 1, 2].map(|i| pool.traffic.trips[i].load(Relaxed)),
+                breaker_refused: [0, 1, 2].map(|i| pool.traffic.refused[i].load(Relaxed)),
+                budget_refused: pool.traffic.budget_refused.load(Relaxed),
+                backends: pool
+                    .backends
+                    .iter()
+                    .enumerate()
+                    .map(|(index, b)| BackendView {
+                        id: b.state.id,
+                        address: b.address.clone(),
+                        healthy: b.state.is_healthy(),
+                        in_flight: b.state.in_flight(),
+                        idle: pool.upstream.idle_count(index),
+                        opened: pool.upstream.opened_count(index),
+                        check_passes: b.state.checks_passed.load(Relaxed),
+                        check_failures: b.state.checks_failed.load(Relaxed),
+                        ejections: b.state.ejections_total.load(Relaxed),
+                    })
+                    .collect(),
             })
             .collect();
+        let shared = crate::plugin::shared::stores();
+        let mut plugins: Vec<PluginView> = Vec::new();
+        let slots = snapshot
+            .pools
+            .iter()
+            .map(|pool| pool.policy.slot())
+            .chain(snapshot.route_filters.iter().flatten().map(|filter| filter.slot()));
+        for slot in slots {
+            if plugins.iter().any(|p| p.name == slot.name) {
+                continue;
+            }
+            plugins.push(PluginView {
+                name: slot.name.clone(),
+                faults: [0, 1, 2].map(|i| slot.faults_by_kind[i].load(Relaxed)),
+                quarantined: slot.current().is_quarantined(),
+                shared: shared
+                    .iter()
+                    .find(|(name, _)| *name == slot.name)
+                    .map(|(_, store)| (store.entries(), store.evictions())),
+            });
+        }
         SnapshotView {
             pools,
+            plugins,
             config_hash: snapshot.config.digest.0.clone(),
             certificates: crate::tls::terminators()
                 .iter()
@@ -593,12 +621,7 @@ impl Scrape {
         let per_backend = |value: fn(&BackendView) -> f64| -> Vec<(Labels, f64)> {
             backends.iter().map(|(labels, b)| (labels.clone(), value(b))).collect()
         };
-        let mut plugins: Vec<&PoolView> = Vec::new();
-        for pool in &self.snapshot.pools {
-            if !plugins.iter().any(|p| p.plugin == pool.plugin) {
-                plugins.push(pool);
-            }
-        }
+        let plugins = &self.snapshot.plugins;
         let events = events();
         let client_connections = crate::memory::totals();
         use std::sync::atomic::Ordering::Relaxed;
@@ -688,8 +711,8 @@ impl Scrape {
                 plugins.iter().flat_map(|p| {
                     crate::plugin::Fault::KINDS
                         .iter()
-                        .zip(p.plugin_faults)
-                        .map(|(kind, n)| (vec![("plugin", p.plugin.clone()), ("kind", kind.to_string())], n))
+                        .zip(p.faults)
+                        .map(|(kind, n)| (vec![("plugin", p.name.clone()), ("kind", kind.to_string())], n))
                 }),
             ),
             counters(
@@ -753,12 +776,23 @@ impl Scrape {
             gauges(
                 "fulcrum_plugin_quarantined",
                 "1 while the serving version of the plugin is quarantined.",
-                plugins.iter().map(|p| {
-                    (
-                        vec![("plugin", p.plugin.clone())],
-                        f64::from(u8::from(p.plugin_quarantined)),
-                    )
-                }),
+                plugins
+                    .iter()
+                    .map(|p| (vec![("plugin", p.name.clone())], f64::from(u8::from(p.quarantined)))),
+            ),
+            gauges(
+                "fulcrum_plugin_shared_entries",
+                "Entries in the plugin's shared key-value store (`[plugins] shared_entries` at most).",
+                plugins
+                    .iter()
+                    .filter_map(|p| Some((vec![("plugin", p.name.clone())], p.shared?.0 as f64))),
+            ),
+            counters(
+                "fulcrum_plugin_shared_evictions_total",
+                "Entries evicted from the plugin's full shared key-value store (oldest first).",
+                plugins
+                    .iter()
+                    .filter_map(|p| Some((vec![("plugin", p.name.clone())], p.shared?.1))),
             ),
             counters(
                 "fulcrum_config_reloads_total",

@@ -271,7 +271,6 @@ fn observe(snapshot: &Snapshot, record: &RequestRecord<'_>) {
     tests::capture(record);
 }
 
-
 /// Serves one request: route, select, forward; what it learns goes in
 /// `trace` (from [`Trace::start`]). `timer` bounds the wait for the backend's
 /// response head (a front end moves one timer along rather than creating one
@@ -316,10 +315,7 @@ pub async fn serve<B: BodySource>(
                 "no route matches this request",
             )),
             Some(matched) => {
-                let filters = snapshot
-                    .route_filters
-                    .get(matched.route)
-                    .map_or(&[][..], Vec::as_slice);
+                let filters = snapshot.route_filters.get(matched.route).map_or(&[][..], Vec::as_slice);
                 // A declared length over the limit: refused before anything is sent.
                 let max_body = matched.max_body_size;
                 let refused = max_body.filter(|&max| matches!(source.framing(), Framing::Length(n) if n > max));
@@ -352,7 +348,18 @@ pub async fn serve<B: BodySource>(
                             body_prefix: matched.body_prefix,
                             filters,
                         };
-                        Box::pin(filter_then_forward(snapshot, route, client, hop, head, resolved, &mut source, timer, trace)).await
+                        Box::pin(filter_then_forward(
+                            snapshot,
+                            route,
+                            client,
+                            hop,
+                            head,
+                            resolved,
+                            &mut source,
+                            timer,
+                            trace,
+                        ))
+                        .await
                     }
                 }
             }

@@ -40,11 +40,15 @@ pub struct Snapshot {
     pub route_filters: Vec<Vec<Arc<Filter>>>,
 }
 
+/// What a backend keeps across reloads: its state, its idle connections and
+/// its plugin id.
+type KeptBackend = (Arc<BackendState>, Arc<IdleConns>, u32);
+
 /// State that outlives snapshots, keyed so a reload finds it again.
 #[derive(Default)]
 pub struct Kept {
     /// By (pool, address): its state, its idle connections and its plugin id.
-    backends: HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>, u32)>,
+    backends: HashMap<(String, String), KeptBackend>,
     /// By pool.
     counters: HashMap<String, PolicyCounters>,
     /// Pool ids by name.
@@ -215,7 +219,13 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
     let route_filters = config
         .routes
         .iter()
-        .map(|route| route.filters.iter().filter_map(|name| filters.get(name).cloned()).collect())
+        .map(|route| {
+            route
+                .filters
+                .iter()
+                .filter_map(|name| filters.get(name).cloned())
+                .collect()
+        })
         .collect();
     let names: Vec<&String> = config.pools.keys().collect();
     let router = Router::new(&config.routes, |pool| names.iter().position(|n| *n == pool));
@@ -265,7 +275,14 @@ fn build_filters(
         let tickets = kept.filter_tickets.entry(name.clone()).or_default().clone();
         filters.insert(
             name.clone(),
-            Arc::new(Filter::new(name, slot, &filter.config, limits, filter.on_fault, tickets)),
+            Arc::new(Filter::new(
+                name,
+                slot,
+                &filter.config,
+                limits,
+                filter.on_fault,
+                tickets,
+            )),
         );
     }
     kept.filter_tickets.retain(|name, _| config.filters.contains_key(name));
@@ -274,11 +291,7 @@ fn build_filters(
 
 /// The plugin id of each backend of `pool`, in order: the id it had if the
 /// pool listed it before, else the lowest id no backend of the pool holds.
-fn backend_ids(
-    name: &str,
-    pool: &PoolConfig,
-    kept: &HashMap<(String, String), (Arc<BackendState>, Arc<IdleConns>, u32)>,
-) -> Vec<u32> {
+fn backend_ids(name: &str, pool: &PoolConfig, kept: &HashMap<(String, String), KeptBackend>) -> Vec<u32> {
     let known: Vec<Option<u32>> = pool
         .backends
         .iter()
@@ -305,12 +318,8 @@ fn backend_ids(
 pub fn plugin_limits(config: &Config, plugin: &str) -> Limits {
     let own = config.plugins.limits.get(plugin);
     Limits {
-        call_timeout: own
-            .and_then(|l| l.call_timeout)
-            .unwrap_or(config.plugins.call_timeout),
-        memory_limit: own
-            .and_then(|l| l.memory_limit)
-            .unwrap_or(config.plugins.memory_limit),
+        call_timeout: own.and_then(|l| l.call_timeout).unwrap_or(config.plugins.call_timeout),
+        memory_limit: own.and_then(|l| l.memory_limit).unwrap_or(config.plugins.memory_limit),
     }
 }
 

@@ -142,7 +142,10 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
     // The SDK's typed config: a misspelt key is refused with serde's reason.
     let (ok, _, err) = plugin_check(&[header_hash.to_str().expect("path"), "--config", r#"{"hedaer":"x"}"#]);
     assert!(!ok);
-    assert!(err.contains("init failed") && err.contains("unknown field `hedaer`"), "{err}");
+    assert!(
+        err.contains("init failed") && err.contains("unknown field `hedaer`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -161,10 +164,17 @@ fn plugin_check_runs_a_filter_and_a_0_1_0_balancer() {
     // 50 calls from 50 client addresses spread over 200: each bucket has room.
     let verdicts = out.lines().find(|l| l.starts_with("verdicts: ")).expect("verdicts");
     assert_eq!(verdicts, "verdicts: proceed 50", "{out}");
-    let (ok, _, err) = plugin_check(&[rate_limit.to_str().expect("path"), "--config", r#"{"rate": 0, "burst": 5}"#]);
+    let (ok, _, err) = plugin_check(&[
+        rate_limit.to_str().expect("path"),
+        "--config",
+        r#"{"rate": 0, "burst": 5}"#,
+    ]);
     assert!(!ok && err.contains("rate must be a positive number"), "{err}");
 
-    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/plugin-0.1.0/least_conn.wasm");
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/plugin-0.1.0/least_conn.wasm"
+    );
     let (ok, out, err) = plugin_check(&[fixture]);
     assert!(ok, "{out}\n{err}");
     assert!(out.contains("world: fulcrum:plugin@0.1.0 balancer "), "{out}");
@@ -233,6 +243,9 @@ fn plugin_test_gives_known_answers_for_a_modulo_and_a_consistent_hash() {
         .and_then(|l| l.split("of the other backends' keys ").nth(1))
         .and_then(|v| v.trim_end_matches('%').parse::<f64>().ok())
         .expect("others line");
-    assert!(others <= 1.0, "maglev moves at most 1% of the others: {others}%\n{maglev}");
+    assert!(
+        others <= 1.0,
+        "maglev moves at most 1% of the others: {others}%\n{maglev}"
+    );
     assert!(maglev.contains("deterministic: yes"), "{maglev}");
 }

@@ -7,7 +7,7 @@
 mod common;
 
 use bytes::Bytes;
-use common::{Fulcrum, Reply, send, start_backends, wasm};
+use common::{Fulcrum, Reply, start_backends, wasm};
 use http_body_util::{BodyExt, Full};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -20,7 +20,10 @@ async fn request(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> (Reply, http::HeaderMap) {
-    let mut builder = http::Request::builder().method(method).uri(path).header("host", "test.local");
+    let mut builder = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header("host", "test.local");
     for (name, value) in headers {
         builder = builder.header(*name, *value);
     }
@@ -36,7 +39,10 @@ async fn request(
         .expect("answered");
     let status = response.status().as_u16();
     let headers = response.headers().clone();
-    let backend = headers.get("x-backend").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let backend = headers
+        .get("x-backend")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let body = response.into_body().collect().await.expect("body").to_bytes();
     (Reply { status, backend, body }, headers)
 }
@@ -85,7 +91,10 @@ async fn a_filter_answers_in_place_of_the_backend() {
     );
     let (redirected, headers) = request(fulcrum.addr, "GET", "/redirect", &[], b"").await;
     assert_eq!(redirected.status, 302);
-    assert_eq!(headers.get("location").and_then(|v| v.to_str().ok()), Some("/elsewhere"));
+    assert_eq!(
+        headers.get("location").and_then(|v| v.to_str().ok()),
+        Some("/elsewhere")
+    );
     assert_eq!(
         backends[0].stats.requests.load(Ordering::Relaxed),
         0,
@@ -112,7 +121,10 @@ async fn header_edits_reach_the_backend_and_the_client() {
     assert_eq!(reply.status, 200);
     let seen = String::from_utf8_lossy(&reply.body).to_string();
     assert!(seen.contains("x-probe: seen\n"), "{seen}");
-    assert!(seen.contains("x-probe-label: from-config\n"), "the filter's config: {seen}");
+    assert!(
+        seen.contains("x-probe-label: from-config\n"),
+        "the filter's config: {seen}"
+    );
     assert!(!seen.contains("x-remove-me"), "removed: {seen}");
     assert!(
         seen.contains("x-added: by-client\n") && seen.contains("x-added: by-probe\n"),
@@ -120,7 +132,10 @@ async fn header_edits_reach_the_backend_and_the_client() {
     );
     // The response edits, made in on-response, which read the response.
     assert_eq!(headers.get("x-probe-status").and_then(|v| v.to_str().ok()), Some("200"));
-    assert_eq!(headers.get("x-probe-saw").and_then(|v| v.to_str().ok()), Some("backend-1"));
+    assert_eq!(
+        headers.get("x-probe-saw").and_then(|v| v.to_str().ok()),
+        Some("backend-1")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,15 +152,19 @@ backends = ["{}", "{}"]
 "#,
         backends[0].addr, backends[1].addr, backends[2].addr
     );
-    let config = probe_config(&format!("[\"{}\"]", backends[0].addr), "")
-        .replace("[[routes]]", &format!("{extra}\n[[routes]]"));
+    let config =
+        probe_config(&format!("[\"{}\"]", backends[0].addr), "").replace("[[routes]]", &format!("{extra}\n[[routes]]"));
     let fulcrum = Fulcrum::start(&config, &[("probe.wasm", &wasm("probe.wasm"))]);
 
     let (plain, _) = request(fulcrum.addr, "GET", "/", &[], b"").await;
     assert_eq!(plain.backend.as_deref(), Some("backend-1"));
     let (overridden, _) = request(fulcrum.addr, "GET", "/", &[("x-pool", "steered")], b"").await;
     assert_eq!(overridden.status, 200);
-    assert_eq!(overridden.backend.as_deref(), Some("backend-2"), "the steered pool's first backend");
+    assert_eq!(
+        overridden.backend.as_deref(),
+        Some("backend-2"),
+        "the steered pool's first backend"
+    );
     // The filter's metadata `backend = 1` chooses the steered pool's second backend (id 1).
     for _ in 0..5 {
         let (steered, _) = request(
@@ -171,7 +190,14 @@ async fn the_body_prefix_is_read_and_the_body_still_arrives_whole() {
     let fulcrum = Fulcrum::start(&config, &[("probe.wasm", &wasm("probe.wasm"))]);
 
     let json = br#"{"model": "llama-3", "prompt": "hello"}"#;
-    let (reply, _) = request(fulcrum.addr, "POST", "/headers", &[("content-type", "application/json")], json).await;
+    let (reply, _) = request(
+        fulcrum.addr,
+        "POST",
+        "/headers",
+        &[("content-type", "application/json")],
+        json,
+    )
+    .await;
     let seen = String::from_utf8_lossy(&reply.body).to_string();
     assert!(seen.contains("x-model: llama-3\n"), "{seen}");
 
@@ -358,6 +384,12 @@ filters = ["limit"]
     }
     let seconds = started.elapsed().as_secs_f64();
     let rate = admitted as f64 / seconds;
-    assert!(sent as f64 > 3.0 * 100.0 * seconds, "the clients sent too little to test the limit: {sent}");
-    assert!((90.0..=110.0).contains(&rate), "{admitted} admitted in {seconds:.1} s: {rate:.1}/s");
+    assert!(
+        sent as f64 > 3.0 * 100.0 * seconds,
+        "the clients sent too little to test the limit: {sent}"
+    );
+    assert!(
+        (90.0..=110.0).contains(&rate),
+        "{admitted} admitted in {seconds:.1} s: {rate:.1}/s"
+    );
 }

@@ -461,3 +461,60 @@ async fn panic_mode_spreads_over_all_backends_when_too_few_are_healthy() {
     }
     let _ = Mutex::new(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugins_see_each_backends_limit_and_whether_it_is_full() {
+    let a = Backend::start("a").await;
+    let b = Backend::start("b").await;
+    a.behaviour.delay_ms.store(1500, Ordering::Relaxed);
+    let config = pool(&[&a, &b], "policy = \"probe\"\nmax_in_flight = 1")
+        .replace(
+            &format!("backends = [\"{}\", \"{}\"]", a.addr, b.addr),
+            &format!(
+                "backends = [\"{}\", {{ address = \"{}\", max_in_flight = 3 }}]",
+                a.addr, b.addr
+            ),
+        )
+        .replace(
+            "[pools.web]",
+            "[plugins]\ndir = \"plugins.d\"\ncall_timeout = \"200ms\"\n[pools.web]",
+        );
+    let fulcrum = Fulcrum::start(&config, &[("probe.wasm", &wasm("probe.wasm"))]);
+    // The probe balancer sends everything to the first backend (id 0): one
+    // slow request fills it.
+    let addr = fulcrum.addr;
+    let slow = tokio::spawn(async move { get(addr, "/").await });
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while a.in_flight.load(Ordering::Relaxed) == 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let request = http::Request::get("/")
+        .header("host", "test.local")
+        .header("x-report", "1")
+        .body(Full::new(Bytes::new()))
+        .expect("request");
+    let reply = send(fulcrum.addr, request).await.expect("answered");
+    assert_eq!(reply.status, 200);
+    assert_eq!(
+        reply.backend.as_deref(),
+        Some("b"),
+        "the full backend's request went to the one with room"
+    );
+    assert!(
+        fulcrum.wait_for_log(
+            "backend 0: weight 100, max-in-flight 1 (pushed 1), full 1, in-flight 1",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        fulcrum.log()
+    );
+    assert!(
+        fulcrum.wait_for_log(
+            "backend 1: weight 100, max-in-flight 3 (pushed 3), full 0, in-flight 0",
+            Duration::from_secs(5)
+        ),
+        "{}",
+        fulcrum.log()
+    );
+    assert_eq!(slow.await.expect("task").expect("reply").status, 200);
+}

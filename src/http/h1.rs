@@ -762,7 +762,10 @@ pub fn encode_request_head(
 
     let edits = forwarding.edits;
     for (name, value) in request.headers() {
-        if rewritten_upstream(name) || request.named_by_connection(name) || (!edits.is_empty() && super::edit::touches(edits, name)) {
+        if rewritten_upstream(name)
+            || request.named_by_connection(name)
+            || (!edits.is_empty() && super::edit::touches(edits, name))
+        {
             continue;
         }
         out.extend_from_slice(name);

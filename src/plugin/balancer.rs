@@ -147,8 +147,7 @@ fn decide(
                     .map(|b| v2::fulcrum::plugin::backends::Backend {
                         id: b.id,
                         address: b.address.clone(),
-                        weight: crate::traffic::effective_weight(b, view.slow_start, now_ms)
-                            .saturating_mul(if view.slow_start.is_some() { 1 } else { 100 }),
+                        weight: weight_in_hundredths(b, view, now_ms),
                         healthy: b.state.is_usable(view.panic),
                         max_in_flight: b.state.max_in_flight(),
                         labels: b.labels.to_vec(),
@@ -172,7 +171,11 @@ fn decide(
             })?;
             Ok(match chosen {
                 None => Decision::None,
-                Some(id) => live.store.data().index_of(id).map_or(Decision::Unknown(id), Decision::Index),
+                Some(id) => live
+                    .store
+                    .data()
+                    .index_of(id)
+                    .map_or(Decision::Unknown(id), Decision::Index),
             })
         }
         PluginInstance::Legacy(legacy) => {
@@ -218,6 +221,17 @@ fn decide(
     }
 }
 
+/// A backend's effective weight as 0.2.0 plugins see it: in hundredths of
+/// the configured weight (a slow start ramps it; otherwise 100 × weight).
+pub fn weight_in_hundredths(backend: &crate::backend::Backend, view: PoolView, now_ms: u64) -> u32 {
+    let weight = crate::traffic::effective_weight(backend, view.slow_start, now_ms);
+    if view.slow_start.is_some() {
+        weight
+    } else {
+        weight.saturating_mul(100)
+    }
+}
+
 /// Round robin over healthy backends (any not drained, in panic mode) not yet tried: what
 /// serves a request when the plugin cannot.
 pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64, panic: bool) -> Option<usize> {
@@ -230,4 +244,3 @@ pub fn fallback(backends: &BackendList, tried: &[usize], ticket: &AtomicU64, pan
         .map(|step| (start + step) % n)
         .find(|&i| backends[i].state.is_usable(panic) && !tried.contains(&i))
 }
-

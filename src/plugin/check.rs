@@ -65,11 +65,7 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
         Ok(plugin) => plugin,
         Err(e) => return Err(fail(report, "link", e.to_string())),
     };
-    report.say(format!(
-        "world: {} (digest {})",
-        plugin.pre.describe(),
-        plugin.digest
-    ));
+    report.say(format!("world: {} (digest {})", plugin.pre.describe(), plugin.digest));
     if let Err(e) = plugin.check(config, &limits) {
         return Err(fail(report, "init", e.to_string()));
     }

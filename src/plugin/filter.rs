@@ -136,8 +136,13 @@ impl Filter {
         let limits = self.binding.limits;
         let verdict = self.binding.call(
             |live| {
-                let PluginInstance::Current { filter: Some(filter), .. } = &live.instance else {
-                    return Err(wasmtime::Error::msg("the plugin exports no filter (`fulcrum:plugin/request-filter@0.2.0`)"));
+                let PluginInstance::Current {
+                    filter: Some(filter), ..
+                } = &live.instance
+                else {
+                    return Err(wasmtime::Error::msg(
+                        "the plugin exports no filter (`fulcrum:plugin/request-filter@0.2.0`)",
+                    ));
                 };
                 live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
                 StoreState::with_request(&mut live.store, request, None, |store| filter.call_on_request(store))
@@ -151,7 +156,9 @@ impl Filter {
                     answer.body.len()
                 ))),
                 WitVerdict::Proceed(changes) => match &changes.pool {
-                    Some(pool) if !pool_exists(pool) => Err(self.bad_answer(format!("sent the request to pool `{pool}`, which does not exist"))),
+                    Some(pool) if !pool_exists(pool) => {
+                        Err(self.bad_answer(format!("sent the request to pool `{pool}`, which does not exist")))
+                    }
                     _ => Ok(()),
                 },
                 WitVerdict::Respond(_) => Ok(()),
@@ -182,7 +189,10 @@ impl Filter {
         let limits = self.binding.limits;
         let edits = self.binding.call(
             |live| {
-                let PluginInstance::Current { filter: Some(filter), .. } = &live.instance else {
+                let PluginInstance::Current {
+                    filter: Some(filter), ..
+                } = &live.instance
+                else {
                     return Err(wasmtime::Error::msg("the plugin exports no filter"));
                 };
                 live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));

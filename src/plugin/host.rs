@@ -31,9 +31,9 @@ fn signal_value(signal: u32, backend: &Backend, state: &StoreState) -> Option<u6
         3 => live.latency_ewma_us(now_ns()),
         4 => live.error_rate_ppm(),
         5 => Some(live.requests.load(Ordering::Relaxed)),
-        6 => Some(u64::from(crate::traffic::effective_weight(
+        6 => Some(u64::from(super::balancer::weight_in_hundredths(
             backend,
-            state.view.slow_start,
+            state.view,
             crate::backend::process_ms(),
         ))),
         _ => None,

@@ -128,7 +128,10 @@ impl v2::fulcrum::plugin::request::Host for StoreState {
     fn cookie(&mut self, name: String) -> Option<String> {
         let request = self.request()?;
         // Every `Cookie` field (HTTP/2 clients may split them), then any a filter set.
-        let fields = request.head.headers().filter(|(n, _)| n.eq_ignore_ascii_case(b"cookie"));
+        let fields = request
+            .head
+            .headers()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(b"cookie"));
         let found = fields
             .filter_map(|(_, value)| visible_text(value))
             .find_map(|value| cookie_in(value, &name));

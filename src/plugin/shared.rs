@@ -293,9 +293,17 @@ mod tests {
         assert_eq!(store.count("k", 0, window, SECOND / 2), 10);
         // Half-way through the next window: half of the previous one still counts.
         assert_eq!(store.count("k", 2, window, SECOND + SECOND / 2), 2 + 5);
-        assert_eq!(store.count("k", 0, window, 5 * SECOND), 0, "two windows on, both forgotten");
+        assert_eq!(
+            store.count("k", 0, window, 5 * SECOND),
+            0,
+            "two windows on, both forgotten"
+        );
         assert_eq!(store.count("total", 3, None, 0), 3);
-        assert_eq!(store.count("total", 4, None, 100 * SECOND), 7, "no window: it only grows");
+        assert_eq!(
+            store.count("total", 4, None, 100 * SECOND),
+            7,
+            "no window: it only grows"
+        );
     }
 
     #[test]
@@ -309,7 +317,9 @@ mod tests {
         assert_eq!(store.take("c", 100.0, 20, 10_000_000), Ok(()), "one token after 10 ms");
         assert!(store.take("c", 100.0, 20, 10_000_000).is_err());
         // Never more than the burst, however long it was idle.
-        let admitted = (0..100).filter(|_| store.take("c", 100.0, 20, 3600 * SECOND).is_ok()).count();
+        let admitted = (0..100)
+            .filter(|_| store.take("c", 100.0, 20, 3600 * SECOND).is_ok())
+            .count();
         assert_eq!(admitted, 20);
     }
 
@@ -319,7 +329,10 @@ mod tests {
         assert!(store.set("a", b"1".to_vec(), None, 0));
         assert!(store.set("b", b"2".to_vec(), Some(Duration::from_secs(1)), 0));
         assert!(store.set("c", b"3".to_vec(), None, 0));
-        assert!(store.set("a", b"1'".to_vec(), None, 1), "setting again makes it the newest");
+        assert!(
+            store.set("a", b"1'".to_vec(), None, 1),
+            "setting again makes it the newest"
+        );
         assert!(store.set("d", b"4".to_vec(), None, 2));
         assert_eq!(store.get("b", 3), None, "b was the oldest set");
         assert_eq!(store.evictions(), 1);

@@ -202,15 +202,13 @@ impl World for PluginWorld {
 
 /// An export the component may lack: absent is `None`, present but of the
 /// wrong shape is an error naming it.
-fn optional<T>(
-    pre: &InstancePre<StoreState>,
-    name: &str,
-    found: wasmtime::Result<T>,
-) -> wasmtime::Result<Option<T>> {
+fn optional<T>(pre: &InstancePre<StoreState>, name: &str, found: wasmtime::Result<T>) -> wasmtime::Result<Option<T>> {
     let export = format!("fulcrum:plugin/{name}@0.2.0");
     match found {
         Ok(indices) => Ok(Some(indices)),
         Err(_) if pre.component().get_export_index(None, &export).is_none() => Ok(None),
-        Err(e) => Err(wasmtime::Error::msg(format!("its `{export}` is not the one of 0.2.0: {e}"))),
+        Err(e) => Err(wasmtime::Error::msg(format!(
+            "its `{export}` is not the one of 0.2.0: {e}"
+        ))),
     }
 }

@@ -35,7 +35,11 @@ pub fn choose(key: u64, all: &[(BackendId, bool)], usable: impl Fn(BackendId, bo
     if usable(id, healthy) {
         return Some(id);
     }
-    let rest: Vec<BackendId> = all.iter().filter(|&&(id, h)| usable(id, h)).map(|&(id, _)| id).collect();
+    let rest: Vec<BackendId> = all
+        .iter()
+        .filter(|&&(id, h)| usable(id, h))
+        .map(|&(id, _)| id)
+        .collect();
     (!rest.is_empty()).then(|| rest[jump_hash(key.rotate_left(29) ^ 0x9e37_79b9_7f4a_7c15, rest.len())])
 }
 
@@ -84,7 +88,9 @@ impl Balancer for HeaderHash {
     }
 
     fn reselect(&mut self, tried: &[BackendId]) -> Option<BackendId> {
-        choose(self.key(), &self.backends, |id, healthy| healthy && !tried.contains(&id))
+        choose(self.key(), &self.backends, |id, healthy| {
+            healthy && !tried.contains(&id)
+        })
     }
 }
 

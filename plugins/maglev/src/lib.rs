@@ -35,7 +35,7 @@ impl Default for Config {
 }
 
 fn is_prime(n: u64) -> bool {
-    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| n % d != 0)
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
 }
 
 /// Mixes a hash's bits (splitmix64's finaliser): FNV-1a's low bits alone

@@ -80,7 +80,11 @@ impl Plugin for PeakEwma {
 
 impl Balancer for PeakEwma {
     fn set_backends(&mut self, backends: Vec<Backend>) {
-        self.healthy = backends.iter().filter(|b| b.healthy).map(|b| (b.id, b.weight)).collect();
+        self.healthy = backends
+            .iter()
+            .filter(|b| b.healthy)
+            .map(|b| (b.id, b.weight))
+            .collect();
     }
 
     fn select(&mut self) -> Option<BackendId> {
@@ -88,7 +92,12 @@ impl Balancer for PeakEwma {
     }
 
     fn reselect(&mut self, tried: &[BackendId]) -> Option<BackendId> {
-        let rest: Vec<(BackendId, u32)> = self.healthy.iter().copied().filter(|(id, _)| !tried.contains(id)).collect();
+        let rest: Vec<(BackendId, u32)> = self
+            .healthy
+            .iter()
+            .copied()
+            .filter(|(id, _)| !tried.contains(id))
+            .collect();
         self.pick(&rest)
     }
 }
@@ -103,8 +112,14 @@ mod tests {
     fn a_slow_or_busy_backend_costs_more() {
         assert!(cost(Some(50_000), 0, 100, 1) > cost(Some(1_000), 0, 100, 1));
         assert!(cost(Some(1_000), 9, 100, 1) > cost(Some(1_000), 0, 100, 1));
-        assert!(cost(None, 0, 100, 1) < cost(Some(10), 0, 100, 1), "untried backends go first");
-        assert!(cost(Some(1_000), 0, 200, 1) < cost(Some(1_000), 0, 100, 1), "weight divides");
+        assert!(
+            cost(None, 0, 100, 1) < cost(Some(10), 0, 100, 1),
+            "untried backends go first"
+        );
+        assert!(
+            cost(Some(1_000), 0, 200, 1) < cost(Some(1_000), 0, 100, 1),
+            "weight divides"
+        );
     }
 
     #[test]

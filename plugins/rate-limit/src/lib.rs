@@ -48,7 +48,10 @@ impl Plugin for RateLimit {
 
     fn new(config: Config) -> Result<Self, String> {
         if !(config.rate > 0.0 && config.rate.is_finite()) {
-            return Err(format!("rate must be a positive number of requests a second, got {}", config.rate));
+            return Err(format!(
+                "rate must be a positive number of requests a second, got {}",
+                config.rate
+            ));
         }
         if config.burst == 0 {
             return Err("burst must be at least 1".into());

@@ -1,8 +1,8 @@
 //! Filters: the [`Filter`] trait, and builders for its verdicts
 //! ([`Proceed`], [`Respond`]).
 
-use crate::bindings::exports::fulcrum::plugin::request_filter::{DirectResponse, RequestChanges};
 pub use crate::bindings::exports::fulcrum::plugin::request_filter::Verdict;
+use crate::bindings::exports::fulcrum::plugin::request_filter::{DirectResponse, RequestChanges};
 pub use crate::bindings::fulcrum::plugin::response;
 use crate::{EditOp, HeaderEdit};
 

@@ -81,8 +81,8 @@ pub mod bindings {
 #[doc(hidden)]
 pub use wit_bindgen as __wit_bindgen;
 
-pub use bindings::fulcrum::plugin::{clock, log, random, request, shared};
 pub use bindings::fulcrum::plugin::types::{EditOp, HeaderEdit};
+pub use bindings::fulcrum::plugin::{clock, log, random, request, shared};
 
 /// A backend's id within its pool: stable while the pool lists it.
 pub type BackendId = u32;
@@ -192,7 +192,8 @@ macro_rules! __request_filter {
     ($plugin:ty) => {
         impl $crate::bindings::exports::fulcrum::plugin::request_filter::Guest for __FulcrumExports {
             fn on_request() -> $crate::Verdict {
-                __fulcrum_with(|p| <$plugin as $crate::Filter>::on_request(p)).unwrap_or_else(|| $crate::Proceed::new().into())
+                __fulcrum_with(|p| <$plugin as $crate::Filter>::on_request(p))
+                    .unwrap_or_else(|| $crate::Proceed::new().into())
             }
 
             fn on_response() -> ::std::vec::Vec<$crate::HeaderEdit> {

@@ -12,13 +12,20 @@
 //! - header `x-to-backend: N` becomes the metadata `backend = N`, which the
 //!   balancer side follows (any other request goes to the first healthy
 //!   backend);
-//! - a body prefix with `"model":"NAME"` sets `x-model: NAME` upstream.
+//! - a body prefix with `"model":"NAME"` sets `x-model: NAME` upstream;
+//! - as a balancer, a request with `x-report: 1` logs, for every backend,
+//!   what the host says of it: `backend ID: weight W, max-in-flight M, full
+//!   F, in-flight I` (the `weight`, `max-in-flight`, `full` and `in-flight`
+//!   signals).
 //!
 //! `config = { "label": "..." }` is echoed in `x-probe-label` when given.
 // Only a Wasm component: there is nothing to build or test on the host.
 #![cfg(target_arch = "wasm32")]
 
-use fulcrum_plugin_sdk::{Backend, BackendId, Balancer, Filter, HeaderEdit, EditOp, Plugin, Proceed, Respond, Verdict, request, response};
+use fulcrum_plugin_sdk::{
+    Backend, BackendId, Balancer, EditOp, Filter, HeaderEdit, Plugin, Proceed, Respond, Signal, Verdict, log, request,
+    response,
+};
 
 #[derive(Default, serde::Deserialize)]
 #[serde(default)]
@@ -29,6 +36,10 @@ struct Config {
 struct Probe {
     label: Option<String>,
     healthy: Vec<BackendId>,
+    /// Every backend's id and its `max-in-flight` as pushed.
+    pushed: Vec<(BackendId, u32)>,
+    /// `weight`, `max-in-flight`, `full`, `in-flight`.
+    signals: [Signal; 4],
 }
 
 impl Plugin for Probe {
@@ -38,6 +49,13 @@ impl Plugin for Probe {
         Ok(Probe {
             label: config.label,
             healthy: Vec::new(),
+            pushed: Vec::new(),
+            signals: [
+                Signal::resolve("weight")?,
+                Signal::resolve("max-in-flight")?,
+                Signal::resolve("full")?,
+                Signal::resolve("in-flight")?,
+            ],
         })
     }
 }
@@ -57,7 +75,10 @@ impl Filter for Probe {
             return Respond::status(403).text("denied by the probe filter\n").into();
         }
         if path.starts_with("/limited") {
-            return Respond::status(429).header("retry-after", "2").text("slow down\n").into();
+            return Respond::status(429)
+                .header("retry-after", "2")
+                .text("slow down\n")
+                .into();
         }
         if path.starts_with("/trap") {
             core::arch::wasm32::unreachable();
@@ -104,9 +125,21 @@ impl Filter for Probe {
 impl Balancer for Probe {
     fn set_backends(&mut self, backends: Vec<Backend>) {
         self.healthy = backends.iter().filter(|b| b.healthy).map(|b| b.id).collect();
+        self.pushed = backends.iter().map(|b| (b.id, b.max_in_flight)).collect();
     }
 
     fn select(&mut self) -> Option<BackendId> {
+        if request::header("x-report").is_some() {
+            for &(id, pushed_max) in &self.pushed {
+                let [weight, max, full, in_flight] = self.signals.map(|s| s.read(id).unwrap_or(u64::MAX));
+                fulcrum_plugin_sdk::log(
+                    log::Level::Info,
+                    &format!(
+                        "backend {id}: weight {weight}, max-in-flight {max} (pushed {pushed_max}), full {full}, in-flight {in_flight}"
+                    ),
+                );
+            }
+        }
         match request::metadata("backend").and_then(|b| b.parse().ok()) {
             Some(id) => Some(id),
             None => self.healthy.first().copied(),
