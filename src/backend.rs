@@ -360,5 +360,53 @@ pub struct Backend {
     pub state: Arc<BackendState>,
 }
 
-/// A pool's backends in a fixed order: a backend's index is its id in the WIT.
+/// A pool's backends in a fixed order. A backend's index here is not its
+/// plugin id ([`Backend::id`]), which survives membership changes.
 pub type BackendList = Arc<[Arc<Backend>]>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn the_latency_ewma_rises_at_once_falls_with_time_and_decays_idle() {
+        let state = BackendState::default();
+        assert_eq!(state.latency_ewma_us(1), None, "no answer yet");
+        state.observe_latency(10 * MS, 1_000 * MS);
+        assert_eq!(state.latency_ewma_us(1_000 * MS), Some(10_000));
+        // A slower answer is taken whole (the peak).
+        state.observe_latency(50 * MS, 1_001 * MS);
+        assert_eq!(state.latency_ewma_us(1_001 * MS), Some(50_000));
+        // Faster answers pull it down by how long it has been: 10 s is one time constant.
+        state.observe_latency(10 * MS, 11_001 * MS);
+        let after = state.latency_ewma_us(11_001 * MS).expect("value");
+        let expected = 10_000.0 + 40_000.0 * (-1.0f64).exp();
+        assert!((after as f64 - expected).abs() < 50.0, "{after} vs {expected}");
+        // Idle, it decays: read 10 s later it is about a third.
+        let idle = state.latency_ewma_us(21_001 * MS).expect("value");
+        assert!((idle as f64 - after as f64 * (-1.0f64).exp()).abs() < 50.0, "{idle}");
+    }
+
+    #[test]
+    fn the_error_rate_follows_recent_outcomes() {
+        let state = BackendState::default();
+        assert_eq!(state.error_rate_ppm(), None);
+        state.observe_outcome(true);
+        assert_eq!(state.error_rate_ppm(), Some(1_000_000));
+        for _ in 0..200 {
+            state.observe_outcome(false);
+        }
+        assert!(
+            state.error_rate_ppm().expect("rate") < 2_000,
+            "{:?}",
+            state.error_rate_ppm()
+        );
+        for _ in 0..32 {
+            state.observe_outcome(true);
+        }
+        let rate = state.error_rate_ppm().expect("rate");
+        assert!((550_000..750_000).contains(&rate), "32 failures in a row: {rate}");
+    }
+}

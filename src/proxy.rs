@@ -790,6 +790,8 @@ async fn forward<B: BodySource>(
                 format!("no backend of pool `{}` answered in time", pool.name),
             ));
         }
+        // When this try began: its time to a response head feeds the backend's latency EWMA.
+        let try_started = crate::backend::now_ns();
         let conn = match pool
             .upstream
             .checkout(index, backend.socket, &backend.address, current.client)
@@ -856,6 +858,9 @@ async fn forward<B: BodySource>(
         let error = match exchanged {
             Err(()) => {
                 report(backend, Outcome::Failure);
+                // As long as it was waited for, at least: a peak EWMA takes it at once.
+                let now = crate::backend::now_ns();
+                backend.state.observe_latency(now - try_started, now);
                 let per_try = try_deadline < deadline;
                 let which = if per_try { "per_try_timeout" } else { "response_timeout" };
                 backend.state.note_error(&format!("no response within {which}"));
@@ -876,6 +881,8 @@ async fn forward<B: BodySource>(
                 ));
             }
             Ok(Ok((response, body_in))) => {
+                let now = crate::backend::now_ns();
+                backend.state.observe_latency(now - try_started, now);
                 let status = response.status.as_u16();
                 let outcome = if response.status.is_server_error() {
                     Outcome::Failure

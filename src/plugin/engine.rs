@@ -114,6 +114,11 @@ impl StoreState {
         self.backends.get(index as usize).map(|b| &**b)
     }
 
+    /// One past the highest plugin id in the list last pushed.
+    pub(super) fn id_bound(&self) -> usize {
+        self.index_of.len()
+    }
+
     /// Makes `backends` the list plugin ids refer to.
     pub(super) fn push_backends(&mut self, backends: &BackendList) {
         self.backends = backends.clone();

@@ -22,23 +22,29 @@ pub const SIGNALS: [&str; 7] = [
 ];
 
 /// The value of signal `signal` for `backend`, `None` when it has none.
-fn signal_value(signal: u32, backend: &Backend, state: &StoreState) -> Option<u64> {
+/// `now` is [`now_ns`], read once per batch (only the latency needs it).
+fn signal_value(signal: u32, backend: &Backend, view: super::PoolView, now: u64) -> Option<u32> {
     let live = &backend.state;
+    let saturated = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
     match signal {
-        0 => Some(u64::from(live.in_flight())),
-        1 => Some(u64::from(live.max_in_flight())),
-        2 => Some(u64::from(live.is_full())),
-        3 => live.latency_ewma_us(now_ns()),
-        4 => live.error_rate_ppm(),
-        5 => Some(live.requests.load(Ordering::Relaxed)),
-        6 => Some(u64::from(super::balancer::weight_in_hundredths(
+        0 => Some(live.in_flight()),
+        1 => Some(live.max_in_flight()),
+        2 => Some(u32::from(live.is_full())),
+        3 => live.latency_ewma_us(now).map(saturated),
+        4 => live.error_rate_ppm().map(saturated),
+        // Modulo 2^32: plugins take differences.
+        5 => Some(live.requests.load(Ordering::Relaxed) as u32),
+        6 => Some(super::balancer::weight_in_hundredths(
             backend,
-            state.view,
+            view,
             crate::backend::process_ms(),
-        ))),
+        )),
         _ => None,
     }
 }
+
+/// The latency signal's id: the one that reads the clock.
+const LATENCY_SIGNAL: u32 = 3;
 
 impl v2::fulcrum::plugin::types::Host for StoreState {}
 
@@ -121,26 +127,35 @@ impl v2::fulcrum::plugin::backends::Host for StoreState {
     }
 
     fn read(&mut self, signal: u32, first: u32) -> Batch {
-        let mut values = [0u64; 8];
+        let mut values = [0u32; 4];
         let mut missing = 0u8;
+        let now = if signal == LATENCY_SIGNAL { now_ns() } else { 0 };
         for (i, value) in values.iter_mut().enumerate() {
+            let id = first.saturating_add(i as u32);
+            if id as usize >= self.id_bound() {
+                // No backend has this id or a higher one.
+                missing |= (0x0f << i) & 0x0f;
+                break;
+            }
             match self
-                .backend_by_id(first.saturating_add(i as u32))
-                .and_then(|b| signal_value(signal, b, self))
+                .backend_by_id(id)
+                .and_then(|b| signal_value(signal, b, self.view, now))
             {
                 Some(v) => *value = v,
                 None => missing |= 1 << i,
             }
         }
-        let [a, b, c, d, e, f, g, h] = values;
+        let [a, b, c, d] = values;
         Batch {
-            values: (a, b, c, d, e, f, g, h),
+            values: (a, b, c, d),
             missing,
         }
     }
 
-    fn read_one(&mut self, signal: u32, id: u32) -> Option<u64> {
-        self.backend_by_id(id).and_then(|b| signal_value(signal, b, self))
+    fn read_one(&mut self, signal: u32, id: u32) -> Option<u32> {
+        let now = if signal == LATENCY_SIGNAL { now_ns() } else { 0 };
+        self.backend_by_id(id)
+            .and_then(|b| signal_value(signal, b, self.view, now))
     }
 }
 

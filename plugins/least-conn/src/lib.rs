@@ -2,7 +2,7 @@
 //! to its weight (nginx's `least_conn`).
 //!
 //! Pools up to `exact_up_to` backends (default 64) are scanned whole, reading
-//! the `in-flight` signal eight backends per host call. Ties are broken by the host's shared
+//! the `in-flight` signal four backends per host call. Ties are broken by the host's shared
 //! ticket, in proportion to weight, so an idle pool still rotates instead of
 //! always favouring the first backend. Larger pools use the power of two
 //! choices (as Envoy's least-request does): two random healthy backends are
@@ -135,13 +135,13 @@ impl LeastConn {
     fn decide(&mut self, tried: &[BackendId]) -> Option<BackendId> {
         if self.healthy.len() > self.exact_up_to {
             let signal = self.in_flight;
-            let load = |id| signal.read(id).unwrap_or(0) as u32;
+            let load = |id| signal.read(id).unwrap_or(0);
             return pick_two(&self.healthy, tried, random::next, load);
         }
         let last = self.counts.len().checked_sub(1)? as u32;
         let counts = &mut self.counts;
         self.in_flight
-            .for_each(last, |id, value| counts[id as usize] = value.unwrap_or(0) as u32);
+            .for_each(last, |id, value| counts[id as usize] = value.unwrap_or(0));
         pick(&self.healthy, &self.counts, tried, || shared::next_ticket(0))
     }
 }

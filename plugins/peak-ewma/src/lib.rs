@@ -51,8 +51,13 @@ pub struct PeakEwma {
 
 impl PeakEwma {
     fn cost_of(&self, (id, weight): (BackendId, u32)) -> f64 {
-        let in_flight = self.in_flight.read(id).unwrap_or(0);
-        cost(self.latency.read(id), in_flight, weight, self.default_latency_us)
+        let in_flight = u64::from(self.in_flight.read(id).unwrap_or(0));
+        cost(
+            self.latency.read(id).map(u64::from),
+            in_flight,
+            weight,
+            self.default_latency_us,
+        )
     }
 
     fn pick(&self, candidates: &[(BackendId, u32)]) -> Option<BackendId> {

@@ -36,25 +36,25 @@ impl Signal {
     }
 
     /// Calls `f(id, value)` for every id from 0 to `last` (inclusive), reading
-    /// eight backends per host call. `None` where the value is missing.
-    pub fn for_each(&self, last: BackendId, mut f: impl FnMut(BackendId, Option<u64>)) {
+    /// four backends per host call. `None` where the value is missing.
+    pub fn for_each(&self, last: BackendId, mut f: impl FnMut(BackendId, Option<u32>)) {
         let mut first = 0u32;
         loop {
             let batch = backends::read(self.0, first);
-            let (a, b, c, d, e, g, h, i) = batch.values;
-            for (k, value) in [a, b, c, d, e, g, h, i].into_iter().enumerate() {
+            let (a, b, c, d) = batch.values;
+            for (k, value) in [a, b, c, d].into_iter().enumerate() {
                 let id = first + k as u32;
                 if id > last {
                     return;
                 }
                 f(id, (batch.missing & (1 << k) == 0).then_some(value));
             }
-            first += 8;
+            first += 4;
         }
     }
 
     /// The value for one backend (for sampling a few of a large pool).
-    pub fn read(&self, id: BackendId) -> Option<u64> {
+    pub fn read(&self, id: BackendId) -> Option<u32> {
         backends::read_one(self.0, id)
     }
 }

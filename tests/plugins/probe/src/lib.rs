@@ -131,7 +131,7 @@ impl Balancer for Probe {
     fn select(&mut self) -> Option<BackendId> {
         if request::header("x-report").is_some() {
             for &(id, pushed_max) in &self.pushed {
-                let [weight, max, full, in_flight] = self.signals.map(|s| s.read(id).unwrap_or(u64::MAX));
+                let [weight, max, full, in_flight] = self.signals.map(|s| s.read(id).map_or(-1, i64::from));
                 fulcrum_plugin_sdk::log(
                     log::Level::Info,
                     &format!(
