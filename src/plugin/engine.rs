@@ -183,9 +183,12 @@ impl StoreState {
             limits: PeakLimits {
                 limits: StoreLimitsBuilder::new()
                     .memory_size(memory_limit)
-                    .instances(4)
-                    .tables(16)
-                    .memories(4)
+                    // A Rust component is one core instance; Python's and
+                    // JavaScript's (componentize-py, componentize-js) link a
+                    // dozen (the interpreter, libc, adapters).
+                    .instances(64)
+                    .tables(64)
+                    .memories(16)
                     .trap_on_grow_failure(true)
                     .build(),
                 peak_memory: 0,
