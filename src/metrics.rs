@@ -332,6 +332,8 @@ struct PluginView {
     /// By `Fault::KINDS`.
     faults: [u64; 3],
     quarantined: bool,
+    /// Instances started in the background, and on a worker.
+    started: [u64; 2],
     /// Entries and evictions of its shared key-value store, if it has used one.
     shared: Option<(usize, u64)>,
 }
@@ -413,6 +415,7 @@ impl SnapshotView {
                 name: slot.name.clone(),
                 faults: [0, 1, 2].map(|i| slot.faults_by_kind[i].load(Relaxed)),
                 quarantined: slot.current().is_quarantined(),
+                started: [0, 1].map(|i| slot.started[i].load(Relaxed)),
                 shared: shared
                     .iter()
                     .find(|(name, _)| *name == slot.name)
@@ -779,6 +782,16 @@ impl Scrape {
                 plugins
                     .iter()
                     .map(|p| (vec![("plugin", p.name.clone())], f64::from(u8::from(p.quarantined)))),
+            ),
+            counters(
+                "fulcrum_plugin_instances_started_total",
+                "Plugin instances started, by where: in the background (ready before a worker needs one), or on a worker that found none ready.",
+                plugins.iter().flat_map(|p| {
+                    ["background", "worker"]
+                        .iter()
+                        .zip(p.started)
+                        .map(|(on, n)| (vec![("plugin", p.name.clone()), ("on", on.to_string())], n))
+                }),
             ),
             gauges(
                 "fulcrum_plugin_shared_entries",

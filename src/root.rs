@@ -18,6 +18,8 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
         n => n,
     };
+    // Each use of a plugin starts an instance per worker in the background.
+    crate::plugin::prepare_for_workers(workers);
     // TLS files are read before anything binds: a bad one stops the start
     // with its reason.
     let listeners = config
@@ -53,6 +55,9 @@ pub fn run(path: &Path, stop: impl Future<Output = ()>) -> anyhow::Result<()> {
         })
         .transpose()?;
     let app = App::new(config)?;
+    // The first requests find the plugins' instances started (a Python or
+    // JavaScript one takes milliseconds to start).
+    app.snapshot().wait_for_instances(std::time::Duration::from_secs(10));
     // Calibrates the request records' clock now rather than on the first request.
     let _ = quanta::Instant::now();
 

@@ -71,6 +71,19 @@ impl Snapshot {
         Some((pool, index))
     }
 
+    /// Waits (at most `within` in all) for the plugin instances its pools and
+    /// filters start in the background, so the first requests find them.
+    pub fn wait_for_instances(&self, within: std::time::Duration) {
+        let until = std::time::Instant::now() + within;
+        let left = || until.saturating_duration_since(std::time::Instant::now());
+        for pool in &self.pools {
+            pool.policy.wait_ready(left());
+        }
+        for filter in self.route_filters.iter().flatten() {
+            filter.wait_ready(left());
+        }
+    }
+
     /// A snapshot with no pools, to stand in before the first is built.
     pub fn empty(config: Config) -> Snapshot {
         Snapshot {

@@ -132,3 +132,67 @@ filters = ["screen"]
     assert!(seen.contains("x-screened-by: python\n"), "{seen}");
     assert_eq!(backends[0].stats.requests.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+/// `fulcrum_plugin_instances_started_total{plugin, on}` from /metrics.
+async fn started(admin: std::net::SocketAddr, plugin: &str, on: &str) -> f64 {
+    let reply = common::get(admin, "/metrics").await.expect("scrape");
+    let text = String::from_utf8(reply.body.to_vec()).expect("text");
+    let lines = text.lines().map(|l| Ok(l.to_string()));
+    let scrape = prometheus_parse::Scrape::parse(lines).expect("metrics parse");
+    scrape
+        .samples
+        .iter()
+        .filter(|s| s.metric == "fulcrum_plugin_instances_started_total")
+        .filter(|s| s.labels.get("plugin") == Some(plugin) && s.labels.get("on") == Some(on))
+        .map(|s| match s.value {
+            prometheus_parse::Value::Counter(v) => v,
+            _ => 0.0,
+        })
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_components_start_off_the_workers_at_start_and_on_a_hot_swap() {
+    let backends = start_backends(&[0, 0], &[]).await.expect("backends");
+    let list = common::backends_toml(&backends, &[]);
+    let text = config(&list, "policy = \"py-policy\"", "").replace(
+        "listen = \"{listen}\"",
+        "listen = \"{listen}\"\nadmin = \"{admin}\"\nworkers = 2",
+    );
+    let fulcrum = Fulcrum::start(&text, &[("py-policy.wasm", &built("python-policy"))]);
+    for _ in 0..20 {
+        assert_eq!(common::get(fulcrum.addr, "/").await.expect("answered").status, 200);
+    }
+    assert_eq!(
+        started(fulcrum.admin, "py-policy", "worker").await,
+        0.0,
+        "no worker started one"
+    );
+    let before = started(fulcrum.admin, "py-policy", "background").await;
+    assert!(before >= 2.0, "one per worker, in the background: {before}");
+
+    // A new version (here the JavaScript policy under the same name): its
+    // instances start in the background too, before the workers need them.
+    common::install_file(
+        &fulcrum.plugin_dir().join("py-policy.wasm"),
+        &std::fs::read(built("js-policy")).expect("js-policy"),
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while started(fulcrum.admin, "py-policy", "background").await < before + 2.0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new version's instances never started:\n{}",
+            fulcrum.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        assert_eq!(common::get(fulcrum.addr, "/").await.expect("answered").status, 200);
+    }
+    assert_eq!(
+        started(fulcrum.admin, "py-policy", "worker").await,
+        0.0,
+        "{}",
+        fulcrum.log()
+    );
+}

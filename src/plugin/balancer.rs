@@ -57,6 +57,11 @@ impl Policy {
         self.binding.peak_memory()
     }
 
+    /// Waits for this pool's instances started in the background.
+    pub fn wait_ready(&self, within: std::time::Duration) {
+        self.binding.wait_ready(within);
+    }
+
     pub fn plugin_name(&self) -> &str {
         &self.binding.slot().name
     }

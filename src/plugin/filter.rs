@@ -126,6 +126,11 @@ impl Filter {
         self.binding.slot()
     }
 
+    /// Waits for this filter's instances started in the background.
+    pub fn wait_ready(&self, within: std::time::Duration) {
+        self.binding.wait_ready(within);
+    }
+
     /// Asks the filter about `request`. `pool_exists` says whether a pool
     /// override names a pool there is.
     pub fn on_request(

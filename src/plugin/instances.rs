@@ -14,7 +14,7 @@ use super::{Limits, PluginError, PluginSource, Tickets};
 use arc_swap::ArcSwap;
 use std::cell::RefCell;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::LocalKey;
 use wasmtime::Store;
@@ -38,8 +38,9 @@ pub trait World: Sized + 'static {
     const NAME: &'static str;
     /// The component bound to the world's exports, ready to instantiate.
     type Pre: Send + Sync;
-    /// A running instance's handle to the world's exports.
-    type Instance;
+    /// A running instance's handle to the world's exports (started off the
+    /// workers, then handed to one).
+    type Instance: Send;
     /// What a cached instance keeps beside the instance itself.
     type Local: Default;
     /// The linker with the world's imports (built once).
@@ -173,11 +174,15 @@ pub fn digest(bytes: &[u8]) -> String {
 pub struct PluginSlot<W: World> {
     pub name: String,
     current: ArcSwap<Plugin<W>>,
+    /// The uses of this plugin, told to start instances of a new version.
+    users: std::sync::Mutex<Vec<Weak<Prepared<W>>>>,
     /// Faults of every version of this plugin.
     pub faults: AtomicU64,
     /// The same faults by kind: trap (or deadline, memory cap, host panic),
     /// bad answer, quarantined.
     pub faults_by_kind: [AtomicU64; 3],
+    /// Instances started in the background, and on a worker (none was ready).
+    pub started: [AtomicU64; 2],
 }
 
 impl<W: World> PluginSlot<W> {
@@ -185,8 +190,10 @@ impl<W: World> PluginSlot<W> {
         Arc::new(PluginSlot {
             name: plugin.name.to_string(),
             current: ArcSwap::new(plugin),
+            users: std::sync::Mutex::new(Vec::new()),
             faults: AtomicU64::new(0),
             faults_by_kind: [const { AtomicU64::new(0) }; 3],
+            started: [const { AtomicU64::new(0) }; 2],
         })
     }
 
@@ -195,8 +202,15 @@ impl<W: World> PluginSlot<W> {
     }
 
     /// Puts `plugin` in service; in-flight calls finish on the old version.
+    /// Every use of the plugin starts instances of it in the background, so
+    /// the workers switch without instantiating on their event loops.
     pub fn replace(&self, plugin: Arc<Plugin<W>>) {
         self.current.store(plugin);
+        let mut users = self.users.lock().unwrap_or_else(|p| p.into_inner());
+        users.retain(|user| user.strong_count() > 0);
+        for user in users.iter().filter_map(Weak::upgrade) {
+            user.fill(workers());
+        }
     }
 }
 
@@ -241,13 +255,127 @@ pub struct Live<W: World> {
     binding_alive: Weak<()>,
 }
 
+/// Worker threads that will call plugins; 0 (tools, tests) starts instances
+/// where they are first needed instead of in the background.
+static WORKERS: AtomicUsize = AtomicUsize::new(0);
+
+/// Says how many worker threads will call plugins: each use of a plugin then
+/// keeps that many instances started in the background (and one spare after).
+pub fn prepare_for_workers(workers: usize) {
+    WORKERS.store(workers, Ordering::Relaxed);
+}
+
+fn workers() -> usize {
+    WORKERS.load(Ordering::Relaxed)
+}
+
+/// An instance started off the workers, waiting for a worker to take it.
+struct Ready<W: World> {
+    plugin: Arc<Plugin<W>>,
+    store: Store<StoreState>,
+    instance: W::Instance,
+}
+
+/// What a use of a plugin needs to start instances, and the instances
+/// started in the background for it.
+///
+/// Instantiating a 12–18 MB Python or JavaScript component (and running its
+/// `init`) takes milliseconds: done on a worker, it would stall every
+/// connection of that worker. So instances are started on a thread of their
+/// own: for each worker when the use is made, for the new version when the
+/// plugin is hot-swapped, and a spare after a worker takes one (after a
+/// fault, the worker takes the spare). A worker starts one itself only when
+/// none is ready.
+struct Prepared<W: World> {
+    slot: Arc<PluginSlot<W>>,
+    config: Arc<str>,
+    tickets: Tickets,
+    limits: Limits,
+    ready: std::sync::Mutex<Vec<Ready<W>>>,
+    /// A background start is running.
+    filling: AtomicBool,
+}
+
+impl<W: World> Prepared<W> {
+    /// Starts an instance of `plugin`, counted as started on a worker or not.
+    fn start(&self, plugin: &Arc<Plugin<W>>, on_worker: bool) -> Result<(Store<StoreState>, W::Instance), String> {
+        self.slot.started[usize::from(on_worker)].fetch_add(1, Ordering::Relaxed);
+        let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
+            plugin.start(&self.config, &self.limits, self.tickets.clone())
+        }));
+        match started {
+            Ok(started) => started.map_err(|e| e.to_string()),
+            Err(_) => Err(HOST_PANIC.into()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Ready<W>>> {
+        self.ready.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a ready instance of `plugin`, dropping older versions' ones.
+    fn take(self: &Arc<Self>, plugin: &Arc<Plugin<W>>) -> Option<Ready<W>> {
+        let mut ready = self.lock();
+        ready.retain(|r| Arc::ptr_eq(&r.plugin, plugin));
+        let taken = ready.pop();
+        let empty = ready.is_empty();
+        drop(ready);
+        if workers() > 0 && empty {
+            self.fill(1);
+        }
+        taken
+    }
+
+    /// Starts instances of the serving version in the background until
+    /// `count` are ready (one thread per binding at a time).
+    fn fill(self: &Arc<Self>, count: usize) {
+        if count == 0 || self.filling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let prepared = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("fulcrum-plugin-start".into())
+            .spawn(move || {
+                let mut plugin;
+                loop {
+                    plugin = prepared.slot.current();
+                    let have = {
+                        let mut ready = prepared.lock();
+                        ready.retain(|r| Arc::ptr_eq(&r.plugin, &plugin));
+                        ready.len()
+                    };
+                    if have >= count || plugin.is_quarantined() || Arc::strong_count(&prepared) == 1 {
+                        break;
+                    }
+                    match prepared.start(&plugin, false) {
+                        Ok((store, instance)) => prepared.lock().push(Ready {
+                            plugin,
+                            store,
+                            instance,
+                        }),
+                        Err(reason) => {
+                            tracing::warn!(plugin = %plugin.name, %reason, "starting a plugin instance in the background failed");
+                            break;
+                        }
+                    }
+                }
+                prepared.filling.store(false, Ordering::Release);
+                // A version swapped in while this thread was finishing found it busy.
+                if !Arc::ptr_eq(&plugin, &prepared.slot.current()) {
+                    prepared.fill(count);
+                }
+            });
+        if spawned.is_err() {
+            self.filling.store(false, Ordering::Release);
+        }
+    }
+}
+
 /// One use of a plugin (a pool's policy, a route's filter): its config, its
 /// shared counters and its instances, one per thread.
 pub struct Binding<W: World> {
     id: u64,
-    slot: Arc<PluginSlot<W>>,
-    config: Arc<str>,
-    tickets: Tickets,
+    prepared: Arc<Prepared<W>>,
     pub limits: Limits,
     /// Lets thread caches notice this binding is gone.
     alive: Arc<()>,
@@ -265,20 +393,43 @@ impl<W: World> Binding<W> {
         })
     }
 
+    /// A use of `slot` with `config`; with workers running (see
+    /// [`prepare_for_workers`]) it starts one instance per worker in the
+    /// background.
     pub fn new(slot: Arc<PluginSlot<W>>, config: &str, limits: Limits, tickets: Tickets) -> Binding<W> {
         static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-        Binding {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-            slot,
+        let prepared = Arc::new(Prepared {
+            slot: slot.clone(),
             config: config.into(),
             tickets,
+            limits,
+            ready: std::sync::Mutex::new(Vec::new()),
+            filling: AtomicBool::new(false),
+        });
+        slot.users
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(Arc::downgrade(&prepared));
+        prepared.fill(workers());
+        Binding {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            prepared,
             limits,
             alive: Arc::new(()),
         }
     }
 
     pub fn slot(&self) -> &Arc<PluginSlot<W>> {
-        &self.slot
+        &self.prepared.slot
+    }
+
+    /// Waits (at most `within`) for the instances being started in the
+    /// background: at start, so the first requests find them ready.
+    pub fn wait_ready(&self, within: std::time::Duration) {
+        let until = std::time::Instant::now() + within;
+        while self.prepared.filling.load(Ordering::Acquire) && std::time::Instant::now() < until {
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
     }
 
     /// Runs `call` on this thread's instance of the version serving now and
@@ -291,7 +442,7 @@ impl<W: World> Binding<W> {
         call: impl FnOnce(&mut Live<W>) -> wasmtime::Result<R>,
         accept: impl FnOnce(&R) -> Result<(), Fault>,
     ) -> Result<R, Fault> {
-        let plugin = self.slot.current.load();
+        let plugin = self.prepared.slot.current.load();
         let result = if plugin.is_quarantined() {
             Err(Fault::Quarantined)
         } else {
@@ -312,9 +463,10 @@ impl<W: World> Binding<W> {
         if !matches!(result, Err(Fault::Quarantined)) {
             plugin.record_fault();
         }
-        self.slot.faults.fetch_add(1, Ordering::Relaxed);
+        let slot = &self.prepared.slot;
+        slot.faults.fetch_add(1, Ordering::Relaxed);
         if let Err(fault) = &result {
-            self.slot.faults_by_kind[fault.kind_index()].fetch_add(1, Ordering::Relaxed);
+            slot.faults_by_kind[fault.kind_index()].fetch_add(1, Ordering::Relaxed);
         }
         result
     }
@@ -335,12 +487,10 @@ impl<W: World> Binding<W> {
                         live.swap_remove(i);
                     }
                     live.retain(|(_, l)| l.binding_alive.strong_count() > 0);
-                    let started = std::panic::catch_unwind(AssertUnwindSafe(|| {
-                        plugin.start(&self.config, &self.limits, self.tickets.clone())
-                    }));
-                    let (store, instance) = match started {
-                        Ok(started) => started.map_err(|e| e.to_string())?,
-                        Err(_) => return Err(HOST_PANIC.into()),
+                    // One started in the background if there is one; else here.
+                    let (store, instance) = match self.prepared.take(plugin) {
+                        Some(ready) => (ready.store, ready.instance),
+                        None => self.prepared.start(plugin, true)?,
                     };
                     let entry = Live {
                         plugin: plugin.clone(),

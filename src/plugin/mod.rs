@@ -43,7 +43,7 @@ pub use balancer::{Choice, Policy, PolicyCounters, PoolView, fallback};
 pub use engine::{CurrentRequest, TICKET_SLOTS, Tickets, seed_random};
 pub use filter::{DirectResponse, EditOp, Filter, FilterVerdict, HeaderEdit, OnFault, RequestChanges};
 pub use host::SIGNALS;
-pub use instances::{Fault, QUARANTINE_AFTER, digest};
+pub use instances::{Fault, QUARANTINE_AFTER, digest, prepare_for_workers};
 pub use world::PluginWorld;
 
 /// A compiled, linked plugin version.
