@@ -48,6 +48,18 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PluginCommand {
+    /// Make a folder NAME with a working balancer to start from (and its
+    /// build script and README) in Rust, Python or JavaScript.
+    New {
+        /// rust, python or js.
+        #[arg(long, default_value = "rust")]
+        lang: String,
+        /// The plugin's name: the folder, and NAME.wasm.
+        name: String,
+        /// Where to make the folder.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+    },
     /// Compile a component, list its imports and exports, link it as a
     /// balancer, run its `init`, and make smoke decisions against a sample
     /// pool (timed): exit 0 when it would load, 1 with the reason when not.
@@ -104,6 +116,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { config } => fulcrum::root::run(&config, fulcrum::root::stop_signal()),
         Command::Check { config } => check(&config),
+        Command::Plugin(PluginCommand::New { lang, name, dir }) => plugin_new(&dir, &name, &lang),
         Command::Plugin(PluginCommand::Check {
             file,
             config,
@@ -135,6 +148,18 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn plugin_new(dir: &Path, name: &str, lang: &str) -> anyhow::Result<()> {
+    use fulcrum::plugin::scaffold;
+    let lang =
+        scaffold::Lang::parse(lang).ok_or_else(|| anyhow::anyhow!("--lang {lang}: expected rust, python or js"))?;
+    let files = scaffold::new(dir, name, lang)?;
+    for file in &files {
+        println!("{}", file.display());
+    }
+    println!("made {}: see its README.md", dir.join(name).display());
+    Ok(())
 }
 
 fn plugin_check(file: &Path, config: &str, calls: usize, call_timeout: std::time::Duration) -> anyhow::Result<()> {

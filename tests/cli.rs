@@ -249,3 +249,86 @@ fn plugin_test_gives_known_answers_for_a_modulo_and_a_consistent_hash() {
     );
     assert!(maglev.contains("deterministic: yes"), "{maglev}");
 }
+
+/// Where examples/build.sh installed the Python and JavaScript tools.
+fn tools_dir() -> std::path::PathBuf {
+    if let Some(dir) = std::env::var_os("FULCRUM_TOOLS") {
+        return dir.into();
+    }
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+    cache.join("fulcrum/tools")
+}
+
+/// Runs `command`, asserting it succeeds; its stdout.
+fn run_ok(command: &mut std::process::Command) -> String {
+    let output = command.output().unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn plugin_new_makes_a_plugin_that_builds_and_passes_check_in_each_language() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fulcrum = env!("CARGO_BIN_EXE_fulcrum");
+    let new = |lang: &str, name: &str| {
+        run_ok(
+            std::process::Command::new(fulcrum)
+                .args(["plugin", "new", "--lang", lang, name, "--dir"])
+                .arg(dir.path()),
+        )
+    };
+    let check = |file: std::path::PathBuf| {
+        let out = run_ok(
+            std::process::Command::new(fulcrum)
+                .args(["plugin", "check", "--calls", "50", "--call-timeout", "200ms"])
+                .arg(&file)
+                .env("RUST_LOG", "warn"),
+        );
+        assert!(out.contains("world: fulcrum:plugin@0.2.0 balancer "), "{out}");
+        assert!(out.contains("none chosen: 0"), "{out}");
+    };
+
+    // Rust: the vendored SDK, built with this toolchain (a shared target dir
+    // keeps the dependencies between runs).
+    new("rust", "rusty");
+    let target = std::env::temp_dir().join("fulcrum-plugin-new-target");
+    run_ok(
+        std::process::Command::new(env!("CARGO"))
+            .args(["build", "--release", "--target", "wasm32-wasip2"])
+            .current_dir(dir.path().join("rusty"))
+            .env("CARGO_TARGET_DIR", &target)
+            .env_remove("RUSTFLAGS"),
+    );
+    check(target.join("wasm32-wasip2/release/rusty.wasm"));
+    // A second `new` of the same name refuses, and changes nothing.
+    let again = std::process::Command::new(fulcrum)
+        .args(["plugin", "new", "--lang", "rust", "rusty", "--dir"])
+        .arg(dir.path())
+        .output()
+        .expect("run");
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+
+    // Python and JavaScript, with the tools examples/build.sh installed.
+    let tools = tools_dir();
+    new("python", "snake");
+    run_ok(std::process::Command::new(dir.path().join("snake/build.sh")).env(
+        "COMPONENTIZE_PY",
+        tools.join("componentize-py-0.25.1/bin/componentize-py"),
+    ));
+    check(dir.path().join("snake/snake.wasm"));
+    new("js", "script");
+    run_ok(
+        std::process::Command::new(dir.path().join("script/build.sh"))
+            .env("COMPONENTIZE_JS_DIR", tools.join("componentize-js-0.23.0")),
+    );
+    check(dir.path().join("script/script.wasm"));
+}

@@ -32,6 +32,7 @@ mod host;
 mod instances;
 pub mod registry;
 mod request_view;
+pub mod scaffold;
 pub mod shared;
 mod world;
 
