@@ -281,3 +281,62 @@ fn bad_traffic_management_settings() {
         "at least 1",
     );
 }
+
+#[test]
+fn bad_filters_and_plugin_limits() {
+    let base = "[server]\nlisten = \"127.0.0.1:18080\"\n[pools.api]\nbackends = [\"127.0.0.1:9001\"]\n";
+    let cases = [
+        (
+            "[[routes]]\npool = \"api\"\nfilters = [\"nope\"]\n",
+            "routes[0].filters[0]",
+            "unknown filter `nope`",
+        ),
+        (
+            "[filters.f]\nplugin = \"round-robin\"\non_fault = \"maybe\"\n",
+            "filters.f.on_fault",
+            "not \"allow\" or \"deny\"",
+        ),
+        (
+            "[filters.f]\nplugin = \"round-robin\"\n",
+            "filters.f.plugin",
+            "is not a filter",
+        ),
+        (
+            "[filters.f]\nplugin = \"absent\"\n",
+            "filters.f.plugin",
+            "unknown plugin `absent`",
+        ),
+        (
+            "[[routes]]\npool = \"api\"\nbody_prefix = \"2MiB\"\n",
+            "routes[0].body_prefix",
+            "at most 1024 KiB",
+        ),
+        (
+            "[plugins.limits.round-robin]\ncall_timeout = \"0s\"\n",
+            "plugins.limits.round-robin.call_timeout",
+            "more than 0",
+        ),
+        (
+            "[plugins.limits.round-robin]\nmemory_limit = \"lots\"\n",
+            "plugins.limits.round-robin.memory_limit",
+            "",
+        ),
+        (
+            "[plugins]\nshared_entries = 0\n",
+            "plugins.shared_entries",
+            "at least 1",
+        ),
+    ];
+    for (settings, key, reason) in cases {
+        let config = if settings.starts_with("[plugins]") {
+            format!("{settings}{base}")
+        } else {
+            format!("{base}{settings}")
+        };
+        assert_refused(&config, key, reason);
+    }
+    // A plugin's own memory_limit below what it needs: its init cannot run.
+    let tight = format!("{base}[plugins.limits.least-conn]\nmemory_limit = \"64KiB\"\n");
+    let tight = tight.replace("[pools.api]\n", "[pools.api]\npolicy = \"least-conn\"\n");
+    assert_refused(&tight, "pools.api.policy_config", "least-conn");
+}

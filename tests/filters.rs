@@ -393,3 +393,62 @@ filters = ["limit"]
         "{admitted} admitted in {seconds:.1} s: {rate:.1}/s"
     );
 }
+
+/// `bytes` with a custom section appended: the same component, another
+/// version (another digest) for the plugin directory.
+fn another_version(bytes: &[u8]) -> Vec<u8> {
+    let name = b"fulcrum-test-version";
+    let payload = b"2";
+    let mut out = bytes.to_vec();
+    out.push(0); // custom section
+    out.push((1 + name.len() + payload.len()) as u8);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name);
+    out.extend_from_slice(payload);
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shared_state_survives_a_hot_swap_of_its_plugin() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let config = format!(
+        r#"
+[server]
+listen = "{{listen}}"
+
+[plugins]
+dir = "plugins.d"
+call_timeout = "200ms"
+
+[pools.web]
+backends = ["{}"]
+
+[filters.limit]
+plugin = "limit"
+config = {{ rate = 0.01, burst = 3 }}
+
+[[routes]]
+pool = "web"
+filters = ["limit"]
+"#,
+        backends[0].addr
+    );
+    let original = std::fs::read(wasm("rate_limit.wasm")).expect("rate_limit.wasm");
+    let fulcrum = Fulcrum::start(&config, &[("limit.wasm", &wasm("rate_limit.wasm"))]);
+    let statuses = burst(fulcrum.addr, 1, 5).await;
+    assert_eq!(statuses, vec![200, 200, 200, 429, 429]);
+    // A new version of the plugin: the bucket is the plugin's, not the version's.
+    common::install_file(&fulcrum.plugin_dir().join("limit.wasm"), &another_version(&original));
+    // Loaded at start, then again: wait for the second time.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fulcrum.log().matches("plugin loaded plugin=\"limit\"").count() < 2 {
+        assert!(
+            Instant::now() < deadline,
+            "the new version never loaded:\n{}",
+            fulcrum.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let statuses = burst(fulcrum.addr, 1, 3).await;
+    assert_eq!(statuses, vec![429, 429, 429], "the empty bucket was kept");
+}
