@@ -82,7 +82,7 @@ impl Fulcrum {
                 dir,
                 log: log.clone(),
             };
-            match fulcrum.wait_listening() {
+            match fulcrum.wait_listening(1) {
                 Ok(()) => return fulcrum,
                 Err(log_text) if attempt < 3 && log_text.contains("Address already in use") => {
                     dir = std::mem::replace(&mut fulcrum.dir, tempfile::tempdir().expect("temp dir"));
@@ -93,8 +93,9 @@ impl Fulcrum {
         unreachable!("the loop returns or panics")
     }
 
-    /// Waits for the listener; on failure, the log.
-    fn wait_listening(&mut self) -> Result<(), String> {
+    /// Waits for the listener, and for the log to say "fulcrum is serving"
+    /// for the `times`th time; on failure, the log.
+    fn wait_listening(&mut self, times: usize) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if let Ok(Some(status)) = self.child.try_wait() {
@@ -103,7 +104,13 @@ impl Fulcrum {
                     self.log()
                 ));
             }
-            if std::net::TcpStream::connect(self.addr).is_ok() {
+            // Its own word that it serves, not only a port that answers: a
+            // backend of another test may have taken the port between
+            // Fulcrum's bind and its listen (then Fulcrum stops, and the
+            // start is tried again on other ports).
+            if std::net::TcpStream::connect(self.addr).is_ok()
+                && self.log().matches("fulcrum is serving").count() >= times
+            {
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(20));
@@ -175,8 +182,9 @@ impl Fulcrum {
             "fulcrum did not stop:\n{}",
             self.log()
         );
+        let served = self.log().matches("fulcrum is serving").count();
         self.child = spawn(&self.config_path(), &self.log);
-        if let Err(log) = self.wait_listening() {
+        if let Err(log) = self.wait_listening(served + 1) {
             panic!("{log}");
         }
     }
