@@ -55,6 +55,8 @@ impl App {
             Some(path) => Changes::load(path).map_err(|reason| invalid(&config, "admin.state_file", reason))?,
             None => Changes::default(),
         };
+        // Every plugin's shared store is made with this bound (read at start).
+        crate::plugin::shared::set_entries_limit(config.plugins.shared_entries);
         if let Err(reason) = crate::plugin::cache::configure(config.plugins.cache_dir.as_deref()) {
             tracing::warn!("{reason}; plugins are compiled at every start");
         }
@@ -165,6 +167,11 @@ impl App {
                 "server.workers",
                 current.config.server.workers.to_string(),
                 config.server.workers.to_string(),
+            ),
+            (
+                "plugins.shared_entries",
+                current.config.plugins.shared_entries.to_string(),
+                config.plugins.shared_entries.to_string(),
             ),
             (
                 "access_log",

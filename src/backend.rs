@@ -272,7 +272,7 @@ impl BackendState {
     /// may lose one sample; a load and a store, no lock.
     pub fn observe_latency(&self, sample_ns: u64, now: u64) {
         let sample = sample_ns.max(1) as f64;
-        let stamp = self.latency_stamp.swap(now, Ordering::Relaxed);
+        let stamp = self.latency_stamp.load(Ordering::Relaxed);
         let old = f64::from_bits(self.latency_ewma.load(Ordering::Relaxed));
         let ewma = if stamp == 0 || sample > old {
             sample
@@ -280,7 +280,9 @@ impl BackendState {
             let w = (-(now.saturating_sub(stamp) as f64) / LATENCY_DECAY_NS).exp();
             old * w + sample * (1.0 - w)
         };
+        // The value before the stamp: a reader that sees the stamp sees a value.
         self.latency_ewma.store(ewma.to_bits(), Ordering::Relaxed);
+        self.latency_stamp.store(now, Ordering::Release);
     }
 
     /// The latency EWMA in microseconds at `now`, decayed for the time since

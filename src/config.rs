@@ -1344,6 +1344,18 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 ),
             ));
         }
+        // Held for the backend like a retried body: within the pool's retry_buffer.
+        if let Some(pool) = pools.get(&route.pool)
+            && body_prefix > pool.retry_buffer
+        {
+            return Err((
+                format!("routes[{i}].body_prefix"),
+                format!(
+                    "{body_prefix} bytes, more than pool `{}`'s retry_buffer ({} bytes), which bounds what is held of a body: raise retry_buffer or lower body_prefix",
+                    route.pool, pool.retry_buffer
+                ),
+            ));
+        }
         if !pools.contains_key(&route.pool) {
             return Err((
                 format!("routes[{i}].pool"),

@@ -399,7 +399,12 @@ async fn filter_then_forward<B: BodySource>(
     let mut pool_index = route.pool;
     trace.pool = Some(pool_index);
     // The prefix is held for the backend too: at most the pool's retry_buffer.
-    let want = route.body_prefix.min(snapshot.pools[pool_index].config.retry_buffer);
+    // Not for gRPC: a stream's first message may be all there is for a while.
+    let want = if head.is_grpc() {
+        0
+    } else {
+        route.body_prefix.min(snapshot.pools[pool_index].config.retry_buffer)
+    };
     let prefix = if want > 0 {
         match read_prefix(source.source, want).await {
             Ok(prefix) => prefix,
@@ -519,11 +524,20 @@ impl<B: BodySource> BodySource for Prefixed<'_, B> {
     }
 
     fn detach(&mut self) -> Option<crate::http::DetachedBody> {
-        // With bytes held, the rest is read here, after them.
-        if self.held.is_some() {
-            return None;
-        }
-        self.source.detach()
+        let rest = self.source.detach()?;
+        Some(match self.held.take() {
+            None => rest,
+            // The held bytes first, then the rest as it comes.
+            Some(held) => {
+                use http_body_util::BodyExt;
+                let first = http_body_util::Full::new(held).map_err(|never| match never {});
+                let chained = futures_util::stream::StreamExt::chain(
+                    http_body_util::BodyStream::new(first),
+                    http_body_util::BodyStream::new(rest),
+                );
+                http_body_util::StreamBody::new(chained).boxed_unsync()
+            }
+        })
     }
 }
 
@@ -790,8 +804,6 @@ async fn forward<B: BodySource>(
                 format!("no backend of pool `{}` answered in time", pool.name),
             ));
         }
-        // When this try began: its time to a response head feeds the backend's latency EWMA.
-        let try_started = crate::backend::now_ns();
         let conn = match pool
             .upstream
             .checkout(index, backend.socket, &backend.address, current.client)
@@ -816,6 +828,9 @@ async fn forward<B: BodySource>(
         };
         let reused = conn.reused();
         trace.connect = conn.connect_time();
+        // When this try's request went out (the connection made): its time to
+        // a response head feeds the backend's latency EWMA.
+        let try_started = crate::backend::now_ns();
 
         let streamed = matches!(body, BodyState::Stream);
         let (outgoing, out_framing) = match &body {
@@ -858,9 +873,12 @@ async fn forward<B: BodySource>(
         let error = match exchanged {
             Err(()) => {
                 report(backend, Outcome::Failure);
-                // As long as it was waited for, at least: a peak EWMA takes it at once.
-                let now = crate::backend::now_ns();
-                backend.state.observe_latency(now - try_started, now);
+                // As long as it was waited for, at least: a peak EWMA takes it at
+                // once. Not when the client's own upload was part of the wait.
+                if !streamed {
+                    let now = crate::backend::now_ns();
+                    backend.state.observe_latency(now.saturating_sub(try_started), now);
+                }
                 let per_try = try_deadline < deadline;
                 let which = if per_try { "per_try_timeout" } else { "response_timeout" };
                 backend.state.note_error(&format!("no response within {which}"));
@@ -881,8 +899,11 @@ async fn forward<B: BodySource>(
                 ));
             }
             Ok(Ok((response, body_in))) => {
-                let now = crate::backend::now_ns();
-                backend.state.observe_latency(now - try_started, now);
+                // A streamed body's upload is in the wait: not the backend's latency.
+                if !streamed {
+                    let now = crate::backend::now_ns();
+                    backend.state.observe_latency(now.saturating_sub(try_started), now);
+                }
                 let status = response.status.as_u16();
                 let outcome = if response.status.is_server_error() {
                     Outcome::Failure

@@ -102,7 +102,8 @@ impl Snapshot {
 /// `changes` say), its upstream, and the routes. Forgets kept state of
 /// backends and pools that are gone.
 pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut Kept) -> Result<Snapshot, ConfigError> {
-    crate::plugin::shared::set_entries_limit(config.plugins.shared_entries);
+    // Filters first: a refused one must leave the kept state as it was.
+    let filters = build_filters(&config, registry, kept)?;
     let mut pools = Vec::with_capacity(config.pools.len());
     // Each pool as it runs: the file's, with the runtime changes applied.
     let running: BTreeMap<&String, PoolConfig> = config
@@ -113,18 +114,12 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
     for (&name, pool) in &running {
         let key = format!("pools.{name}.policy");
         let slot = registry.slot(&pool.policy).ok_or_else(|| {
-            let dir = config
-                .plugins
-                .dir
-                .as_ref()
-                .map_or("no [plugins] dir is set".to_string(), |d| {
-                    format!("no {}.wasm in {}", pool.policy, d.display())
-                });
-            invalid(
-                &config,
-                &key,
-                format!("unknown policy `{}`: not built in, and {dir}", pool.policy),
-            )
+            let why = format!(
+                "unknown policy `{}`: not built in, and {}",
+                pool.policy,
+                not_in_dir(&config, &pool.policy)
+            );
+            invalid(&config, &key, why)
         })?;
         let limits = plugin_limits(&config, &pool.policy);
         if !slot.current().pre.is_balancer() {
@@ -228,7 +223,6 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
     kept.counters.retain(|pool, _| config.pools.contains_key(pool));
     kept.traffic.retain(|pool, _| config.pools.contains_key(pool));
     kept.pool_ids.retain(|pool, _| config.pools.contains_key(pool));
-    let filters = build_filters(&config, registry, kept)?;
     let route_filters = config
         .routes
         .iter()
@@ -251,6 +245,14 @@ pub fn build(config: Config, changes: &Changes, registry: &Registry, kept: &mut 
     })
 }
 
+/// Why plugin `name` is not in the plugin directory.
+fn not_in_dir(config: &Config, name: &str) -> String {
+    match &config.plugins.dir {
+        None => "no [plugins] dir is set".to_string(),
+        Some(dir) => format!("no {name}.wasm in {}", dir.display()),
+    }
+}
+
 /// Each `[filters.NAME]` with its plugin, checked (a filter, whose `init`
 /// takes the config), its tickets kept across reloads by name.
 fn build_filters(
@@ -262,14 +264,12 @@ fn build_filters(
     for (name, filter) in &config.filters {
         let key = format!("filters.{name}.plugin");
         let slot = registry.slot(&filter.plugin).ok_or_else(|| {
-            let dir = config
-                .plugins
-                .dir
-                .as_ref()
-                .map_or("no [plugins] dir is set".to_string(), |d| {
-                    format!("no {}.wasm in {}", filter.plugin, d.display())
-                });
-            invalid(config, &key, format!("unknown plugin `{}`: {dir}", filter.plugin))
+            let why = format!(
+                "unknown plugin `{}`: {}",
+                filter.plugin,
+                not_in_dir(config, &filter.plugin)
+            );
+            invalid(config, &key, why)
         })?;
         if !slot.current().pre.is_filter() {
             return Err(invalid(

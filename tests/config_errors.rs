@@ -312,6 +312,11 @@ fn bad_filters_and_plugin_limits() {
             "at most 1024 KiB",
         ),
         (
+            "[[routes]]\npool = \"api\"\nbody_prefix = \"128KiB\"\n",
+            "routes[0].body_prefix",
+            "more than pool `api`'s retry_buffer",
+        ),
+        (
             "[plugins.limits.round-robin]\ncall_timeout = \"0s\"\n",
             "plugins.limits.round-robin.call_timeout",
             "more than 0",

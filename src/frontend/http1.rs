@@ -108,7 +108,8 @@ pub async fn serve<S: ClientStream>(
     // The trace is made after the write: held across it, it would take room in
     // every idle connection's state.
     let (status, cause) = (refusal.status, refusal.cause);
-    let (_, delivery, bytes_out) = write_local(&mut stream, &refusal, false, false, client.edge.as_deref()).await;
+    let (_, delivery, bytes_out) =
+        write_local(&mut stream, &refusal, false, false, false, client.edge.as_deref()).await;
     let trace = Trace::refused(status, cause, peer);
     proxy::finish(&app.snapshot(), &trace, None, delivery, bytes_out);
     // What follows a refused head (the rest of a huge header, a body) is
@@ -168,6 +169,7 @@ async fn serve_request<S: ClientStream>(
     timer: Pin<&mut Sleep>,
 ) -> (bool, bool) {
     let framing = head.body;
+    let head_request = head.method == http::Method::HEAD;
     let keep_alive = head.keep_alive;
     let upgrade = head.upgrade;
     let http10 = head.version == Version::HTTP_10;
@@ -187,7 +189,7 @@ async fn serve_request<S: ClientStream>(
     let keep = keep_alive && !unread;
     // Written from where it lies: moving a backend's answer is a copy of it.
     let (keep, delivery, bytes_out) = match &mut answer {
-        Answer::Local(reply) => write_local(stream, reply, keep, http10, client.edge.as_deref()).await,
+        Answer::Local(reply) => write_local(stream, reply, keep, http10, head_request, client.edge.as_deref()).await,
         Answer::Backend(forwarded) if upgrade && forwarded.head.status == StatusCode::SWITCHING_PROTOCOLS => {
             tunnel(stream, buf, forwarded, snapshot.config.server.client_idle_timeout).await;
             (false, Delivery::Whole, 0)
@@ -246,6 +248,7 @@ async fn write_local<S: AsyncWrite + Unpin>(
     reply: &LocalReply,
     keep: bool,
     http10: bool,
+    head_request: bool,
     edge: Option<&Edge>,
 ) -> (bool, Delivery, u64) {
     let mut out = Vec::with_capacity(256);
@@ -265,11 +268,17 @@ async fn write_local<S: AsyncWrite + Unpin>(
     let sent = match &reply.body {
         None => {
             h1::local_response(reply.status, &reply.message, connection, &extra, &mut out);
-            reply.message.len() as u64 + 1
+            if head_request {
+                // The head says how long the body would be; a HEAD gets none.
+                out.truncate(out.len() - reply.message.len() - 1);
+                0
+            } else {
+                reply.message.len() as u64 + 1
+            }
         }
         Some(body) => {
-            h1::direct_response(reply.status, body, connection, &extra, &mut out);
-            body.len() as u64
+            h1::direct_response(reply.status, body, connection, &extra, head_request, &mut out);
+            if head_request { 0 } else { body.len() as u64 }
         }
     };
     let written = stream.write_all(&out).await.is_ok();

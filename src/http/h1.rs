@@ -386,7 +386,14 @@ impl ResponseHead {
             out.extend_from_slice(b"\r\n");
         }
         if !edits.is_empty() {
-            super::edit::write_edited(edits, |name| self.header_all(name), out);
+            // The fields forwarded, of that name (never a hop-by-hop one).
+            let values = |name: &str| {
+                self.forwarded_fields()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                    .map(|(_, v)| v)
+                    .collect()
+            };
+            super::edit::write_edited(edits, values, out);
         }
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -400,15 +407,6 @@ impl ResponseHead {
         }
         out.extend_from_slice(extra);
         out.extend_from_slice(b"\r\n");
-    }
-
-    /// The values of every header field called `name`, in order.
-    pub fn header_all(&self, name: &str) -> Vec<&[u8]> {
-        self.fields
-            .iter()
-            .filter(|(n, _)| n.of(&self.raw).eq_ignore_ascii_case(name.as_bytes()))
-            .map(|(_, v)| v.of(&self.raw))
-            .collect()
     }
 
     /// The value of the first header field called `name` (case-insensitive).
@@ -649,14 +647,26 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
 }
 
 /// Writes a response with `body` as it is: a filter's answer. Its own headers
-/// (`extra`, as `name: value\r\n` lines) carry its content type, if any.
-pub fn direct_response(status: StatusCode, body: &[u8], connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
+/// (`extra`, as `name: value\r\n` lines) carry its content type, if any. A
+/// 204 or 304 has no body and no length; the answer to a HEAD has the length
+/// and no body.
+pub fn direct_response(
+    status: StatusCode,
+    body: &[u8],
+    connection: Option<&str>,
+    extra: &[u8],
+    head_request: bool,
+    out: &mut Vec<u8>,
+) {
+    let bodiless = matches!(status.as_u16(), 204 | 304);
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status.as_u16()).as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    if !bodiless {
+        out.extend_from_slice(b"\r\ncontent-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+    }
     if let Some(connection) = connection {
         out.extend_from_slice(b"\r\nconnection: ");
         out.extend_from_slice(connection.as_bytes());
@@ -664,7 +674,9 @@ pub fn direct_response(status: StatusCode, body: &[u8], connection: Option<&str>
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body);
+    if !bodiless && !head_request {
+        out.extend_from_slice(body);
+    }
 }
 
 /// Headers of the client's request that are not copied upstream as they are:
@@ -774,10 +786,12 @@ pub fn encode_request_head(
         out.extend_from_slice(b"\r\n");
     }
     if !edits.is_empty() {
+        // The fields sent on as they are, of that name (never a hop-by-hop one).
         let values = |name: &str| {
             request
                 .headers()
                 .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+                .filter(|(n, _)| !rewritten_upstream(n) && !request.named_by_connection(n))
                 .map(|(_, v)| v)
                 .collect()
         };

@@ -230,7 +230,8 @@ fn decide(
 /// the configured weight (a slow start ramps it; otherwise 100 × weight).
 pub fn weight_in_hundredths(backend: &crate::backend::Backend, view: PoolView, now_ms: u64) -> u32 {
     let weight = crate::traffic::effective_weight(backend, view.slow_start, now_ms);
-    if view.slow_start.is_some() {
+    // effective_weight is in hundredths exactly when a (non-zero) slow start is set.
+    if view.slow_start.is_some_and(|ramp| !ramp.is_zero()) {
         weight
     } else {
         weight.saturating_mul(100)

@@ -23,7 +23,10 @@ pub const MAX_DIRECT_BODY: usize = 64 * 1024;
 
 /// Headers a filter may not edit: the connection's and the framing's, and
 /// those the host writes for the hop, which it writes itself.
-const PROTECTED: [&str; 14] = [
+const PROTECTED: [&str; 17] = [
+    "trailer",
+    "expect",
+    "x-request-id",
     "connection",
     "content-length",
     "transfer-encoding",
@@ -176,7 +179,7 @@ impl Filter {
                 metadata: changes.metadata,
                 wants_response: changes.wants_response,
             },
-            WitVerdict::Respond(answer) => FilterVerdict::Respond(DirectResponse {
+            WitVerdict::Respond(mut answer) => FilterVerdict::Respond(DirectResponse {
                 // Checked within 200..=599 above.
                 status: StatusCode::from_u16(answer.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
                 headers: answer
@@ -184,7 +187,13 @@ impl Filter {
                     .into_iter()
                     .filter(|(name, value)| self.valid_header(name, value))
                     .collect(),
-                body: Bytes::from(answer.body),
+                // 204 and 304 have no body (RFC 9110 15.3.5, 15.4.5).
+                body: if matches!(answer.status, 204 | 304) {
+                    answer.body.clear();
+                    Bytes::new()
+                } else {
+                    Bytes::from(answer.body)
+                },
             }),
         })
     }

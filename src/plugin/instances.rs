@@ -292,6 +292,8 @@ struct Prepared<W: World> {
     tickets: Tickets,
     limits: Limits,
     ready: std::sync::Mutex<Vec<Ready<W>>>,
+    /// Instances still to start in the background.
+    pending: AtomicUsize,
     /// A background start is running.
     filling: AtomicBool,
 }
@@ -313,59 +315,71 @@ impl<W: World> Prepared<W> {
         self.ready.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Takes a ready instance of `plugin`, dropping older versions' ones.
+    /// Takes a ready instance of `plugin`, dropping older versions' ones;
+    /// when that was the last, a spare is started.
     fn take(self: &Arc<Self>, plugin: &Arc<Plugin<W>>) -> Option<Ready<W>> {
         let mut ready = self.lock();
         ready.retain(|r| Arc::ptr_eq(&r.plugin, plugin));
         let taken = ready.pop();
         let empty = ready.is_empty();
         drop(ready);
-        if workers() > 0 && empty {
+        if workers() > 0 && empty && self.pending.load(Ordering::Acquire) == 0 {
             self.fill(1);
         }
         taken
     }
 
-    /// Starts instances of the serving version in the background until
-    /// `count` are ready (one thread per binding at a time).
+    /// Starts `count` more instances of the serving version in the
+    /// background (one thread per use at a time, which takes on what later
+    /// calls ask for).
     fn fill(self: &Arc<Self>, count: usize) {
-        if count == 0 || self.filling.swap(true, Ordering::AcqRel) {
+        if count == 0 {
+            return;
+        }
+        self.pending.fetch_add(count, Ordering::AcqRel);
+        if self.filling.swap(true, Ordering::AcqRel) {
             return;
         }
         let prepared = self.clone();
         let spawned = std::thread::Builder::new()
             .name("fulcrum-plugin-start".into())
             .spawn(move || {
-                let mut plugin;
                 loop {
-                    plugin = prepared.slot.current();
-                    let have = {
-                        let mut ready = prepared.lock();
-                        ready.retain(|r| Arc::ptr_eq(&r.plugin, &plugin));
-                        ready.len()
-                    };
-                    if have >= count || plugin.is_quarantined() || Arc::strong_count(&prepared) == 1 {
+                    let more = prepared
+                        .pending
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                        .is_ok();
+                    // Done, or the use is gone (only this thread holds it).
+                    if !more || Arc::strong_count(&prepared) == 1 {
                         break;
                     }
+                    let plugin = prepared.slot.current();
+                    if plugin.is_quarantined() {
+                        continue;
+                    }
                     match prepared.start(&plugin, false) {
-                        Ok((store, instance)) => prepared.lock().push(Ready {
-                            plugin,
-                            store,
-                            instance,
-                        }),
+                        Ok((store, instance)) => {
+                            let mut ready = prepared.lock();
+                            ready.retain(|r| Arc::ptr_eq(&r.plugin, &plugin));
+                            ready.push(Ready {
+                                plugin,
+                                store,
+                                instance,
+                            });
+                        }
                         Err(reason) => {
                             tracing::warn!(plugin = %plugin.name, %reason, "starting a plugin instance in the background failed");
-                            break;
+                            prepared.pending.store(0, Ordering::Release);
                         }
                     }
                 }
                 prepared.filling.store(false, Ordering::Release);
-                // A version swapped in while this thread was finishing found it busy.
-                if !Arc::ptr_eq(&plugin, &prepared.slot.current()) {
-                    prepared.fill(count);
-                }
+                // Asked for more while this thread was finishing: go on.
+                let left = prepared.pending.swap(0, Ordering::AcqRel);
+                prepared.fill(left);
             });
         if spawned.is_err() {
+            self.pending.store(0, Ordering::Release);
             self.filling.store(false, Ordering::Release);
         }
     }
@@ -404,6 +418,7 @@ impl<W: World> Binding<W> {
             tickets,
             limits,
             ready: std::sync::Mutex::new(Vec::new()),
+            pending: AtomicUsize::new(0),
             filling: AtomicBool::new(false),
         });
         slot.users

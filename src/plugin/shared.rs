@@ -92,6 +92,9 @@ const SHARDS: usize = 16;
 pub struct LocalStore {
     counters: [Mutex<HashMap<Box<str>, Counter>>; SHARDS],
     buckets: [Mutex<HashMap<Box<str>, Bucket>>; SHARDS],
+    /// Most counters, and most buckets, in one shard: keys may come from
+    /// clients (an address, an API key), so neither map may grow unbounded.
+    per_shard: usize,
     /// One lock: eviction needs the oldest entry of the whole store.
     values: Mutex<Values>,
     evictions: AtomicU64,
@@ -144,6 +147,7 @@ impl LocalStore {
         LocalStore {
             counters: std::array::from_fn(|_| Mutex::default()),
             buckets: std::array::from_fn(|_| Mutex::default()),
+            per_shard: (limit / SHARDS).max(16),
             values: Mutex::new(Values {
                 limit: limit.max(1),
                 ..Values::default()
@@ -151,6 +155,31 @@ impl LocalStore {
             evictions: AtomicU64::new(0),
         }
     }
+}
+
+/// Makes room for one more entry in a full shard: first drops the entries
+/// that hold nothing (`idle`), else the one that `age` says is oldest.
+/// Returns how many were dropped.
+fn make_room<T>(
+    map: &mut HashMap<Box<str>, T>,
+    limit: usize,
+    idle: impl Fn(&T) -> bool,
+    age: impl Fn(&T) -> u64,
+) -> u64 {
+    if map.len() < limit {
+        return 0;
+    }
+    let before = map.len();
+    map.retain(|_, entry| !idle(entry));
+    if map.len() >= limit
+        && let Some(oldest) = map
+            .iter()
+            .min_by_key(|(_, entry)| age(entry))
+            .map(|(key, _)| key.clone())
+    {
+        map.remove(&oldest);
+    }
+    (before - map.len()) as u64
 }
 
 impl Values {
@@ -165,6 +194,12 @@ impl SharedStore for LocalStore {
     fn count(&self, key: &str, delta: u64, window: Option<Duration>, now: u64) -> u64 {
         let key = bounded(key);
         let mut counters = lock(&self.counters[shard(key)]);
+        if !counters.contains_key(key) {
+            // Idle: a windowed counter two windows old counts nothing.
+            let idle = |c: &Counter| c.window > 0 && now.saturating_sub(c.start) >= 2 * c.window;
+            let dropped = make_room(&mut counters, self.per_shard, idle, |c| c.start);
+            self.evictions.fetch_add(dropped, Ordering::Relaxed);
+        }
         let counter = match counters.get_mut(key) {
             Some(counter) => counter,
             None => counters.entry(key.into()).or_insert(Counter {
@@ -190,12 +225,20 @@ impl SharedStore for LocalStore {
         // The sliding window's estimate: the previous window weighted by how
         // much of it the sliding window still covers.
         let into = now.saturating_sub(counter.start) as f64 / window as f64;
-        counter.current + (counter.previous as f64 * (1.0 - into)).round() as u64
+        counter
+            .current
+            .saturating_add((counter.previous as f64 * (1.0 - into)).round() as u64)
     }
 
     fn take(&self, key: &str, rate: f64, burst: u32, now: u64) -> Result<(), Duration> {
         let key = bounded(key);
         let mut buckets = lock(&self.buckets[shard(key)]);
+        if !buckets.contains_key(key) {
+            // Idle: a bucket refilled to its burst is what a new one would be.
+            let idle = |b: &Bucket| b.tokens + now.saturating_sub(b.stamp) as f64 * b.rate >= b.burst;
+            let dropped = make_room(&mut buckets, self.per_shard, idle, |b| b.stamp);
+            self.evictions.fetch_add(dropped, Ordering::Relaxed);
+        }
         let bucket = match buckets.get_mut(key) {
             Some(bucket) => bucket,
             None => buckets.entry(key.into()).or_insert(Bucket {
@@ -343,6 +386,25 @@ mod tests {
         assert!(!store.set("big", vec![0; MAX_VALUE + 1], None, 0));
         assert!(store.remove("a"));
         assert!(!store.remove("a"));
+    }
+
+    #[test]
+    fn counters_and_buckets_stay_bounded_whatever_keys_clients_send() {
+        let store = LocalStore::new(16 * SHARDS);
+        let per_shard = 16;
+        // Buckets that stay empty (rate 0): nothing is idle, the oldest go.
+        for i in 0..10_000u64 {
+            let _ = store.take(&format!("client-{i}"), 0.0, 1, i);
+            let _ = store.count(&format!("key-{i}"), 1, None, i);
+        }
+        let buckets: usize = store.buckets.iter().map(|s| lock(s).len()).sum();
+        let counters: usize = store.counters.iter().map(|s| lock(s).len()).sum();
+        assert!(buckets <= per_shard * SHARDS, "{buckets}");
+        assert!(counters <= per_shard * SHARDS, "{counters}");
+        assert!(store.evictions() >= 2 * (10_000 - per_shard * SHARDS) as u64);
+        // A recent bucket is kept: its client is still limited.
+        let _ = store.take("recent", 0.0, 1, 20_000);
+        assert!(store.take("recent", 0.0, 1, 20_001).is_err());
     }
 
     #[test]

@@ -124,9 +124,10 @@ impl Plugin for Maglev {
     type Config = Config;
 
     fn new(config: Config) -> Result<Self, String> {
-        if !is_prime(config.table_size) || config.table_size > 5_000_011 {
+        // At most ~1 M slots: 4 MB of table, well within the default 16 MiB memory_limit.
+        if !is_prime(config.table_size) || config.table_size > 1_000_003 {
             return Err(format!(
-                "table_size must be a prime of at most 5000011 (65537 is the usual), got {}",
+                "table_size must be a prime of at most 1000003 (65537 is the usual), got {}",
                 config.table_size
             ));
         }
