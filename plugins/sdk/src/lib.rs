@@ -3,7 +3,7 @@
 //! A plugin is a type that implements [`Plugin`] (how it starts from its
 //! config) and [`Balancer`], [`Filter`] or both, exported with one macro:
 //!
-//! ```ignore
+//! ```no_run
 //! use fulcrum_plugin_sdk::{Backend, BackendId, Balancer, NoConfig, Plugin};
 //!
 //! struct First(Vec<BackendId>);
