@@ -20,7 +20,8 @@ pub fn health_epoch() -> u64 {
 }
 
 /// Makes every plugin instance push its backend list again before its next
-/// decision (what it would see changed: panic mode, a slow start's weights).
+/// decision: a backend's health changed. (A pool's own changes, panic mode
+/// and a slow start's steps, bump that pool's push epoch instead.)
 pub fn bump_health_epoch() {
     HEALTH_EPOCH.fetch_add(1, Ordering::AcqRel);
 }

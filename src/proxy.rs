@@ -718,6 +718,7 @@ async fn forward<B: BodySource>(
     let view = crate::plugin::PoolView {
         panic,
         slow_start: config.slow_start,
+        push_epoch: traffic.push_epoch(),
     };
     // Encoded at the first try, for whichever backend gets the request.
     let mut encoded = crate::buffers::take_write();

@@ -70,9 +70,18 @@ pub struct PoolTraffic {
     panic_threshold: std::sync::atomic::AtomicU32,
     /// When the weights of a slow start are next pushed to the plugins.
     next_ramp_push_ms: AtomicU64,
+    /// Bumped when this pool's plugins must be given the backend list again
+    /// (a slow start's step, panic mode on or off): the pool's own, so that
+    /// other pools' plugins (a Maglev table) are not rebuilt for it.
+    push_epoch: AtomicU64,
 }
 
 impl PoolTraffic {
+    /// This pool's push epoch (see the field).
+    pub fn push_epoch(&self) -> u64 {
+        self.push_epoch.load(Ordering::Relaxed)
+    }
+
     /// Requests waiting now.
     pub fn queued(&self) -> usize {
         self.queued.load(Ordering::Relaxed)
@@ -213,7 +222,7 @@ impl PoolTraffic {
             since != 0 && now.saturating_sub(since) < ramp_ms + step
         });
         if ramping {
-            crate::backend::bump_health_epoch();
+            self.push_epoch.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -257,9 +266,9 @@ impl PoolTraffic {
             } else {
                 tracing::info!(%pool, healthy, backends = serving, "panic mode over");
             }
-            crate::backend::bump_health_epoch();
+            self.push_epoch.fetch_add(1, Ordering::Relaxed);
         }
-        // A change since (this flip's own bump included) has it worked out once more.
+        // A change since has it worked out once more.
         self.panic_list.store(key.1, Ordering::Relaxed);
         self.panic_threshold.store(key.2, Ordering::Relaxed);
         self.panic_epoch.store(key.0, Ordering::Relaxed);

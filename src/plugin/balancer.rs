@@ -29,6 +29,8 @@ pub struct PoolView {
     /// The pool's slow start: weights pushed are effective weights, in
     /// hundredths of the configured ones (so a ramp can be fine).
     pub slow_start: Option<std::time::Duration>,
+    /// The pool's push epoch: when it changes, instances get the list again.
+    pub push_epoch: u64,
 }
 
 /// Counters of one pool that outlive config reloads.
@@ -139,7 +141,7 @@ fn decide(
 ) -> wasmtime::Result<Decision> {
     let list_id = Arc::as_ptr(backends) as *const ();
     let epoch = health_epoch();
-    let push = live.local.list != list_id || live.local.epoch != epoch;
+    let push = live.local.list != list_id || live.local.epoch != epoch || live.local.pool_epoch != view.push_epoch;
     match &live.instance {
         PluginInstance::Current {
             balancer: Some(balancer),
@@ -163,7 +165,11 @@ fn decide(
                 state.view = view;
                 live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
                 balancer.call_set_backends(&mut live.store, &wit)?;
-                live.local = Pushed { list: list_id, epoch };
+                live.local = Pushed {
+                    list: list_id,
+                    epoch,
+                    pool_epoch: view.push_epoch,
+                };
             }
             live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
             let chosen = StoreState::with_request(&mut live.store, request, None, |store| {
@@ -203,7 +209,11 @@ fn decide(
                 state.view = view;
                 live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
                 policy.call_set_backends(&mut live.store, &wit)?;
-                live.local = Pushed { list: list_id, epoch };
+                live.local = Pushed {
+                    list: list_id,
+                    epoch,
+                    pool_epoch: view.push_epoch,
+                };
             }
             live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
             let chosen = StoreState::with_request(&mut live.store, request, None, |store| {

@@ -101,7 +101,9 @@ pub struct PluginWorld;
 pub struct Pushed {
     /// Identity of the backend list last pushed (pointer of its allocation).
     pub list: *const (),
+    /// The global health epoch, and the pool's push epoch, at the push.
     pub epoch: u64,
+    pub pool_epoch: u64,
 }
 
 impl Default for Pushed {
@@ -109,6 +111,7 @@ impl Default for Pushed {
         Pushed {
             list: std::ptr::null(),
             epoch: u64::MAX,
+            pool_epoch: u64::MAX,
         }
     }
 }
