@@ -9,6 +9,7 @@ use super::instances::{Binding, Fault, Live, PluginSlot};
 use super::world::{PluginInstance, PluginWorld, Pushed, v1, v2};
 use super::{Limits, Tickets};
 use crate::backend::{BackendList, health_epoch};
+use smallvec::SmallVec;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -129,26 +130,24 @@ enum Decision {
     Unknown(u32),
 }
 
-/// One decision on a cached instance: pushes the backend list first when it
-/// (or any backend's health) changed since the last push.
-fn decide(
-    live: &mut Live<PluginWorld>,
-    request: &CurrentRequest<'_>,
-    backends: &BackendList,
-    tried: &[usize],
-    limits: &Limits,
-    view: PoolView,
-) -> wasmtime::Result<Decision> {
-    let list_id = Arc::as_ptr(backends) as *const ();
-    let epoch = health_epoch();
-    let push = live.local.list != list_id || live.local.epoch != epoch || live.local.pool_epoch != view.push_epoch;
-    match &live.instance {
-        PluginInstance::Current {
-            balancer: Some(balancer),
-            ..
-        } => {
-            if push {
-                let now_ms = crate::backend::process_ms();
+/// A balancer export of either version, as one decision uses it.
+enum Exported<'a> {
+    Current(&'a v2::exports::fulcrum::plugin::policy::Guest),
+    /// 0.1.0: ids are the list's indices, weights as 0.1.0 had them.
+    Legacy(&'a v1::exports::fulcrum::plugin::policy::Guest),
+}
+
+impl Exported<'_> {
+    /// `set-backends` with `backends` in the version's own shape.
+    fn set_backends(
+        &self,
+        store: &mut wasmtime::Store<StoreState>,
+        backends: &BackendList,
+        view: PoolView,
+    ) -> wasmtime::Result<()> {
+        let now_ms = crate::backend::process_ms();
+        match self {
+            Exported::Current(policy) => {
                 let wit: Vec<v2::fulcrum::plugin::backends::Backend> = backends
                     .iter()
                     .map(|b| v2::fulcrum::plugin::backends::Backend {
@@ -160,40 +159,9 @@ fn decide(
                         labels: b.labels.to_vec(),
                     })
                     .collect();
-                let state = live.store.data_mut();
-                state.push_backends(backends);
-                state.view = view;
-                live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
-                balancer.call_set_backends(&mut live.store, &wit)?;
-                live.local = Pushed {
-                    list: list_id,
-                    epoch,
-                    pool_epoch: view.push_epoch,
-                };
+                policy.call_set_backends(store, &wit)
             }
-            live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
-            let chosen = StoreState::with_request(&mut live.store, request, None, |store| {
-                if tried.is_empty() {
-                    balancer.call_select(store)
-                } else {
-                    let tried: Vec<u32> = tried.iter().map(|&i| backends[i].id).collect();
-                    balancer.call_reselect(store, &tried)
-                }
-            })?;
-            Ok(match chosen {
-                None => Decision::None,
-                Some(id) => live
-                    .store
-                    .data()
-                    .index_of(id)
-                    .map_or(Decision::Unknown(id), Decision::Index),
-            })
-        }
-        PluginInstance::Legacy(legacy) => {
-            // 0.1.0 ids are the list's indices, and weights are as 0.1.0 had them.
-            let policy = legacy.fulcrum_plugin_policy();
-            if push {
-                let now_ms = crate::backend::process_ms();
+            Exported::Legacy(policy) => {
                 let wit: Vec<v1::exports::fulcrum::plugin::policy::Backend> = backends
                     .iter()
                     .enumerate()
@@ -204,36 +172,85 @@ fn decide(
                         healthy: b.state.is_usable(view.panic),
                     })
                     .collect();
-                let state = live.store.data_mut();
-                state.push_backends(backends);
-                state.view = view;
-                live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
-                policy.call_set_backends(&mut live.store, &wit)?;
-                live.local = Pushed {
-                    list: list_id,
-                    epoch,
-                    pool_epoch: view.push_epoch,
-                };
+                policy.call_set_backends(store, &wit)
             }
-            live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
-            let chosen = StoreState::with_request(&mut live.store, request, None, |store| {
-                if tried.is_empty() {
-                    policy.call_select(store)
-                } else {
-                    let tried: Vec<u32> = tried.iter().map(|&i| i as u32).collect();
-                    policy.call_reselect(store, &tried)
-                }
-            })?;
-            Ok(match chosen {
-                None => Decision::None,
-                Some(i) if (i as usize) < backends.len() => Decision::Index(i as usize),
-                Some(i) => Decision::Unknown(i),
-            })
         }
-        PluginInstance::Current { balancer: None, .. } => Err(wasmtime::Error::msg(
-            "the plugin exports no balancer (`fulcrum:plugin/policy@0.2.0`)",
-        )),
     }
+
+    /// The backend's id in this version.
+    fn id_of(&self, backends: &BackendList, index: usize) -> u32 {
+        match self {
+            Exported::Current(_) => backends[index].id,
+            Exported::Legacy(_) => index as u32,
+        }
+    }
+
+    /// `select`, or `reselect` with the tried ids.
+    fn choose(&self, store: &mut wasmtime::Store<StoreState>, tried: &[u32]) -> wasmtime::Result<Option<u32>> {
+        match (self, tried.is_empty()) {
+            (Exported::Current(policy), true) => policy.call_select(store),
+            (Exported::Current(policy), false) => policy.call_reselect(store, tried),
+            (Exported::Legacy(policy), true) => policy.call_select(store),
+            (Exported::Legacy(policy), false) => policy.call_reselect(store, tried),
+        }
+    }
+
+    /// The list index of the chosen id.
+    fn index_of(&self, state: &StoreState, backends: &BackendList, id: u32) -> Option<usize> {
+        match self {
+            Exported::Current(_) => state.index_of(id),
+            Exported::Legacy(_) => ((id as usize) < backends.len()).then_some(id as usize),
+        }
+    }
+}
+
+/// One decision on a cached instance: pushes the backend list first when it
+/// (or any backend's health, or the pool's push epoch) changed since the last
+/// push.
+fn decide(
+    live: &mut Live<PluginWorld>,
+    request: &CurrentRequest<'_>,
+    backends: &BackendList,
+    tried: &[usize],
+    limits: &Limits,
+    view: PoolView,
+) -> wasmtime::Result<Decision> {
+    let exported = match &live.instance {
+        PluginInstance::Current {
+            balancer: Some(balancer),
+            ..
+        } => Exported::Current(balancer),
+        PluginInstance::Legacy(legacy) => Exported::Legacy(legacy.fulcrum_plugin_policy()),
+        PluginInstance::Current { balancer: None, .. } => {
+            return Err(wasmtime::Error::msg(
+                "the plugin exports no balancer (`fulcrum:plugin/policy@0.2.0`)",
+            ));
+        }
+    };
+    let list_id = Arc::as_ptr(backends) as *const ();
+    let epoch = health_epoch();
+    let local = &live.local;
+    if local.list != list_id || local.epoch != epoch || local.pool_epoch != view.push_epoch {
+        let state = live.store.data_mut();
+        state.push_backends(backends);
+        state.view = view;
+        live.store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
+        exported.set_backends(&mut live.store, backends, view)?;
+        live.local = Pushed {
+            list: list_id,
+            epoch,
+            pool_epoch: view.push_epoch,
+        };
+    }
+    live.store.set_epoch_deadline(deadline_ticks(limits.call_timeout));
+    let tried: SmallVec<[u32; 4]> = tried.iter().map(|&i| exported.id_of(backends, i)).collect();
+    let chosen = StoreState::with_request(&mut live.store, request, None, |store| exported.choose(store, &tried))?;
+    Ok(match chosen {
+        None => Decision::None,
+        Some(id) => exported
+            .index_of(live.store.data(), backends, id)
+            .map_or(Decision::Unknown(id), Decision::Index),
+    })
 }
 
 /// A backend's effective weight as 0.2.0 plugins see it: in hundredths of
