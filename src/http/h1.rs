@@ -629,12 +629,25 @@ pub const LAST_CHUNK: &[u8] = b"0\r\n\r\n";
 /// A complete response the balancer writes itself, with a plain-text body.
 /// `connection`: the `Connection` header to send, if any (`close`, `keep-alive`).
 pub fn local_response(status: StatusCode, message: &str, connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
+    status_line(status, out);
+    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
+    out.extend_from_slice(itoa::Buffer::new().format(message.len() + 1).as_bytes());
+    head_end(connection, extra, out);
+    out.extend_from_slice(message.as_bytes());
+    out.push(b'\n');
+}
+
+/// `HTTP/1.1 NNN Reason` of a local answer (no line end).
+fn status_line(status: StatusCode, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status.as_u16()).as_bytes());
     out.push(b' ');
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: ");
-    out.extend_from_slice(itoa::Buffer::new().format(message.len() + 1).as_bytes());
+}
+
+/// The end of a local answer's head: its `Connection`, the `extra` lines and
+/// the blank line.
+fn head_end(connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
     if let Some(connection) = connection {
         out.extend_from_slice(b"\r\nconnection: ");
         out.extend_from_slice(connection.as_bytes());
@@ -642,8 +655,6 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(extra);
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(message.as_bytes());
-    out.push(b'\n');
 }
 
 /// Writes a response with `body` as it is: a filter's answer. Its own headers
@@ -659,21 +670,12 @@ pub fn direct_response(
     out: &mut Vec<u8>,
 ) {
     let bodiless = matches!(status.as_u16(), 204 | 304);
-    out.extend_from_slice(b"HTTP/1.1 ");
-    out.extend_from_slice(itoa::Buffer::new().format(status.as_u16()).as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    status_line(status, out);
     if !bodiless {
         out.extend_from_slice(b"\r\ncontent-length: ");
         out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
     }
-    if let Some(connection) = connection {
-        out.extend_from_slice(b"\r\nconnection: ");
-        out.extend_from_slice(connection.as_bytes());
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(extra);
-    out.extend_from_slice(b"\r\n");
+    head_end(connection, extra, out);
     if !bodiless && !head_request {
         out.extend_from_slice(body);
     }

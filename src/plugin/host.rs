@@ -50,14 +50,8 @@ impl v2::fulcrum::plugin::types::Host for StoreState {}
 
 impl v2::fulcrum::plugin::log::Host for StoreState {
     fn log(&mut self, level: Level, message: String) {
-        let level = match level {
-            Level::Trace => 0,
-            Level::Debug => 1,
-            Level::Info => 2,
-            Level::Warn => 3,
-            Level::Error => 4,
-        };
-        write_log(&self.plugin_name, level, &message);
+        // The WIT enum, `repr(u8)` in its declared order: trace 0 … error 4.
+        write_log(&self.plugin_name, level as u8, &message);
     }
 }
 
@@ -184,14 +178,7 @@ impl v1::fulcrum::plugin::host::Host for StoreState {
     }
 
     fn log(&mut self, level: v1::fulcrum::plugin::host::Level, message: String) {
-        use v1::fulcrum::plugin::host::Level;
-        let level = match level {
-            Level::Trace => 0,
-            Level::Debug => 1,
-            Level::Info => 2,
-            Level::Warn => 3,
-            Level::Error => 4,
-        };
-        write_log(&self.plugin_name, level, &message);
+        // 0.1.0's enum has the same cases in the same order.
+        write_log(&self.plugin_name, level as u8, &message);
     }
 }
