@@ -56,29 +56,47 @@ async fn least_conn_rotates_when_idle_and_spares_a_slow_backend() {
         "{counts:?}"
     );
 
-    // 12 clients, 25 requests each: the slow backend holds its requests longer
-    // and must get clearly fewer of them.
+    assert_slow_backends_spared(fulcrum.addr, &["backend-3"], &["backend-1", "backend-2"]).await;
+}
+
+/// The in-flight counts of ids 0 to 3 come with each decision (prefetched);
+/// those of ids 4 and up are read. A slow backend on each side must be spared.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn least_conn_spares_slow_backends_within_and_past_the_prefetched_four() {
+    let slow = Duration::from_millis(150);
+    let delays = [Duration::ZERO, slow, Duration::ZERO, Duration::ZERO, Duration::ZERO, slow];
+    let backends = start_backends(&[0; 6], &delays).await.expect("backends");
+    let fulcrum = Fulcrum::start(&config("least-conn", &backends_toml(&backends, &[])), &[]);
+    assert_slow_backends_spared(
+        fulcrum.addr,
+        &["backend-2", "backend-6"],
+        &["backend-1", "backend-3", "backend-4", "backend-5"],
+    )
+    .await;
+}
+
+/// 12 clients, 25 requests each: a slow backend holds its requests longer
+/// and must get clearly fewer of them than any fast one.
+async fn assert_slow_backends_spared(addr: std::net::SocketAddr, slow: &[&str], fast: &[&str]) {
     let mut clients = Vec::new();
     for _ in 0..12 {
-        let addr = fulcrum.addr;
         clients.push(tokio::spawn(async move { sequential(addr, 25).await }));
     }
     let mut replies = Vec::new();
     for client in clients {
         replies.extend(client.await.expect("client task"));
     }
-    let counts = tally(&replies);
-    let slow_share = counts.get("backend-3").copied().unwrap_or(0);
-    let fast_share = counts
-        .get("backend-1")
-        .copied()
-        .unwrap_or(0)
-        .min(counts.get("backend-2").copied().unwrap_or(0));
     assert_eq!(replies.len(), 300);
-    assert!(
-        slow_share * 3 < fast_share,
-        "slow backend got {slow_share}, fast ones at least {fast_share}: {counts:?}"
-    );
+    let counts = tally(&replies);
+    let share = |name: &&str| counts.get(*name).copied().unwrap_or(0);
+    let fast_share = fast.iter().map(share).min().unwrap_or(0);
+    for name in slow {
+        let slow_share = share(name);
+        assert!(
+            slow_share * 3 < fast_share,
+            "slow {name} got {slow_share}, fast ones at least {fast_share}: {counts:?}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -502,7 +502,7 @@ async fn plugins_see_each_backends_limit_and_whether_it_is_full() {
     );
     assert!(
         fulcrum.wait_for_log(
-            "backend 0: weight 100, max-in-flight 1 (pushed 1), full 1, in-flight 1",
+            "backend 0: weight 100, max-in-flight 1 (pushed 1), full 1, in-flight 1 (read 1)",
             Duration::from_secs(5)
         ),
         "{}",
@@ -510,7 +510,7 @@ async fn plugins_see_each_backends_limit_and_whether_it_is_full() {
     );
     assert!(
         fulcrum.wait_for_log(
-            "backend 1: weight 100, max-in-flight 3 (pushed 3), full 0, in-flight 0",
+            "backend 1: weight 100, max-in-flight 3 (pushed 3), full 0, in-flight 0 (read 0)",
             Duration::from_secs(5)
         ),
         "{}",

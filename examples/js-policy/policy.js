@@ -40,12 +40,14 @@ export const policy = {
     schedule = turns;
   },
 
-  select() {
+  // `hint` (a batch of the prefetched signal) goes unused: this policy reads
+  // no signal and prefetches none.
+  select(_hint) {
     if (schedule.length === 0) return undefined;
     return schedule[Number(nextTicket(0) % BigInt(schedule.length))];
   },
 
-  reselect(tried) {
+  reselect(tried, _hint) {
     const n = schedule.length;
     const start = Number(nextTicket(0) % BigInt(Math.max(n, 1)));
     for (let step = 0; step < n; step++) {

@@ -188,8 +188,14 @@ impl Exported<'_> {
     /// `select`, or `reselect` with the tried ids.
     fn choose(&self, store: &mut wasmtime::Store<StoreState>, tried: &[u32]) -> wasmtime::Result<Option<u32>> {
         match (self, tried.is_empty()) {
-            (Exported::Current(policy), true) => policy.call_select(store),
-            (Exported::Current(policy), false) => policy.call_reselect(store, tried),
+            (Exported::Current(policy), true) => {
+                let hint = store.data().hint();
+                policy.call_select(store, hint)
+            }
+            (Exported::Current(policy), false) => {
+                let hint = store.data().hint();
+                policy.call_reselect(store, tried, hint)
+            }
             (Exported::Legacy(policy), true) => policy.call_select(store),
             (Exported::Legacy(policy), false) => policy.call_reselect(store, tried),
         }

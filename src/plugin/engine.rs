@@ -159,6 +159,9 @@ pub struct StoreState {
     /// The `random` interface's generator state.
     pub random: u64,
     pub plugin_name: Arc<str>,
+    /// The signal `backends.prefetch` named: its first batch is read for
+    /// every decision and passed as the `hint`.
+    pub prefetch: Option<u32>,
 }
 
 impl StoreState {
@@ -201,6 +204,7 @@ impl StoreState {
             shared: super::shared::store_of(&plugin_name),
             random: instance_seed(),
             plugin_name,
+            prefetch: None,
         }
     }
 }

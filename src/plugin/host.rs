@@ -115,12 +115,9 @@ impl v2::fulcrum::plugin::shared::Host for StoreState {
     }
 }
 
-impl v2::fulcrum::plugin::backends::Host for StoreState {
-    fn signal(&mut self, name: String) -> Option<u32> {
-        SIGNALS.iter().position(|known| *known == name).map(|i| i as u32)
-    }
-
-    fn read(&mut self, signal: u32, first: u32) -> Batch {
+impl StoreState {
+    /// The values of `signal` for ids `first` to `first + 3` (`backends.read`).
+    pub(super) fn batch(&self, signal: u32, first: u32) -> Batch {
         let mut values = [0u32; 4];
         let mut missing = 0u8;
         let now = if signal == LATENCY_SIGNAL { now_ns() } else { 0 };
@@ -144,6 +141,33 @@ impl v2::fulcrum::plugin::backends::Host for StoreState {
             values: (a, b, c, d),
             missing,
         }
+    }
+
+
+    /// The `hint` for a decision: the prefetched signal's first batch, or
+    /// every value missing.
+    pub(super) fn hint(&self) -> Batch {
+        match self.prefetch {
+            Some(signal) => self.batch(signal, 0),
+            None => Batch {
+                values: (0, 0, 0, 0),
+                missing: 0x0f,
+            },
+        }
+    }
+}
+
+impl v2::fulcrum::plugin::backends::Host for StoreState {
+    fn signal(&mut self, name: String) -> Option<u32> {
+        SIGNALS.iter().position(|known| *known == name).map(|i| i as u32)
+    }
+
+    fn read(&mut self, signal: u32, first: u32) -> Batch {
+        self.batch(signal, first)
+    }
+
+    fn prefetch(&mut self, signal: u32) {
+        self.prefetch = Some(signal);
     }
 
     fn read_one(&mut self, signal: u32, id: u32) -> Option<u32> {

@@ -125,7 +125,7 @@ impl Plugin for LeastConn {
         Ok(LeastConn {
             healthy: Vec::new(),
             exact_up_to: config.exact_up_to,
-            in_flight: Signal::resolve("in-flight")?,
+            in_flight: Signal::resolve("in-flight")?.prefetch(),
             counts: Vec::new(),
         })
     }

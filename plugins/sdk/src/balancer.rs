@@ -3,7 +3,25 @@
 
 use crate::BackendId;
 pub use crate::bindings::fulcrum::plugin::backends;
-pub use backends::Backend;
+pub use backends::{Backend, Batch};
+use std::cell::Cell;
+
+std::thread_local! {
+    /// The signal named with [`Signal::prefetch`], if any.
+    static PREFETCHED: Cell<Option<backends::SignalId>> = const { Cell::new(None) };
+    /// The host's `hint` while a decision runs: the prefetched signal's
+    /// values for ids 0 to 3, read just before the call.
+    static HINT: Cell<Option<Batch>> = const { Cell::new(None) };
+}
+
+/// Runs one decision with the host's `hint` at hand (the export glue).
+#[doc(hidden)]
+pub fn with_hint<R>(hint: Batch, decide: impl FnOnce() -> R) -> R {
+    HINT.set(Some(hint));
+    let answer = decide();
+    HINT.set(None);
+    answer
+}
 
 /// A load-balancing policy. `set-backends` comes before the first decision
 /// and again on every change of membership, weight or health.
@@ -35,12 +53,32 @@ impl Signal {
             .ok_or_else(|| format!("the host has no signal called `{name}`"))
     }
 
+    /// Makes this the signal whose values for ids 0 to 3 come with every
+    /// decision, so that reading them costs no host call: a pool of up to
+    /// four backends is read for free. One signal at a time; the last wins.
+    pub fn prefetch(self) -> Signal {
+        backends::prefetch(self.0);
+        PREFETCHED.set(Some(self.0));
+        self
+    }
+
+    /// The batch from id `first`: the decision's hint when it holds it.
+    fn batch(&self, first: BackendId) -> Batch {
+        if first == 0 && PREFETCHED.get() == Some(self.0) {
+            if let Some(hint) = HINT.get() {
+                return hint;
+            }
+        }
+        backends::read(self.0, first)
+    }
+
     /// Calls `f(id, value)` for every id from 0 to `last` (inclusive), reading
-    /// four backends per host call. `None` where the value is missing.
+    /// four backends per host call (none for ids 0 to 3 of a prefetched
+    /// signal). `None` where the value is missing.
     pub fn for_each(&self, last: BackendId, mut f: impl FnMut(BackendId, Option<u32>)) {
         let mut first = 0u32;
         loop {
-            let batch = backends::read(self.0, first);
+            let batch = self.batch(first);
             let (a, b, c, d) = batch.values;
             for (k, value) in [a, b, c, d].into_iter().enumerate() {
                 let id = first + k as u32;
@@ -55,6 +93,12 @@ impl Signal {
 
     /// The value for one backend (for sampling a few of a large pool).
     pub fn read(&self, id: BackendId) -> Option<u32> {
+        if id < 4 && PREFETCHED.get() == Some(self.0) {
+            if let Some(hint) = HINT.get() {
+                let (a, b, c, d) = hint.values;
+                return (hint.missing & (1 << id) == 0).then_some([a, b, c, d][id as usize]);
+            }
+        }
         backends::read_one(self.0, id)
     }
 }

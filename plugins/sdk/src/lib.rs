@@ -88,7 +88,8 @@ pub use bindings::fulcrum::plugin::{clock, log, random, request, shared};
 pub type BackendId = u32;
 
 #[cfg(any(feature = "balancer", not(feature = "filter")))]
-mod balancer;
+#[doc(hidden)]
+pub mod balancer;
 #[cfg(any(feature = "balancer", not(feature = "filter")))]
 pub use balancer::{Backend, Balancer, Signal, backends};
 
@@ -174,12 +175,19 @@ macro_rules! __policy {
                 __fulcrum_with(|p| <$plugin as $crate::Balancer>::set_backends(p, backends));
             }
 
-            fn select() -> ::core::option::Option<$crate::BackendId> {
-                __fulcrum_with(|p| <$plugin as $crate::Balancer>::select(p)).flatten()
+            fn select(hint: $crate::backends::Batch) -> ::core::option::Option<$crate::BackendId> {
+                $crate::balancer::with_hint(hint, || {
+                    __fulcrum_with(|p| <$plugin as $crate::Balancer>::select(p)).flatten()
+                })
             }
 
-            fn reselect(tried: ::std::vec::Vec<$crate::BackendId>) -> ::core::option::Option<$crate::BackendId> {
-                __fulcrum_with(|p| <$plugin as $crate::Balancer>::reselect(p, &tried)).flatten()
+            fn reselect(
+                tried: ::std::vec::Vec<$crate::BackendId>,
+                hint: $crate::backends::Batch,
+            ) -> ::core::option::Option<$crate::BackendId> {
+                $crate::balancer::with_hint(hint, || {
+                    __fulcrum_with(|p| <$plugin as $crate::Balancer>::reselect(p, &tried)).flatten()
+                })
             }
         }
     };

@@ -15,8 +15,9 @@
 //! - a body prefix with `"model":"NAME"` sets `x-model: NAME` upstream;
 //! - as a balancer, a request with `x-report: 1` logs, for every backend,
 //!   what the host says of it: `backend ID: weight W, max-in-flight M, full
-//!   F, in-flight I` (the `weight`, `max-in-flight`, `full` and `in-flight`
-//!   signals).
+//!   F, in-flight I (read R)` (the `weight`, `max-in-flight`, `full` and
+//!   `in-flight` signals). `in-flight` is prefetched, so I comes from the
+//!   decision's hint and R from a `read-one` call: they must agree.
 //!
 //! `config = { "label": "..." }` is echoed in `x-probe-label` when given.
 // Only a Wasm component: there is nothing to build or test on the host.
@@ -54,7 +55,7 @@ impl Plugin for Probe {
                 Signal::resolve("weight")?,
                 Signal::resolve("max-in-flight")?,
                 Signal::resolve("full")?,
-                Signal::resolve("in-flight")?,
+                Signal::resolve("in-flight")?.prefetch(),
             ],
         })
     }
@@ -132,10 +133,13 @@ impl Balancer for Probe {
         if request::header("x-report").is_some() {
             for &(id, pushed_max) in &self.pushed {
                 let [weight, max, full, in_flight] = self.signals.map(|s| s.read(id).map_or(-1, i64::from));
+                let read = fulcrum_plugin_sdk::backends::signal("in-flight")
+                    .and_then(|signal| fulcrum_plugin_sdk::backends::read_one(signal, id))
+                    .map_or(-1, i64::from);
                 fulcrum_plugin_sdk::log(
                     log::Level::Info,
                     &format!(
-                        "backend {id}: weight {weight}, max-in-flight {max} (pushed {pushed_max}), full {full}, in-flight {in_flight}"
+                        "backend {id}: weight {weight}, max-in-flight {max} (pushed {pushed_max}), full {full}, in-flight {in_flight} (read {read})"
                     ),
                 );
             }
