@@ -7,6 +7,8 @@
 //! - `/bytes/N`: streams N bytes of body, 64 KiB at a time;
 //! - `/healthz`: `ok`;
 //! - `/headers`: the request head as received, one `name: value` a line;
+//! - `/with-header/NAME=VALUE`: answers with that header added (a backend's
+//!   own `Strict-Transport-Security`, say);
 //! - any request with a body: reads it to the end and answers with its length.
 
 use bytes::Bytes;
@@ -118,7 +120,18 @@ async fn respond(
     if let Some(total) = number("/bytes/") {
         return Ok(stream_bytes(&name, total));
     }
-    Ok(text(StatusCode::OK, &name, format!("{name}\n")))
+    let mut response = text(StatusCode::OK, &name, format!("{name}\n"));
+    let wanted = path.strip_prefix("/with-header/").and_then(|h| h.split_once('='));
+    if let Some((header, value)) = wanted {
+        let value = value.replace("%20", " ");
+        if let (Ok(header), Ok(value)) = (
+            http::HeaderName::from_bytes(header.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().append(header, value);
+        }
+    }
+    Ok(response)
 }
 
 fn text(status: StatusCode, name: &str, body: String) -> Response<DemoBody> {

@@ -64,7 +64,14 @@ async fn least_conn_rotates_when_idle_and_spares_a_slow_backend() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_conn_spares_slow_backends_within_and_past_the_prefetched_four() {
     let slow = Duration::from_millis(150);
-    let delays = [Duration::ZERO, slow, Duration::ZERO, Duration::ZERO, Duration::ZERO, slow];
+    let delays = [
+        Duration::ZERO,
+        slow,
+        Duration::ZERO,
+        Duration::ZERO,
+        Duration::ZERO,
+        slow,
+    ];
     let backends = start_backends(&[0; 6], &delays).await.expect("backends");
     let fulcrum = Fulcrum::start(&config("least-conn", &backends_toml(&backends, &[])), &[]);
     assert_slow_backends_spared(

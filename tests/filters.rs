@@ -136,6 +136,23 @@ async fn header_edits_reach_the_backend_and_the_client() {
         headers.get("x-probe-saw").and_then(|v| v.to_str().ok()),
         Some("backend-1")
     );
+
+    // The same edits for an HTTP/2 client (prior knowledge), whose response
+    // head is a header map rather than written bytes.
+    let output = std::process::Command::new("curl")
+        .args(["-sS", "--http2-prior-knowledge", "-D", "-", "--max-time", "10"])
+        .args(["-H", "host: test.local", "-H", "x-remove-me: secret"])
+        .arg(format!("http://{}/headers", fulcrum.addr))
+        .output()
+        .expect("curl");
+    let text = String::from_utf8_lossy(&output.stdout).to_ascii_lowercase();
+    assert!(text.starts_with("http/2 200"), "{text}");
+    assert!(text.contains("x-probe-status: 200\r\n"), "{text}");
+    assert!(text.contains("x-probe-saw: backend-1\r\n"), "{text}");
+    assert!(
+        text.contains("x-probe: seen\n") && !text.contains("x-remove-me"),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

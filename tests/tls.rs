@@ -161,22 +161,33 @@ async fn alpn_sni_strict_sni_hsts_and_the_expiry_metric() {
     let strict_known = curl("c.example", strict_port, "/", &ca.file, &["-w", "%{http_code}"], &body);
     assert_eq!(strict_known.written, "200", "{}", strict_known.stderr);
 
-    // HSTS on every answer of that listener, over both protocols.
-    for version in ["--http1.1", "--http2"] {
+    // HSTS on every answer of that listener, over both protocols; the
+    // listener's replaces a backend's own.
+    for (version, path) in [
+        ("--http1.1", "/"),
+        ("--http2", "/"),
+        ("--http1.1", "/with-header/strict-transport-security=max-age=60"),
+        ("--http2", "/with-header/strict-transport-security=max-age=60"),
+    ] {
         let headers = pki.path().join("headers");
         let got = curl(
             "a.example",
             port,
-            "/",
+            path,
             &ca.file,
             &[version, "-D", &headers.display().to_string()],
             &body,
         );
         assert_eq!(got.code, 0, "{}", got.stderr);
         let head = std::fs::read_to_string(&headers).expect("headers").to_ascii_lowercase();
-        assert!(
-            head.contains("strict-transport-security: max-age=31536000; includesubdomains"),
-            "{version}: {head}"
+        let sts: Vec<&str> = head
+            .lines()
+            .filter(|line| line.starts_with("strict-transport-security:"))
+            .collect();
+        assert_eq!(
+            sts,
+            ["strict-transport-security: max-age=31536000; includesubdomains"],
+            "{version} {path}: {head}"
         );
     }
 

@@ -259,7 +259,11 @@ async fn write_local<S: AsyncWrite + Unpin>(
         (true, false) => None,
     };
     let mut extra = added_headers(edge);
+    let added = extra.len();
     for (name, value) in &reply.headers {
+        if h1::replaced_by(&extra[..added], name.as_bytes()) {
+            continue;
+        }
         extra.extend_from_slice(name.as_bytes());
         extra.extend_from_slice(b": ");
         extra.extend_from_slice(value.as_bytes());

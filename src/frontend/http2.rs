@@ -181,25 +181,22 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
 
 /// Applies filters' response header edits to an HTTP/2 response's headers.
 fn apply_edits(headers: &mut http::HeaderMap, edits: &[crate::http::edit::HeaderEdit]) {
-    use crate::http::edit::EditOp;
-    for edit in edits {
+    use crate::http::edit;
+    for name in edit::edited_names(edits) {
         // Checked valid when the filter answered.
-        let (Ok(name), Ok(value)) = (
-            http::HeaderName::from_bytes(edit.name.as_bytes()),
-            http::HeaderValue::from_str(&edit.value),
-        ) else {
+        let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
             continue;
         };
-        match edit.op {
-            EditOp::Set => {
-                headers.insert(name, value);
-            }
-            EditOp::Append => {
-                headers.append(name, value);
-            }
-            EditOp::Remove => {
-                headers.remove(name);
-            }
+        let values: Vec<http::HeaderValue> = {
+            let current = headers.get_all(&name).iter().map(http::HeaderValue::as_bytes).collect();
+            edit::apply(edits, name.as_str(), current)
+                .into_iter()
+                .filter_map(|v| http::HeaderValue::from_bytes(v).ok())
+                .collect()
+        };
+        headers.remove(&name);
+        for value in values {
+            headers.append(name.clone(), value);
         }
     }
 }

@@ -45,25 +45,37 @@ pub fn each_edited<'a>(
     values: impl Fn(&str) -> Vec<&'a [u8]>,
     mut field: impl FnMut(&str, &[u8]),
 ) {
-    let mut done: Vec<&str> = Vec::new();
-    for edit in edits {
-        let name = edit.name.as_str();
-        if done.contains(&name) {
-            continue;
-        }
-        done.push(name);
-        let mut current: Vec<Vec<u8>> = values(name).into_iter().map(<[u8]>::to_vec).collect();
-        for e in edits.iter().filter(|e| e.name == name) {
-            match e.op {
-                EditOp::Set => current = vec![e.value.as_bytes().to_vec()],
-                EditOp::Append => current.push(e.value.as_bytes().to_vec()),
-                EditOp::Remove => current.clear(),
-            }
-        }
-        for value in &current {
+    for name in edited_names(edits) {
+        for value in apply(edits, name, values(name)) {
             field(name, value);
         }
     }
+}
+
+/// Each header name the edits touch, once, in the order first edited.
+pub fn edited_names(edits: &[HeaderEdit]) -> impl Iterator<Item = &str> {
+    edits
+        .iter()
+        .enumerate()
+        .filter(|&(i, edit)| !edits[..i].iter().any(|earlier| earlier.name == edit.name))
+        .map(|(_, edit)| edit.name.as_str())
+}
+
+/// The fields of header `name` once the edits are applied, in order, to
+/// `current` (the head's own fields of that name): the one rule every
+/// writer and reader of edited heads follows.
+pub fn apply<'a>(edits: &'a [HeaderEdit], name: &str, mut current: Vec<&'a [u8]>) -> Vec<&'a [u8]> {
+    for edit in edits.iter().filter(|e| e.name.eq_ignore_ascii_case(name)) {
+        match edit.op {
+            EditOp::Set => {
+                current.clear();
+                current.push(edit.value.as_bytes());
+            }
+            EditOp::Append => current.push(edit.value.as_bytes()),
+            EditOp::Remove => current.clear(),
+        }
+    }
+    current
 }
 
 #[cfg(test)]

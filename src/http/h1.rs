@@ -354,7 +354,8 @@ impl ResponseHead {
     /// Writes the head a HTTP/1.1 client gets: the backend's status and
     /// end-to-end headers, then `framing` (a `Content-Length` from the backend
     /// is kept as it is) and, if `close`, `Connection: close`.
-    /// `extra`: whole header lines Fulcrum adds (each ending in CRLF).
+    /// `extra`: whole header lines Fulcrum adds (each ending in CRLF); they
+    /// replace the backend's fields and the edits of the same names.
     pub fn write_for_client(
         &self,
         out: &mut Vec<u8>,
@@ -377,6 +378,7 @@ impl ResponseHead {
         for (name, value) in self.forwarded_fields() {
             if (chunked && name.eq_ignore_ascii_case(b"content-length"))
                 || (!edits.is_empty() && super::edit::touches(edits, name))
+                || replaced_by(extra, name)
             {
                 continue;
             }
@@ -385,6 +387,17 @@ impl ResponseHead {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
+        let kept;
+        let edits = if !edits.is_empty() && !extra.is_empty() {
+            kept = edits
+                .iter()
+                .filter(|e| !replaced_by(extra, e.name.as_bytes()))
+                .cloned()
+                .collect::<Vec<_>>();
+            &kept[..]
+        } else {
+            edits
+        };
         if !edits.is_empty() {
             // The fields forwarded, of that name (never a hop-by-hop one).
             let values = |name: &str| {
@@ -873,6 +886,17 @@ pub fn encode_request_head(
     }
     out.extend_from_slice(b"\r\n");
     Ok(())
+}
+
+/// Whether `extra` (whole header lines, each ending in CRLF) has a field
+/// called `name`: the listener's own fields (HSTS) replace those of the
+/// backend and of the filters, as they do on HTTP/2.
+pub fn replaced_by(extra: &[u8], name: &[u8]) -> bool {
+    !extra.is_empty()
+        && extra
+            .split(|&b| b == b'\n')
+            .filter_map(|line| line.split(|&b| b == b':').next())
+            .any(|field| field.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]

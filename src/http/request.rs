@@ -150,7 +150,7 @@ impl RequestHead {
     }
 
     /// The values of every header called `name` (any case), in order.
-    pub fn header_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+    pub fn header_all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a [u8]> + use<'a, 'n> {
         self.fields
             .iter()
             .filter(move |(n, _)| n.of(&self.raw).eq_ignore_ascii_case(name.as_bytes()))

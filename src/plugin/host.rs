@@ -143,7 +143,6 @@ impl StoreState {
         }
     }
 
-
     /// The `hint` for a decision: the prefetched signal's first batch, or
     /// every value missing.
     pub(super) fn hint(&self) -> Batch {

@@ -4,47 +4,61 @@
 //! call ([`StoreState::with_request`]). Header reads see the edits the
 //! route's filters made so far.
 
+use super::RequestChanges;
 use super::engine::StoreState;
 use super::world::{v1, v2};
-use super::{EditOp, RequestChanges};
+use crate::http::edit;
 use crate::http::request::{RequestHead, visible_text};
 
 /// The first value of header `name` with `changes` applied: the original
 /// first field, replaced by a `set`, added by an `append` when there was
 /// none, gone after a `remove`.
 fn edited_header<'a>(head: &'a RequestHead, changes: &'a RequestChanges, name: &str) -> Option<&'a [u8]> {
-    let mut value = head.header(name);
-    for edit in changes.headers.iter().filter(|e| e.name.eq_ignore_ascii_case(name)) {
-        value = match edit.op {
-            EditOp::Set => Some(edit.value.as_bytes()),
-            EditOp::Append => value.or(Some(edit.value.as_bytes())),
-            EditOp::Remove => None,
-        };
+    if !edit::touches(&changes.headers, name.as_bytes()) {
+        return head.header(name);
     }
-    value
+    edit::apply(&changes.headers, name, head.header_all(name).collect())
+        .first()
+        .copied()
 }
 
-/// Every header with `changes` applied, as (lower-case name, value).
+/// Every header with `changes` applied, as (lower-case name, value): the
+/// fields no edit touches as they came, then those of each edited name.
 fn edited_headers(head: &RequestHead, changes: &RequestChanges) -> Vec<(String, String)> {
+    let edits = &changes.headers;
+    let text = |name: &[u8], value: &[u8]| {
+        let name = std::str::from_utf8(name).ok()?.to_ascii_lowercase();
+        Some((name, visible_text(value)?.to_owned()))
+    };
     let mut headers: Vec<(String, String)> = head
         .headers()
-        .filter_map(|(name, value)| {
-            let name = std::str::from_utf8(name).ok()?.to_ascii_lowercase();
-            Some((name, visible_text(value)?.to_owned()))
-        })
+        .filter(|(name, _)| !edit::touches(edits, name))
+        .filter_map(|(name, value)| text(name, value))
         .collect();
-    for edit in &changes.headers {
-        let name = edit.name.to_ascii_lowercase();
-        match edit.op {
-            EditOp::Set => {
-                headers.retain(|(n, _)| *n != name);
-                headers.push((name, edit.value.clone()));
-            }
-            EditOp::Append => headers.push((name, edit.value.clone())),
-            EditOp::Remove => headers.retain(|(n, _)| *n != name),
-        }
-    }
+    edit::each_edited(
+        edits,
+        |name| head.header_all(name).collect(),
+        |name, value| headers.extend(text(name.as_bytes(), value)),
+    );
     headers
+}
+
+/// The value of cookie `name` in the request's `Cookie` fields, with the
+/// filters' edits applied.
+fn cookie_of(head: &RequestHead, changes: &RequestChanges, name: &str) -> Option<String> {
+    if edit::touches(&changes.headers, b"cookie") {
+        // Every `Cookie` field as the filters left them, appended ones too.
+        return edit::apply(&changes.headers, "cookie", head.header_all("cookie").collect())
+            .into_iter()
+            .filter_map(visible_text)
+            .find_map(|value| cookie_in(value, name))
+            .map(str::to_owned);
+    }
+    // Every `Cookie` field (HTTP/2 clients may split them).
+    head.header_all("cookie")
+        .filter_map(visible_text)
+        .find_map(|value| cookie_in(value, name))
+        .map(str::to_owned)
 }
 
 /// FNV-1a, 64 bits: the hash the host computes for plugins.
@@ -127,24 +141,7 @@ impl v2::fulcrum::plugin::request::Host for StoreState {
 
     fn cookie(&mut self, name: String) -> Option<String> {
         let request = self.request()?;
-        // Every `Cookie` field (HTTP/2 clients may split them), then any a filter set.
-        let fields = request
-            .head
-            .headers()
-            .filter(|(n, _)| n.eq_ignore_ascii_case(b"cookie"));
-        let found = fields
-            .filter_map(|(_, value)| visible_text(value))
-            .find_map(|value| cookie_in(value, &name));
-        let edited = request
-            .changes
-            .headers
-            .iter()
-            .any(|e| e.name.eq_ignore_ascii_case("cookie"));
-        if edited {
-            let value = edited_header(request.head, request.changes, "cookie").and_then(visible_text)?;
-            return cookie_in(value, &name).map(str::to_owned);
-        }
-        found.map(str::to_owned)
+        cookie_of(request.head, request.changes, &name)
     }
 
     fn client_addr(&mut self) -> String {
@@ -228,11 +225,43 @@ impl v1::fulcrum::plugin::request::Host for StoreState {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::http::edit::EditOp;
 
     #[test]
     fn cookies_are_found_by_name() {
         assert_eq!(cookie_in("a=1; canary=yes; b=2", "canary"), Some("yes"));
         assert_eq!(cookie_in("a=1;canary=\"yes\"", "canary"), Some("yes"));
         assert_eq!(cookie_in("xcanary=1", "canary"), None);
+    }
+
+    #[test]
+    fn cookies_are_read_after_the_filters_edits() {
+        let mut text = bytes::BytesMut::from("GET / HTTP/1.1\r\nhost: a\r\ncookie: a=1\r\ncookie: b=2\r\n\r\n");
+        let head = crate::http::h1::parse_request(&mut text)
+            .expect("valid")
+            .expect("complete");
+        let edit = |op, value: &str| crate::plugin::HeaderEdit {
+            name: "cookie".into(),
+            op,
+            value: value.into(),
+        };
+        let mut changes = RequestChanges {
+            headers: Vec::new(),
+            metadata: Vec::new(),
+        };
+        assert_eq!(cookie_of(&head, &changes, "b").as_deref(), Some("2"), "a second field");
+        changes.headers = vec![edit(EditOp::Append, "c=3")];
+        for (name, value) in [("a", "1"), ("b", "2"), ("c", "3")] {
+            assert_eq!(
+                cookie_of(&head, &changes, name).as_deref(),
+                Some(value),
+                "{name} after an append"
+            );
+        }
+        changes.headers = vec![edit(EditOp::Set, "d=4"), edit(EditOp::Append, "e=5")];
+        assert_eq!(cookie_of(&head, &changes, "a"), None, "replaced by the set");
+        assert_eq!(cookie_of(&head, &changes, "e").as_deref(), Some("5"));
+        changes.headers = vec![edit(EditOp::Remove, "")];
+        assert_eq!(cookie_of(&head, &changes, "a"), None, "removed");
     }
 }

@@ -2,7 +2,9 @@
 //! to its weight (nginx's `least_conn`).
 //!
 //! Pools up to `exact_up_to` backends (default 64) are scanned whole, reading
-//! the `in-flight` signal four backends per host call. Ties are broken by the host's shared
+//! the `in-flight` signal four backends per host call; it is prefetched, so
+//! ids 0 to 3 come with the decision and a pool of up to four backends is
+//! decided with no host call. Ties are broken by the host's shared
 //! ticket, in proportion to weight, so an idle pool still rotates instead of
 //! always favouring the first backend. Larger pools use the power of two
 //! choices (as Envoy's least-request does): two random healthy backends are

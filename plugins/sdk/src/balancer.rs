@@ -40,7 +40,10 @@ pub trait Balancer: crate::Plugin {
     }
 }
 
-/// A named per-backend signal, resolved once (in `Plugin::new`).
+/// A named per-backend signal, resolved once (in `Plugin::new`). The one a
+/// decision reads most should be [prefetched](Signal::prefetch): its values
+/// for ids 0 to 3 then come with the decision, and [`Signal::for_each`] and
+/// [`Signal::read`] take them from there instead of calling the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Signal(backends::SignalId);
 
@@ -62,12 +65,22 @@ impl Signal {
         self
     }
 
+    /// The decision's hint, when this is the prefetched signal and a
+    /// decision is under way.
+    fn hint(&self) -> Option<Batch> {
+        if PREFETCHED.get() == Some(self.0) {
+            HINT.get()
+        } else {
+            None
+        }
+    }
+
     /// The batch from id `first`: the decision's hint when it holds it.
     fn batch(&self, first: BackendId) -> Batch {
-        if first == 0 && PREFETCHED.get() == Some(self.0) {
-            if let Some(hint) = HINT.get() {
-                return hint;
-            }
+        if first == 0
+            && let Some(hint) = self.hint()
+        {
+            return hint;
         }
         backends::read(self.0, first)
     }
@@ -93,11 +106,11 @@ impl Signal {
 
     /// The value for one backend (for sampling a few of a large pool).
     pub fn read(&self, id: BackendId) -> Option<u32> {
-        if id < 4 && PREFETCHED.get() == Some(self.0) {
-            if let Some(hint) = HINT.get() {
-                let (a, b, c, d) = hint.values;
-                return (hint.missing & (1 << id) == 0).then_some([a, b, c, d][id as usize]);
-            }
+        if id < 4
+            && let Some(hint) = self.hint()
+        {
+            let (a, b, c, d) = hint.values;
+            return (hint.missing & (1 << id) == 0).then_some([a, b, c, d][id as usize]);
         }
         backends::read_one(self.0, id)
     }
