@@ -10,10 +10,21 @@ use std::time::{Duration, Instant};
 /// backend-1. No `policy_config`, so round robin (which takes none) takes it too.
 fn swap_config(backends: &[DemoBackend]) -> String {
     format!(
-        "[server]\nlisten = \"{{listen}}\"\n[plugins]\ndir = \"plugins.d\"\n\
+        "[server]\nlisten = \"{{listen}}\"\nadmin = \"{{admin}}\"\n[plugins]\ndir = \"plugins.d\"\n\
          [pools.web]\npolicy = \"swap\"\nbackends = {}\n",
         backends_toml(backends, &[])
     )
+}
+
+/// `fulcrum_plugin_reloads_total{result}` from the admin's `/metrics`.
+async fn plugin_reloads(fulcrum: &Fulcrum, result: &str) -> f64 {
+    let metrics = get(fulcrum.admin, "/metrics").await.expect("metrics");
+    let text = String::from_utf8_lossy(&metrics.body).into_owned();
+    let wanted = format!("fulcrum_plugin_reloads_total{{result=\"{result}\"}} ");
+    text.lines()
+        .find_map(|line| line.strip_prefix(&wanted))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {wanted}in {text}"))
 }
 
 /// Sends requests until `wanted` holds for `run` answers in a row; returns how
@@ -81,6 +92,8 @@ async fn swapping_the_policy_20_times_under_load_loses_no_request() {
         "a swap took {slowest:?} to be visible"
     );
     assert_eq!(fulcrum.log().matches("plugin loaded").count(), 21, "{}", fulcrum.log());
+    assert_eq!(plugin_reloads(&fulcrum, "loaded").await, 21.0);
+    assert_eq!(plugin_reloads(&fulcrum, "refused").await, 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,6 +171,9 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
         replies.push(get(fulcrum.addr, "/").await.expect("still serving"));
     }
     assert!(all_first(&replies), "{:?}", tally(&replies));
+    // Two new files and two replacements refused; only the first version loaded.
+    assert_eq!(plugin_reloads(&fulcrum, "refused").await, 4.0);
+    assert_eq!(plugin_reloads(&fulcrum, "loaded").await, 1.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -84,14 +84,26 @@ impl Registry {
         };
         let mut paths: Vec<PathBuf> = entries
             .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| plugin_name(p).is_some())
+            .filter(|p| {
+                let named = plugin_name(p).is_some();
+                if !named && p.extension().is_some_and(|e| e == "wasm") {
+                    tracing::warn!(path = %p.display(), "not loaded: a plugin file is NAME.wasm with NAME of letters, digits, `-` and `_`");
+                }
+                named
+            })
             .collect();
         paths.sort();
         paths
             .into_iter()
             .filter_map(|path| match self.load_file(&path, validate) {
-                Ok(_) => None,
-                Err(e) => Some((path, e)),
+                Ok(new) => {
+                    count_loaded(new);
+                    None
+                }
+                Err(e) => {
+                    count_refused();
+                    Some((path, e))
+                }
             })
             .collect()
     }
@@ -173,6 +185,7 @@ impl Handler for PluginDir {
             }
             tracing::error!(path = %path.display(), %error, "plugin refused; the previous version (if any) keeps serving");
             self.incomplete.remove(path);
+            count_refused();
             return Settled::Done;
         }
         self.incomplete.remove(path);
@@ -183,7 +196,10 @@ impl Handler for PluginDir {
             return Settled::Done;
         }
         match self.registry.load_file(path, &self.validate) {
-            Ok(_) => Settled::Done,
+            Ok(new) => {
+                count_loaded(new);
+                Settled::Done
+            }
             // Not a whole component yet, and written to moments ago: most likely
             // a copy still in progress. Wait for it to finish, or to stay this way.
             Err(error @ PluginError::Compile { .. }) if quiet < COPY_GRACE => {
@@ -193,10 +209,28 @@ impl Handler for PluginDir {
             }
             Err(error) => {
                 tracing::error!(path = %path.display(), %error, "plugin refused; the previous version (if any) keeps serving");
+                count_refused();
                 Settled::Done
             }
         }
     }
+}
+
+/// Counts a plugin file that went into service (`new`: not the version
+/// already serving) in `fulcrum_plugin_reloads_total{result="loaded"}`.
+fn count_loaded(new: bool) {
+    if new {
+        crate::metrics::events()
+            .plugin_reloads_ok
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+/// Counts a plugin file refused for good in `{result="refused"}`.
+fn count_refused() {
+    crate::metrics::events()
+        .plugin_reloads_refused
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
 }
 
 /// A file's size and modification time: what changes while it is written.
