@@ -128,6 +128,9 @@ async fn handle(
     if let Some(rest) = path.strip_prefix("/pools/") {
         return backends(app, method, rest, body).await;
     }
+    if let Some(name) = path.strip_prefix("/plugins/").and_then(|p| p.strip_suffix("/reset")) {
+        return reset_plugin(app, method, &percent_decode(name));
+    }
     match (method.as_str(), path) {
         ("GET", "/status") => json(StatusCode::OK, status(app)),
         ("GET", "/status/live") => json(StatusCode::OK, live.to_json()),
@@ -160,6 +163,32 @@ async fn handle(
             &format!("no admin endpoint {method} {path}"),
         ),
     }
+}
+
+/// `POST /plugins/{name}/reset`: lifts the plugin's quarantine and forgets
+/// its faults in a row (after a fix elsewhere, say a backend the plugin
+/// trapped on), without waiting for the quarantine to end.
+fn reset_plugin(app: &App, method: &Method, name: &str) -> Response<Full<Bytes>> {
+    if method != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+            &format!("use POST /plugins/{name}/reset"),
+        );
+    }
+    let Some(slot) = app.plugins().into_iter().find(|slot| slot.name == name) else {
+        return error(StatusCode::NOT_FOUND, "plugin", &format!("no plugin called `{name}`"));
+    };
+    let was = slot.current().reset_faults();
+    tracing::warn!(
+        plugin = name,
+        was_quarantined = was,
+        "plugin faults reset by the admin API"
+    );
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "plugin": name, "was_quarantined": was }),
+    )
 }
 
 /// `/pools/{pool}/backends...`: runtime changes to a pool's backends.
@@ -419,7 +448,21 @@ pub fn status(app: &App) -> serde_json::Value {
             })
         })
         .collect();
-    serde_json::json!({ "pools": pools, "ready": app.is_ready() })
+    let plugins: Vec<serde_json::Value> = app
+        .plugins()
+        .iter()
+        .map(|slot| {
+            let plugin = slot.current();
+            serde_json::json!({
+                "name": slot.name,
+                "digest": plugin.digest,
+                "quarantined": plugin.is_quarantined(),
+                "quarantine_left_ms": plugin.quarantine_left().as_millis() as u64,
+                "faults": slot.faults.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
+    serde_json::json!({ "pools": pools, "plugins": plugins, "ready": app.is_ready() })
 }
 
 /// The status page's files, embedded in the binary: `GET /` and what it loads.

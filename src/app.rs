@@ -101,6 +101,11 @@ impl App {
         Ok(app)
     }
 
+    /// Every plugin known, built in or from the plugin directory, by name.
+    pub fn plugins(&self) -> Vec<Arc<crate::plugin::PluginSlot>> {
+        self.registry.slots()
+    }
+
     /// Whether `GET /ready` says ready: true unless an operator failed it
     /// (to drain Fulcrum out of an outer load balancer before a stop).
     pub fn is_ready(&self) -> bool {

@@ -235,6 +235,7 @@ async fn a_faulting_filter_passes_or_refuses_by_on_fault() {
         r#"
 [server]
 listen = "{{listen}}"
+admin = "{{admin}}"
 
 [plugins]
 dir = "plugins.d"
@@ -270,6 +271,43 @@ filters = ["closed"]
     let body = String::from_utf8_lossy(&closed.body).to_string();
     assert!(body.contains("filter `closed`") && body.contains("trap"), "{body}");
     assert!(!fulcrum.log().contains("panicked"), "{}", fulcrum.log());
+
+    // Faults in a row (of every use of the plugin) quarantine it, for a while.
+    for _ in 2..fulcrum::plugin::QUARANTINE_AFTER {
+        request(fulcrum.addr, "GET", "/trap/closed", &[], b"").await;
+    }
+    let (closed, _) = request(fulcrum.addr, "GET", "/trap/closed", &[], b"").await;
+    let body = String::from_utf8_lossy(&closed.body).to_string();
+    assert!(closed.status == 503 && body.contains("quarantined"), "{body}");
+    let status = fulcrum.status().await;
+    let probe = status["plugins"]
+        .as_array()
+        .and_then(|all| all.iter().find(|p| p["name"] == "probe"))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(probe["quarantined"], true, "{status}");
+    let left = probe["quarantine_left_ms"].as_u64().unwrap_or(0);
+    assert!(left > 0 && left <= 10_000, "{probe}");
+
+    // An operator lifts it: the plugin runs again (and traps again here).
+    let reset = |name: &str| {
+        http::Request::post(format!("/plugins/{name}/reset"))
+            .header("host", fulcrum.admin.to_string())
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::new()))
+            .expect("request")
+    };
+    let lifted = common::send(fulcrum.admin, reset("probe")).await.expect("reset");
+    let text = String::from_utf8_lossy(&lifted.body).to_string();
+    assert!(
+        lifted.status == 200 && text.contains("\"was_quarantined\":true"),
+        "{text}"
+    );
+    let (closed, _) = request(fulcrum.addr, "GET", "/trap/closed", &[], b"").await;
+    let body = String::from_utf8_lossy(&closed.body).to_string();
+    assert!(closed.status == 503 && body.contains("trap"), "{body}");
+    let unknown = common::send(fulcrum.admin, reset("nope")).await.expect("answer");
+    assert_eq!(unknown.status, 404);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,10 @@
 //! thread's instance, starting it if needed. A trap, a deadline, the memory cap
 //! or a host panic discards the instance and counts a fault; so does an answer
 //! the world refuses. After [`QUARANTINE_AFTER`] faults in a row the version
-//! is quarantined until a new one is loaded.
+//! is quarantined: for [`QUARANTINE_FIRST`], doubled at each quarantine that
+//! follows with no good answer between (up to [`QUARANTINE_LONGEST`]), as
+//! outlier ejection does for backends; until a new version is loaded, or an
+//! operator lifts it (`POST /plugins/NAME/reset`).
 
 use super::engine::{Runtime, StoreState, deadline_ticks, one_line};
 use super::{Limits, PluginError, PluginSource, Tickets};
@@ -27,6 +30,13 @@ const HOST_PANIC: &str = "the host panicked while serving the plugin";
 
 /// Consecutive faults after which a plugin version serves only by fallback.
 pub const QUARANTINE_AFTER: u32 = 10;
+
+/// How long a first quarantine lasts. After it the version is on probation:
+/// one more fault quarantines it again for twice as long.
+pub const QUARANTINE_FIRST: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The longest a quarantine lasts.
+pub const QUARANTINE_LONGEST: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// The instances of one world cached on a thread, by binding id. A handful
 /// of entries per thread, so a scan beats hashing.
@@ -68,7 +78,11 @@ pub struct Plugin<W: World> {
     pub loaded_at: std::time::SystemTime,
     pub pre: W::Pre,
     consecutive_faults: AtomicU32,
-    quarantined: AtomicBool,
+    /// While quarantined: when it ends ([`crate::backend::process_ms`]); else 0.
+    quarantined_until_ms: AtomicU64,
+    /// Quarantines since the last good answer: the next one lasts
+    /// `QUARANTINE_FIRST × 2^quarantines`.
+    quarantines: AtomicU32,
 }
 
 impl<W: World> std::fmt::Debug for Plugin<W> {
@@ -104,7 +118,8 @@ impl<W: World> Plugin<W> {
             loaded_at: std::time::SystemTime::now(),
             pre,
             consecutive_faults: AtomicU32::new(0),
-            quarantined: AtomicBool::new(false),
+            quarantined_until_ms: AtomicU64::new(0),
+            quarantines: AtomicU32::new(0),
         }))
     }
 
@@ -141,18 +156,65 @@ impl<W: World> Plugin<W> {
         Ok((store, instance))
     }
 
+    /// Whether this version is quarantined now. The first call after a
+    /// quarantine ends lifts it (and says so).
     pub fn is_quarantined(&self) -> bool {
-        self.quarantined.load(Ordering::Relaxed)
+        let until = self.quarantined_until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if crate::backend::process_ms() < until {
+            return true;
+        }
+        if self
+            .quarantined_until_ms
+            .compare_exchange(until, 0, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(
+                plugin = %self.name,
+                digest = %self.digest,
+                "plugin quarantine over: it serves again, and one more fault quarantines it for twice as long"
+            );
+        }
+        false
+    }
+
+    /// How long the quarantine has left; zero when there is none.
+    pub fn quarantine_left(&self) -> std::time::Duration {
+        let until = self.quarantined_until_ms.load(Ordering::Relaxed);
+        std::time::Duration::from_millis(until.saturating_sub(crate::backend::process_ms()))
+    }
+
+    /// Lifts a quarantine and forgets the faults that led to it (an
+    /// operator's `POST /plugins/NAME/reset`). True when it was quarantined.
+    pub fn reset_faults(&self) -> bool {
+        let was = self.is_quarantined();
+        self.quarantined_until_ms.store(0, Ordering::Relaxed);
+        self.quarantines.store(0, Ordering::Relaxed);
+        self.consecutive_faults.store(0, Ordering::Relaxed);
+        was
     }
 
     fn record_fault(&self) {
         let n = self.consecutive_faults.fetch_add(1, Ordering::Relaxed) + 1;
-        if n >= QUARANTINE_AFTER && !self.quarantined.swap(true, Ordering::Relaxed) {
+        if n < QUARANTINE_AFTER || self.quarantined_until_ms.load(Ordering::Relaxed) != 0 {
+            return;
+        }
+        let times = self.quarantines.fetch_add(1, Ordering::Relaxed).min(16);
+        let length = QUARANTINE_FIRST.saturating_mul(1 << times).min(QUARANTINE_LONGEST);
+        let until = crate::backend::process_ms() + length.as_millis() as u64;
+        if self
+            .quarantined_until_ms
+            .compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+        {
             tracing::error!(
                 plugin = %self.name,
                 digest = %self.digest,
                 faults = n,
-                "plugin quarantined after repeated faults: its pools are served by the fallback until a new version is loaded"
+                seconds = length.as_secs(),
+                "plugin quarantined after repeated faults: its pools use the fallback and its filters their on_fault until the quarantine ends, a new version is loaded, or POST /plugins/NAME/reset"
             );
         }
     }
@@ -160,6 +222,7 @@ impl<W: World> Plugin<W> {
     fn record_success(&self) {
         if self.consecutive_faults.load(Ordering::Relaxed) != 0 {
             self.consecutive_faults.store(0, Ordering::Relaxed);
+            self.quarantines.store(0, Ordering::Relaxed);
         }
     }
 }
@@ -638,6 +701,43 @@ mod tests {
             let _ = next(&binding, true);
         }
         assert!(plugin.is_quarantined());
+        assert_eq!(next(&binding, false), Err(Fault::Quarantined));
+        let left = plugin.quarantine_left();
+        assert!(
+            left > QUARANTINE_FIRST - Duration::from_secs(1) && left <= QUARANTINE_FIRST,
+            "{left:?}"
+        );
+
+        // The quarantine ends on its own (made to end now): the version serves
+        // again on probation, and its next fault quarantines it twice as long.
+        let end_now = || {
+            plugin
+                .quarantined_until_ms
+                .store(crate::backend::process_ms(), Ordering::Relaxed)
+        };
+        end_now();
+        assert!(!plugin.is_quarantined());
+        assert!(matches!(next(&binding, true), Err(Fault::Trap(_))));
+        assert!(plugin.is_quarantined(), "one fault on probation");
+        let left = plugin.quarantine_left();
+        assert!(left > QUARANTINE_FIRST * 2 - Duration::from_secs(1), "{left:?}");
+        // A good answer after it ends forgets the doubling.
+        end_now();
+        assert!(next(&binding, false).is_ok());
+        assert_eq!(plugin.quarantines.load(Ordering::Relaxed), 0);
+
+        // An operator's reset lifts a quarantine at once.
+        for _ in 0..QUARANTINE_AFTER {
+            let _ = next(&binding, true);
+        }
+        assert!(plugin.is_quarantined());
+        assert!(plugin.reset_faults());
+        assert!(next(&binding, false).is_ok(), "served again after the reset");
+
+        // A new version serves again.
+        for _ in 0..QUARANTINE_AFTER {
+            let _ = next(&binding, true);
+        }
         assert_eq!(next(&binding, false), Err(Fault::Quarantined));
         slot.replace(counter());
         assert_eq!(next(&binding, false), Ok(1), "the new version runs in a new instance");

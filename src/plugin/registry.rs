@@ -70,6 +70,14 @@ impl Registry {
         slots.get(name).cloned()
     }
 
+    /// Every plugin's slot, by name.
+    pub fn slots(&self) -> Vec<Arc<PluginSlot>> {
+        let slots = self.slots.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut all: Vec<Arc<PluginSlot>> = slots.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
     /// Loads every `NAME.wasm` in `dir`. Returns the files refused, with why.
     pub fn load_dir(&self, dir: &Path, validate: &Validator) -> Vec<(PathBuf, PluginError)> {
         let entries = match std::fs::read_dir(dir) {
