@@ -507,3 +507,76 @@ filters = ["limit"]
     let statuses = burst(fulcrum.addr, 1, 3).await;
     assert_eq!(statuses, vec![429, 429, 429], "the empty bucket was kept");
 }
+
+/// Two filter tables of one rate-limit plugin, with different limits, draw
+/// from buckets of their own; a reload that tightens a limit applies at once
+/// to a client already seen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limits_of_other_tables_and_a_reloaded_limit_have_their_own_buckets() {
+    let backends = start_backends(&[0], &[]).await.expect("backends");
+    let config = |api: &str| {
+        format!(
+            r#"
+[server]
+listen = "{{listen}}"
+
+[plugins]
+dir = "plugins.d"
+
+[pools.web]
+backends = ["{}"]
+
+[filters.login]
+plugin = "rate-limit"
+config = {{ rate = 0.01, burst = 1, header = "x-k" }}
+
+[filters.api]
+plugin = "rate-limit"
+config = {api}
+
+[[routes]]
+path_prefix = "/login"
+pool = "web"
+filters = ["login"]
+
+[[routes]]
+path_prefix = "/api"
+pool = "web"
+filters = ["api"]
+"#,
+            backends[0].addr
+        )
+    };
+    let fulcrum = Fulcrum::start(
+        &config(r#"{ rate = 100, burst = 50, header = "x-k" }"#),
+        &[("rate-limit.wasm", &wasm("rate_limit.wasm"))],
+    );
+    let statuses = |path: &'static str, n: usize| {
+        let addr = fulcrum.addr;
+        async move {
+            let mut all = Vec::new();
+            for _ in 0..n {
+                all.push(request(addr, "GET", path, &[("x-k", "k1")], b"").await.0.status);
+            }
+            all
+        }
+    };
+    assert_eq!(statuses("/login", 1).await, [200]);
+    assert_eq!(statuses("/api", 5).await, [200; 5], "the api's own bucket");
+    assert_eq!(statuses("/login", 1).await, [429], "the login's bucket is spent");
+
+    // The api's limit tightened by a reload: k1 gets the new burst, at once.
+    let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
+    let tightened = text.replace(
+        r#"{ rate = 100, burst = 50, header = "x-k" }"#,
+        r#"{ rate = 0.01, burst = 2, header = "x-k" }"#,
+    );
+    assert_ne!(text, tightened);
+    std::fs::write(fulcrum.config_path(), tightened).expect("write config");
+    assert!(
+        fulcrum.wait_for_log("config reloaded", Duration::from_secs(10)),
+        "{}",
+        fulcrum.log()
+    );
+    assert_eq!(statuses("/api", 3).await, [200, 200, 429]);
+}

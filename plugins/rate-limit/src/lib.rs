@@ -7,6 +7,13 @@
 //! `config = { rate = 100, burst = 20 }` (tokens a second, bucket size);
 //! `header = "x-api-key"` keys by that header (requests without it by
 //! their client address).
+//!
+//! Shared state belongs to the plugin, so every filter table using it sees
+//! the same store: a bucket's key holds the limit's shape (rate, burst,
+//! header), so that two tables with different limits never draw from one
+//! bucket, and a reload that changes the limit takes effect at once, for
+//! clients already seen too (as nginx's `limit_req` does). Tables with the
+//! same shape share buckets unless `zone = "NAME"` sets them apart.
 
 use fulcrum_plugin_sdk::{Filter, Plugin, Proceed, Respond, Verdict, request, shared};
 
@@ -20,6 +27,15 @@ pub struct Config {
     pub burst: u32,
     #[serde(default)]
     pub header: Option<String>,
+    /// Buckets of tables with the same zone and shape are shared; a zone of
+    /// its own gives a table buckets of its own.
+    #[serde(default)]
+    pub zone: String,
+}
+
+/// The shared-state key of `who`'s bucket under a limit of this shape.
+pub fn bucket_key(zone: &str, rate: f64, burst: u32, header: Option<&str>, who: &str) -> String {
+    format!("{zone}|{rate}/s|{burst}|{}|{who}", header.unwrap_or(""))
 }
 
 /// `Retry-After` for a wait of `wait_ns`: whole seconds, rounded up, at least 1.
@@ -32,14 +48,16 @@ pub struct RateLimit {
     rate: f64,
     burst: u32,
     header: Option<String>,
+    zone: String,
 }
 
 impl RateLimit {
     fn key(&self) -> String {
-        if let Some(value) = self.header.as_deref().and_then(request::header) {
-            return format!("h:{value}");
-        }
-        format!("ip:{:016x}", request::client_ip_hash())
+        let who = match self.header.as_deref().and_then(request::header) {
+            Some(value) => format!("h:{value}"),
+            None => format!("ip:{:016x}", request::client_ip_hash()),
+        };
+        bucket_key(&self.zone, self.rate, self.burst, self.header.as_deref(), &who)
     }
 }
 
@@ -60,6 +78,7 @@ impl Plugin for RateLimit {
             rate: config.rate,
             burst: config.burst,
             header: config.header.map(|h| h.to_ascii_lowercase()),
+            zone: config.zone,
         })
     }
 }
@@ -89,5 +108,19 @@ mod tests {
         assert_eq!(retry_after(1_000_000_000), 1);
         assert_eq!(retry_after(1_000_000_001), 2);
         assert_eq!(retry_after(0), 1);
+    }
+
+    #[test]
+    fn buckets_of_different_limits_or_zones_are_apart() {
+        let key = |zone, rate, burst| bucket_key(zone, rate, burst, Some("x-k"), "h:k1");
+        assert_eq!(key("", 100.0, 20), key("", 100.0, 20));
+        assert_ne!(key("", 100.0, 20), key("", 1.0, 20), "another rate");
+        assert_ne!(key("", 100.0, 20), key("", 100.0, 1), "another burst");
+        assert_ne!(key("", 100.0, 20), key("login", 100.0, 20), "another zone");
+        assert_ne!(
+            bucket_key("", 1.0, 1, None, "h:k1"),
+            bucket_key("", 1.0, 1, Some("x-k"), "h:k1"),
+            "another header"
+        );
     }
 }
