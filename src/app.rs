@@ -6,8 +6,8 @@
 use crate::changes::{Added, Changes, PoolChanges};
 use crate::config::{BackendConfig, Config, ConfigError};
 use crate::health::Checks;
-use crate::plugin::Plugin;
 use crate::plugin::registry::{PluginDir, Registry, Validator};
+use crate::plugin::{Plugin, PluginError};
 use crate::snapshot::{self, Kept, Snapshot, check_against, invalid};
 use crate::watch::{FileWatcher, Handler, Settled};
 use arc_swap::ArcSwap;
@@ -67,10 +67,15 @@ impl App {
             for (path, error) in registry.load_dir(dir, &validator) {
                 let name = crate::plugin::registry::plugin_name(&path).unwrap_or_default();
                 if config.plugin_policies().any(|p| p == name) || !dir.is_dir() {
-                    let key = config
-                        .key_naming_plugin(name)
-                        .unwrap_or_else(|| "plugins.dir".to_string());
-                    return Err(invalid(&config, &key, error.to_string()));
+                    return Err(match error {
+                        PluginError::InUse { key, source } => invalid(&config, &key, source.to_string()),
+                        error => {
+                            let key = config
+                                .key_naming_plugin(name)
+                                .unwrap_or_else(|| "plugins.dir".to_string());
+                            invalid(&config, &key, error.to_string())
+                        }
+                    });
                 }
                 tracing::warn!(path = %path.display(), %error, "plugin refused");
             }

@@ -349,25 +349,31 @@ pub fn invalid(config: &Config, key: &str, reason: String) -> ConfigError {
 /// and `init` passing with each use's config.
 pub fn check_against(plugin: &Plugin, name: &str, config: &Config) -> Result<(), PluginError> {
     let limits = plugin_limits(config, name);
-    let refuse = |reason: String| PluginError::Init {
+    let in_use = |key: String, source: PluginError| PluginError::InUse {
+        key,
+        source: Box::new(source),
+    };
+    let unfit = |reason: &str| PluginError::Unfit {
         name: name.to_string(),
-        reason,
+        reason: reason.to_string(),
     };
     for (pool_name, pool) in config.pools.iter().filter(|(_, p)| p.policy == name) {
         if !plugin.pre.is_balancer() {
-            return Err(refuse(format!(
-                "pool `{pool_name}` uses it as its policy, and this version exports no balancer"
-            )));
+            let reason = "a pool's policy must export a balancer, and this version exports none";
+            return Err(in_use(format!("pools.{pool_name}.policy"), unfit(reason)));
         }
-        plugin.check(&pool.policy_config, &limits)?;
+        plugin
+            .check(&pool.policy_config, &limits)
+            .map_err(|e| in_use(format!("pools.{pool_name}.policy_config"), e))?;
     }
     for (filter_name, filter) in config.filters.iter().filter(|(_, f)| f.plugin == name) {
         if !plugin.pre.is_filter() {
-            return Err(refuse(format!(
-                "filter `{filter_name}` uses it, and this version exports no filter"
-            )));
+            let reason = "a filter's plugin must export a filter, and this version exports none";
+            return Err(in_use(format!("filters.{filter_name}.plugin"), unfit(reason)));
         }
-        plugin.check(&filter.config, &limits)?;
+        plugin
+            .check(&filter.config, &limits)
+            .map_err(|e| in_use(format!("filters.{filter_name}.config"), e))?;
     }
     Ok(())
 }

@@ -109,15 +109,29 @@ fn bad_duration_and_size() {
 fn plugin_refusing_its_config() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::copy(wasm("misbehave.wasm"), dir.path().join("picky.wasm")).expect("copy plugin");
+    // Two pools use the plugin; the second one's config is the bad one.
     let text = GOOD
-        .replace("least-conn\"", "picky\"\npolicy_config = { mode = \"refuse\" }")
-        .replace("[pools.web]", "[plugins]\ndir = \".\"\n[pools.web]");
+        .replace("least-conn\"", "picky\"")
+        .replace("[pools.web]", "[plugins]\ndir = \".\"\n[pools.api]\npolicy = \"picky\"\nbackends = [\"127.0.0.1:9002\"]\npolicy_config = { mode = \"refuse\" }\n[pools.web]")
+        + "[[routes]]\npool = \"web\"\n";
     let path = dir.path().join("fulcrum.toml");
     std::fs::write(&path, text).expect("write");
     let (ok, stderr) = check_file(&path);
     assert!(!ok);
     assert!(
-        stderr.contains("pools.web.policy") && stderr.contains("refused its config"),
+        stderr.contains("pools.api.policy_config:") && stderr.contains("refused its config"),
+        "the pool with the bad config is named: {stderr}"
+    );
+    // A filter table naming a balancer-only plugin: the world is named, not the config.
+    let text = GOOD.replace("least-conn\"", "picky\"").replace(
+        "[pools.web]",
+        "[plugins]\ndir = \".\"\n[filters.f]\nplugin = \"picky\"\n[pools.web]",
+    );
+    std::fs::write(&path, text).expect("write");
+    let (ok, stderr) = check_file(&path);
+    assert!(!ok);
+    assert!(
+        stderr.contains("filters.f.plugin:") && stderr.contains("must export a filter"),
         "{stderr}"
     );
 }

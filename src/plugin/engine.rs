@@ -663,14 +663,24 @@ pub fn deadline_ticks(timeout: Duration) -> u64 {
     (timeout.as_micros().div_ceil(EPOCH_TICK.as_micros())).max(1) as u64
 }
 
-/// A wasmtime error on one line: its chain of causes joined by `: `.
-pub fn one_line(e: &impl std::fmt::Debug) -> String {
-    // wasmtime errors carry a chain of causes; `{:?}` of an anyhow-style error
-    // prints them all, over several lines.
-    let text = format!("{e:?}");
-    text.lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && *l != "Caused by:")
+/// A wasmtime error on one line, for a log field or a refusal: its causes
+/// joined by `: `, without the wasm backtrace, and with what a deadline or a
+/// memory cap means in the config's words.
+pub fn one_line(e: &wasmtime::Error) -> String {
+    let mut line = e
+        .chain()
+        .map(|cause| cause.to_string())
+        // wasmtime puts the guest's backtrace in a context of its own: frame
+        // numbers and offsets that mean nothing in a log line.
+        .filter(|text| !text.starts_with("error while executing at wasm backtrace"))
+        .map(|text| text.split_whitespace().collect::<Vec<_>>().join(" "))
         .collect::<Vec<_>>()
-        .join(": ")
+        .join(": ");
+    if e.downcast_ref::<wasmtime::Trap>() == Some(&wasmtime::Trap::Interrupt) {
+        line.push_str(" (the call ran past its call_timeout)");
+    }
+    if line.contains("forcing trap when growing memory") {
+        line.push_str(" (it needs more than its memory_limit)");
+    }
+    line
 }

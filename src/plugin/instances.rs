@@ -145,7 +145,7 @@ impl<W: World> Plugin<W> {
         })?;
         store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
         W::init(&instance, &mut store, config)
-            .map_err(|e| PluginError::Init {
+            .map_err(|e| PluginError::InitFault {
                 name: self.name.to_string(),
                 reason: one_line(&e),
             })?

@@ -67,6 +67,14 @@ pub enum PluginError {
     Instantiate { name: String, reason: String },
     #[error("plugin `{name}` refused its config: {reason}")]
     Init { name: String, reason: String },
+    #[error("plugin `{name}` failed in init: {reason}")]
+    InitFault { name: String, reason: String },
+    #[error("plugin `{name}` cannot serve here: {reason}")]
+    Unfit { name: String, reason: String },
+    /// One use of the plugin (a pool's policy, a filter) refused it: `key`
+    /// is the config key to blame.
+    #[error("{key}: {source}")]
+    InUse { key: String, source: Box<PluginError> },
     #[error("cannot read the plugin directory {dir}: {reason}")]
     Directory { dir: String, reason: String },
 }
