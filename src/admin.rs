@@ -176,7 +176,7 @@ fn reset_plugin(app: &App, method: &Method, name: &str) -> Response<Full<Bytes>>
             &format!("use POST /plugins/{name}/reset"),
         );
     }
-    let Some(slot) = app.plugins().into_iter().find(|slot| slot.name == name) else {
+    let Some(slot) = app.registry().slots().into_iter().find(|slot| slot.name == name) else {
         return error(StatusCode::NOT_FOUND, "plugin", &format!("no plugin called `{name}`"));
     };
     let was = slot.current().reset_faults();
@@ -449,7 +449,8 @@ pub fn status(app: &App) -> serde_json::Value {
         })
         .collect();
     let plugins: Vec<serde_json::Value> = app
-        .plugins()
+        .registry()
+        .slots()
         .iter()
         .map(|slot| {
             let plugin = slot.current();

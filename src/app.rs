@@ -46,6 +46,20 @@ impl ChangeError {
     }
 }
 
+/// A plugin refused while `config` needs it, blamed on the key of the use
+/// that refused it (or the first naming it).
+fn plugin_refusal(config: &Config, name: &str, error: PluginError) -> ConfigError {
+    match error {
+        PluginError::InUse { key, source } => invalid(config, &key, source.to_string()),
+        error => {
+            let key = config
+                .key_naming_plugin(name)
+                .unwrap_or_else(|| "plugins.dir".to_string());
+            invalid(config, &key, error.to_string())
+        }
+    }
+}
+
 impl App {
     /// Loads the built-in and drop-in plugins a config needs and builds the
     /// first snapshot. Does not start the file watcher (see [`App::watch`]).
@@ -67,15 +81,7 @@ impl App {
             for (path, error) in registry.load_dir(dir, &validator) {
                 let name = crate::plugin::registry::plugin_name(&path).unwrap_or_default();
                 if config.plugin_policies().any(|p| p == name) || !dir.is_dir() {
-                    return Err(match error {
-                        PluginError::InUse { key, source } => invalid(&config, &key, source.to_string()),
-                        error => {
-                            let key = config
-                                .key_naming_plugin(name)
-                                .unwrap_or_else(|| "plugins.dir".to_string());
-                            invalid(&config, &key, error.to_string())
-                        }
-                    });
+                    return Err(plugin_refusal(&config, name, error));
                 }
                 tracing::warn!(path = %path.display(), %error, "plugin refused");
             }
@@ -104,11 +110,6 @@ impl App {
         app.snapshot.store(Arc::new(snapshot));
         crate::metrics::events().stamp();
         Ok(app)
-    }
-
-    /// Every plugin known, built in or from the plugin directory, by name.
-    pub fn plugins(&self) -> Vec<Arc<crate::plugin::PluginSlot>> {
-        self.registry.slots()
     }
 
     /// Whether `GET /ready` says ready: true unless an operator failed it
@@ -203,6 +204,7 @@ impl App {
             }
             same
         });
+        self.load_named_plugins(&config)?;
         let snapshot = Arc::new(self.build_with(config, &kept_changes)?);
         if kept_changes != *changes {
             *changes = kept_changes;
@@ -212,6 +214,33 @@ impl App {
         self.snapshot.store(snapshot.clone());
         self.checks.lock().unwrap_or_else(|p| p.into_inner()).restart(&snapshot);
         tracing::info!("config reloaded");
+        Ok(())
+    }
+
+    /// Loads the plugins `config` names that are not loaded yet but whose
+    /// file is in the plugin directory: a file dropped in together with the
+    /// config that names it works whichever of the two the watcher sees first.
+    fn load_named_plugins(&self, config: &Config) -> Result<(), ConfigError> {
+        let Some(dir) = &config.plugins.dir else {
+            return Ok(());
+        };
+        let missing: Vec<&str> = config
+            .plugin_policies()
+            .filter(|name| self.registry.slot(name).is_none())
+            .collect();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let uses = config.clone();
+        let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &uses));
+        for name in missing {
+            let path = dir.join(format!("{name}.wasm"));
+            if path.is_file() {
+                self.registry
+                    .load_file(&path, &validator)
+                    .map_err(|error| plugin_refusal(config, name, error))?;
+            }
+        }
         Ok(())
     }
 

@@ -260,3 +260,36 @@ async fn the_config_reloads_live_and_a_bad_one_changes_nothing() {
         tally(&replies)
     );
 }
+
+/// A new plugin and the config that names it, written together: the config
+/// loads the plugin itself if the watcher has not yet, so neither order of
+/// the two events refuses the config.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_plugin_and_the_config_naming_it_dropped_together_load() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
+    let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
+    for round in 0..3 {
+        let name = format!("fresh{round}");
+        install_file(
+            &fulcrum.plugin_dir().join(format!("{name}.wasm")),
+            &std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm"),
+        );
+        install_file(
+            &fulcrum.config_path(),
+            text.replace("policy = \"swap\"", &format!("policy = \"{name}\""))
+                .as_bytes(),
+        );
+        let seen = time_until(fulcrum.addr, 1, Duration::from_secs(5), |b| b != "backend-1").await;
+        assert!(
+            seen.is_some(),
+            "round {round}: the new policy serves: {}",
+            fulcrum.log()
+        );
+        // Back to the first policy for the next round.
+        install_file(&fulcrum.config_path(), text.as_bytes());
+        let back = time_until(fulcrum.addr, 8, Duration::from_secs(5), |b| b == "backend-1").await;
+        assert!(back.is_some(), "{}", fulcrum.log());
+    }
+    assert!(!fulcrum.log().contains("config reload refused"), "{}", fulcrum.log());
+}

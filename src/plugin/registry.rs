@@ -147,7 +147,15 @@ impl Registry {
         match existing {
             Some(slot) => slot.replace(plugin.clone()),
             None => {
-                self.write().insert(name.to_string(), PluginSlot::new(plugin.clone()));
+                // Looked up again under the lock: the watcher and a reload may
+                // load the same new file at once, and there is one slot a name.
+                let mut slots = self.write();
+                match slots.get(name) {
+                    Some(slot) => slot.replace(plugin.clone()),
+                    None => {
+                        slots.insert(name.to_string(), PluginSlot::new(plugin.clone()));
+                    }
+                }
             }
         }
         tracing::info!(plugin = name, digest = %&plugin.digest[..12], path = %path.display(), "plugin loaded");
