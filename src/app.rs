@@ -432,6 +432,8 @@ impl App {
         let config_file = ConfigFile {
             app: Arc::downgrade(self),
             file,
+            given: path.to_path_buf(),
+            stamp: crate::watch::FileStamp::of(path),
         };
         watcher.watch(&folder, Box::new(config_file))?;
         if let Some(dir) = &self.snapshot().config.plugins.dir {
@@ -492,6 +494,10 @@ struct ConfigFile {
     app: Weak<App>,
     /// The file, canonical, as the watcher reports it.
     file: PathBuf,
+    /// The file as the config names it (a symlink, perhaps), and its stamp
+    /// at the last look: a poll sees a swapped symlink's new target.
+    given: PathBuf,
+    stamp: Option<crate::watch::FileStamp>,
 }
 
 impl Handler for ConfigFile {
@@ -499,7 +505,17 @@ impl Handler for ConfigFile {
         path == self.file
     }
 
+    fn poll(&mut self) -> Vec<PathBuf> {
+        let stamp = crate::watch::FileStamp::of(&self.given);
+        if stamp == self.stamp {
+            return Vec::new();
+        }
+        self.stamp = stamp;
+        vec![self.file.clone()]
+    }
+
     fn settled(&mut self, _path: &Path, _quiet: Duration) -> Settled {
+        self.stamp = crate::watch::FileStamp::of(&self.given);
         if let Some(app) = self.app.upgrade() {
             // Refusals are logged and counted there.
             let _ = app.reload_file();

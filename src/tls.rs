@@ -386,14 +386,23 @@ pub struct TlsFiles {
     terminator: Weak<Terminator>,
     /// Each file as the watcher reports it: its folder canonical, its name.
     files: Vec<PathBuf>,
+    /// Each file as configured, and its stamp at the last look: a poll sees
+    /// a certificate renewed by a symlink swap (cert-manager, ConfigMaps).
+    given: Vec<(PathBuf, Option<crate::watch::FileStamp>)>,
 }
 
 impl TlsFiles {
     pub fn new(terminator: &Arc<Terminator>) -> TlsFiles {
         let files = terminator.files().iter().map(|f| watched_path(f)).collect();
+        let given = terminator
+            .files()
+            .iter()
+            .map(|f| (f.to_path_buf(), crate::watch::FileStamp::of(f)))
+            .collect();
         TlsFiles {
             terminator: Arc::downgrade(terminator),
             files,
+            given,
         }
     }
 
@@ -427,7 +436,22 @@ impl crate::watch::Handler for TlsFiles {
         self.files.iter().any(|f| f == path)
     }
 
+    fn poll(&mut self) -> Vec<PathBuf> {
+        let mut changed = Vec::new();
+        for ((given, stamp), watched) in self.given.iter_mut().zip(&self.files) {
+            let now = crate::watch::FileStamp::of(given);
+            if now != *stamp {
+                *stamp = now;
+                changed.push(watched.clone());
+            }
+        }
+        changed
+    }
+
     fn settled(&mut self, path: &Path, _quiet: std::time::Duration) -> crate::watch::Settled {
+        for (given, stamp) in &mut self.given {
+            *stamp = crate::watch::FileStamp::of(given);
+        }
         if let Some(terminator) = self.terminator.upgrade() {
             match terminator.reload() {
                 Ok(()) => {

@@ -5,6 +5,11 @@
 //! A changed file is handed to the [`Handler`] that claims it once it has not
 //! changed for [`SETTLE_TIME`], so an editor's or a copy's several writes make
 //! one reload. A handler may ask to look again later (a copy still going on).
+//!
+//! File events are not enough alone: a watch follows a directory's inode, so
+//! a directory replaced whole (a deploy's rename, a Kubernetes ConfigMap's
+//! symlink swap) sends no more events. Every [`POLL_EVERY`] each handler is
+//! also asked which of its files changed by their size and modification time.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +21,28 @@ pub const SETTLE_TIME: Duration = Duration::from_millis(200);
 
 /// How often settled files are looked for.
 const TICK: Duration = Duration::from_millis(50);
+
+/// How often handlers look at their files' stamps, for changes no event told.
+pub const POLL_EVERY: Duration = Duration::from_secs(2);
+
+/// A file's size and modification time (of the file a symlink points to):
+/// what changes while it is written, and what a poll compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    /// None when the file is gone.
+    pub fn of(path: &Path) -> Option<FileStamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
 
 /// What a handler made of a settled file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +59,11 @@ pub trait Handler: Send + 'static {
     fn claims(&self, path: &Path) -> bool;
     /// `path` has not changed for `quiet` (at least [`SETTLE_TIME`]).
     fn settled(&mut self, path: &Path, quiet: Duration) -> Settled;
+    /// Files of this handler's that changed since it last looked, found
+    /// without events (every [`POLL_EVERY`]); they settle as if an event came.
+    fn poll(&mut self) -> Vec<PathBuf> {
+        Vec::new()
+    }
 }
 
 enum Message {
@@ -90,6 +122,7 @@ fn run(inbox: &std::sync::mpsc::Receiver<Message>) {
     let mut handlers: Vec<Box<dyn Handler>> = Vec::new();
     // Changed files not dealt with yet, with their last change.
     let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
+    let mut polled = Instant::now();
     loop {
         match inbox.recv_timeout(TICK) {
             Ok(Message::Changed(path)) => {
@@ -105,6 +138,12 @@ fn run(inbox: &std::sync::mpsc::Receiver<Message>) {
             Err(RecvTimeoutError::Timeout) => {}
             // The watcher was dropped: its callback's sender went with it.
             Err(RecvTimeoutError::Disconnected) => return,
+        }
+        if polled.elapsed() >= POLL_EVERY {
+            polled = Instant::now();
+            for path in handlers.iter_mut().flat_map(|h| h.poll()) {
+                pending.entry(path).or_insert_with(Instant::now);
+            }
         }
         pending.retain(|path, changed| {
             let quiet = changed.elapsed();

@@ -293,3 +293,28 @@ async fn a_new_plugin_and_the_config_naming_it_dropped_together_load() {
     }
     assert!(!fulcrum.log().contains("config reload refused"), "{}", fulcrum.log());
 }
+
+/// The plugin directory replaced whole (renamed away, a new one made in its
+/// place): file events follow the old directory, and the new one's files
+/// are still found, by the watcher's poll.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_plugin_directory_is_still_watched() {
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let fulcrum = Fulcrum::start(&swap_config(&backends), &[("swap.wasm", &wasm("misbehave.wasm"))]);
+    let dir = fulcrum.plugin_dir();
+    let old = dir.with_extension("old");
+    std::fs::rename(&dir, &old).expect("move the directory away");
+    std::fs::create_dir(&dir).expect("a new directory");
+    std::fs::copy(old.join("swap.wasm"), dir.join("swap.wasm")).expect("copy the plugin back");
+    // A new version in the new directory: found within the poll's period.
+    install_file(
+        &dir.join("swap.wasm"),
+        &std::fs::read(wasm("round_robin.wasm")).expect("round_robin.wasm"),
+    );
+    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(8), |b| b != "backend-1").await;
+    assert!(
+        seen.is_some(),
+        "the new directory's plugin was loaded: {}",
+        fulcrum.log()
+    );
+}

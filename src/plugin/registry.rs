@@ -11,7 +11,7 @@
 //! copy loads once, complete, with no false alarm.
 
 use super::{Plugin, PluginError, PluginSlot, PluginSource};
-use crate::watch::{Handler, Settled};
+use crate::watch::{FileStamp, Handler, Settled};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -172,6 +172,21 @@ pub struct PluginDir {
     /// Files that did not compile, with their stamp then and why: awaited
     /// while they may be a copy in progress.
     incomplete: HashMap<PathBuf, (Option<FileStamp>, PluginError)>,
+    /// Each plugin file's stamp when last handled or polled: what a poll
+    /// compares against.
+    seen: HashMap<PathBuf, FileStamp>,
+}
+
+/// The plugin files in `dir` with their stamps.
+fn plugin_files(dir: &Path) -> HashMap<PathBuf, FileStamp> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return HashMap::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .filter(|path| plugin_name(path).is_some())
+        .filter_map(|path| FileStamp::of(&path).map(|stamp| (path, stamp)))
+        .collect()
 }
 
 impl PluginDir {
@@ -181,6 +196,7 @@ impl PluginDir {
             dir: dir.to_path_buf(),
             validate,
             incomplete: HashMap::new(),
+            seen: plugin_files(dir),
         }
     }
 }
@@ -190,8 +206,27 @@ impl Handler for PluginDir {
         plugin_name(path).is_some() && path.parent() == Some(self.dir.as_path())
     }
 
+    /// The files added, changed or removed since the last look, found by
+    /// listing the directory: what the file events miss when the directory
+    /// itself was replaced (a deploy that swaps it, a mount).
+    fn poll(&mut self) -> Vec<PathBuf> {
+        let now = plugin_files(&self.dir);
+        let mut changed: Vec<PathBuf> = now
+            .iter()
+            .filter(|(path, stamp)| self.seen.get(*path) != Some(stamp))
+            .map(|(path, _)| path.clone())
+            .collect();
+        changed.extend(self.seen.keys().filter(|path| !now.contains_key(*path)).cloned());
+        self.seen = now;
+        changed
+    }
+
     fn settled(&mut self, path: &Path, quiet: Duration) -> Settled {
         let stamp = FileStamp::of(path);
+        match stamp {
+            Some(stamp) => self.seen.insert(path.to_path_buf(), stamp),
+            None => self.seen.remove(path),
+        };
         if let Some((failed_at, error)) = self.incomplete.get(path)
             && *failed_at == stamp
         {
@@ -247,24 +282,6 @@ fn count_refused() {
     crate::metrics::events()
         .plugin_reloads_refused
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-}
-
-/// A file's size and modification time: what changes while it is written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct FileStamp {
-    len: u64,
-    modified: Option<std::time::SystemTime>,
-}
-
-impl FileStamp {
-    /// None when the file is gone.
-    fn of(path: &Path) -> Option<FileStamp> {
-        let meta = std::fs::metadata(path).ok()?;
-        Some(FileStamp {
-            len: meta.len(),
-            modified: meta.modified().ok(),
-        })
-    }
 }
 
 /// `NAME` of a `NAME.wasm` path; hidden files (editors', copies in progress) are not plugins.
