@@ -220,22 +220,25 @@ impl App {
     /// Loads the plugins `config` names that are not loaded yet but whose
     /// file is in the plugin directory: a file dropped in together with the
     /// config that names it works whichever of the two the watcher sees first.
+    /// A plugin whose file was removed is refused, as a restart would refuse
+    /// it: a reload accepts only what a restart would.
     fn load_named_plugins(&self, config: &Config) -> Result<(), ConfigError> {
         let Some(dir) = &config.plugins.dir else {
             return Ok(());
         };
-        let missing: Vec<&str> = config
-            .plugin_policies()
-            .filter(|name| self.registry.slot(name).is_none())
-            .collect();
-        if missing.is_empty() {
-            return Ok(());
-        }
         let uses = config.clone();
         let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &uses));
-        for name in missing {
+        for name in config.plugin_policies() {
             let path = dir.join(format!("{name}.wasm"));
-            if path.is_file() {
+            if !path.is_file() {
+                let key = config.key_naming_plugin(name).unwrap_or_else(|| "plugins.dir".into());
+                let reason = format!(
+                    "no {name}.wasm in {} (a removed plugin keeps serving its pools until they change, but a restart would refuse this config)",
+                    dir.display()
+                );
+                return Err(invalid(config, &key, reason));
+            }
+            if self.registry.slot(name).is_none() {
                 self.registry
                     .load_file(&path, &validator)
                     .map_err(|error| plugin_refusal(config, name, error))?;

@@ -174,6 +174,28 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
     // Two new files and two replacements refused; only the first version loaded.
     assert_eq!(plugin_reloads(&fulcrum, "refused").await, 4.0);
     assert_eq!(plugin_reloads(&fulcrum, "loaded").await, 1.0);
+
+    // A reload accepts only what a restart would: not a config naming the
+    // removed plugin, though its last version keeps serving.
+    let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
+    install_file(&fulcrum.config_path(), format!("{text}\n# edited\nretries = 2\n").as_bytes());
+    let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
+    assert!(text.contains("retries = 2"));
+    assert!(
+        fulcrum.wait_for_log("config reload refused", Duration::from_secs(5)),
+        "{}",
+        fulcrum.log()
+    );
+    let log = fulcrum.log();
+    assert!(
+        log.contains("pools.web.policy") && log.contains("no swap.wasm in"),
+        "{log}"
+    );
+    let mut replies = Vec::new();
+    for _ in 0..10 {
+        replies.push(get(fulcrum.addr, "/").await.expect("still serving"));
+    }
+    assert!(all_first(&replies), "{:?}", tally(&replies));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
