@@ -911,6 +911,30 @@ fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
         .ok_or_else(|| (key.to_string(), format!("`{text}` resolved to no address")))
 }
 
+/// A plugin call's deadline: above zero, and at most 10 s, since a call
+/// holds its worker (and every connection on it) for that long.
+fn check_call_timeout(key: &str, timeout: Duration) -> Result<(), KeyError> {
+    if timeout.is_zero() || timeout > Duration::from_secs(10) {
+        return Err((
+            key.into(),
+            format!("must be more than 0 and at most 10s (a call holds its worker), got {timeout:?}"),
+        ));
+    }
+    Ok(())
+}
+
+/// A plugin instance's memory: one Wasm page at least, and at most the 4 GiB
+/// a 32-bit Wasm memory can address.
+fn check_memory_limit(key: &str, bytes: usize) -> Result<(), KeyError> {
+    if !(1 << 16..=1 << 32).contains(&(bytes as u64)) {
+        return Err((
+            key.into(),
+            "must be at least 64KiB (one Wasm page) and at most 4GiB (what Wasm addresses)".into(),
+        ));
+    }
+    Ok(())
+}
+
 fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
     let access_log = match &raw.access_log {
         None => None,
@@ -1050,14 +1074,17 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                     .as_deref()
                     .map(|t| duration(&key("call_timeout"), Some(t), Duration::ZERO))
                     .transpose()?;
-                if call_timeout.is_some_and(|t| t.is_zero()) {
-                    return Err((key("call_timeout"), "must be more than 0".into()));
+                if let Some(timeout) = call_timeout {
+                    check_call_timeout(&key("call_timeout"), timeout)?;
                 }
                 let memory_limit = limits
                     .memory_limit
                     .as_deref()
                     .map(|m| size(&key("memory_limit"), Some(m), 0))
                     .transpose()?;
+                if let Some(memory) = memory_limit {
+                    check_memory_limit(&key("memory_limit"), memory)?;
+                }
                 Ok((
                     name,
                     PluginLimits {
@@ -1073,15 +1100,8 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             None => crate::plugin::shared::DEFAULT_ENTRIES,
         },
     };
-    if plugins.call_timeout.is_zero() {
-        return Err(("plugins.call_timeout".into(), "must be more than 0".into()));
-    }
-    if plugins.memory_limit < 1 << 16 {
-        return Err((
-            "plugins.memory_limit".into(),
-            "must be at least 64KiB (one Wasm page)".into(),
-        ));
-    }
+    check_call_timeout("plugins.call_timeout", plugins.call_timeout)?;
+    check_memory_limit("plugins.memory_limit", plugins.memory_limit)?;
 
     if raw.pools.is_empty() {
         return Err(("pools".into(), "at least one pool is needed, e.g. [pools.web]".into()));
@@ -1319,6 +1339,12 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
     let mut routes = Vec::with_capacity(raw.routes.len());
     for (i, route) in raw.routes.into_iter().enumerate() {
         for (j, filter) in route.filters.iter().enumerate() {
+            if route.filters[..j].contains(filter) {
+                return Err((
+                    format!("routes[{i}].filters[{j}]"),
+                    format!("filter `{filter}` is listed twice; a route runs each filter once"),
+                ));
+            }
             if !filters.contains_key(filter) {
                 let defined: Vec<&String> = filters.keys().collect();
                 return Err((
@@ -1385,6 +1411,26 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             filters: route.filters,
             body_prefix,
         });
+    }
+    // A limit for a plugin nothing uses is most likely a misspelt name.
+    for name in plugins.limits.keys() {
+        let used = pools.values().any(|p: &PoolConfig| &p.policy == name) || filters.values().any(|f| &f.plugin == name);
+        if !used {
+            let mut uses: Vec<&str> = pools
+                .values()
+                .map(|p| p.policy.as_str())
+                .chain(filters.values().map(|f| f.plugin.as_str()))
+                .collect();
+            uses.sort_unstable();
+            uses.dedup();
+            return Err((
+                format!("plugins.limits.{name}"),
+                format!(
+                    "no pool or filter uses a plugin called `{name}` (the plugins in use: {})",
+                    uses.join(", ")
+                ),
+            ));
+        }
     }
     if routes.is_empty() {
         if pools.len() > 1 {

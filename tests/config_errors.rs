@@ -345,6 +345,36 @@ fn bad_filters_and_plugin_limits() {
             "plugins.shared_entries",
             "at least 1",
         ),
+        (
+            "[plugins.limits.round-robin]\ncall_timeout = \"1h\"\n",
+            "plugins.limits.round-robin.call_timeout",
+            "at most 10s",
+        ),
+        (
+            "[plugins]\ncall_timeout = \"11s\"\n",
+            "plugins.call_timeout",
+            "at most 10s",
+        ),
+        (
+            "[plugins.limits.round-robin]\nmemory_limit = \"0B\"\n",
+            "plugins.limits.round-robin.memory_limit",
+            "at least 64KiB",
+        ),
+        (
+            "[plugins.limits.round-robin]\nmemory_limit = \"8GiB\"\n",
+            "plugins.limits.round-robin.memory_limit",
+            "at most 4GiB",
+        ),
+        (
+            "[plugins.limits.round_robin]\ncall_timeout = \"1ms\"\n",
+            "plugins.limits.round_robin",
+            "no pool or filter uses a plugin called `round_robin` (the plugins in use: round-robin)",
+        ),
+        (
+            "[filters.f]\nplugin = \"round-robin\"\n[[routes]]\npool = \"api\"\nfilters = [\"f\", \"f\"]\n",
+            "routes[0].filters[1]",
+            "listed twice",
+        ),
     ];
     for (settings, key, reason) in cases {
         let config = if settings.starts_with("[plugins]") {
