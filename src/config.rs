@@ -1414,7 +1414,8 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
     }
     // A limit for a plugin nothing uses is most likely a misspelt name.
     for name in plugins.limits.keys() {
-        let used = pools.values().any(|p: &PoolConfig| &p.policy == name) || filters.values().any(|f| &f.plugin == name);
+        let used =
+            pools.values().any(|p: &PoolConfig| &p.policy == name) || filters.values().any(|f| &f.plugin == name);
         if !used {
             let mut uses: Vec<&str> = pools
                 .values()

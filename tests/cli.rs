@@ -130,6 +130,16 @@ fn plugin_check_reports_worlds_init_and_timed_decisions_or_the_reason() {
     let (ok, _, err) = plugin_check(&[misbehave.to_str().expect("path"), "--config", r#"{"mode":"trap"}"#]);
     assert!(!ok);
     assert!(err.contains("decide failed") && err.contains("unreachable"), "{err}");
+    assert!(
+        !err.contains("Trap(") && !err.contains("backtrace"),
+        "in words, on one line: {err}"
+    );
+    let (ok, _, err) = plugin_check(&[misbehave.to_str().expect("path"), "--config", r#"{"mode":"bad-id"}"#]);
+    assert!(!ok);
+    assert!(
+        err.contains("decide failed") && err.contains("it chose backend id 9999, which is unknown"),
+        "{err}"
+    );
     let (ok, _, err) = plugin_check(&[misbehave.to_str().expect("path"), "--config", r#"{"mode":"refuse"}"#]);
     assert!(!ok);
     assert!(

@@ -178,7 +178,10 @@ async fn broken_plugins_are_refused_and_the_last_good_one_keeps_serving() {
     // A reload accepts only what a restart would: not a config naming the
     // removed plugin, though its last version keeps serving.
     let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
-    install_file(&fulcrum.config_path(), format!("{text}\n# edited\nretries = 2\n").as_bytes());
+    install_file(
+        &fulcrum.config_path(),
+        format!("{text}\n# edited\nretries = 2\n").as_bytes(),
+    );
     let text = std::fs::read_to_string(fulcrum.config_path()).expect("config");
     assert!(text.contains("retries = 2"));
     assert!(

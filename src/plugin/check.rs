@@ -116,7 +116,7 @@ fn check_filter(
                     report,
                     "filter",
                     format!(
-                        "call {} of {calls} failed: {fault:?} (the balancer would apply the filter's on_fault)",
+                        "call {} of {calls} failed: {fault} (the balancer would apply the filter's on_fault)",
                         i + 1
                     ),
                 ));
@@ -173,7 +173,7 @@ fn check_balancer(
                 report,
                 "decide",
                 format!(
-                    "decision {} of {calls} failed: {fault:?} (the balancer would use its fallback)",
+                    "decision {} of {calls} failed: {fault} (the balancer would use its fallback)",
                     i + 1
                 ),
             ));
@@ -356,7 +356,7 @@ pub fn test(file: &Path, plan: &TestPlan, limits: Limits) -> Result<Report, Box<
                 times.push(started.elapsed());
             }
             if let Some(fault) = choice.fault {
-                return Err(format!("decision {} failed: {fault:?}", i + 1));
+                return Err(format!("decision {} failed: {fault}", i + 1));
             }
             chosen.push(choice.backend.map(|b| pool[b].address.clone()));
         }

@@ -99,9 +99,17 @@ impl<W: World> Plugin<W> {
     /// components: call it off the request path.
     pub fn load(name: &str, bytes: &[u8], source: PluginSource) -> Result<Arc<Plugin<W>>, PluginError> {
         let runtime = Runtime::get();
-        let component: Component = runtime.compile(name, bytes).map_err(|e| PluginError::Compile {
-            name: name.into(),
-            reason: one_line(&e),
+        let component: Component = runtime.compile(name, bytes).map_err(|e| {
+            let mut reason = one_line(&e);
+            if reason.contains("attempted to parse a wasm module with a component parser") {
+                reason.push_str(
+                    " (this is a core Wasm module, not a component: build for wasm32-wasip2, or wrap it with `wasm-tools component new`)",
+                );
+            }
+            PluginError::Compile {
+                name: name.into(),
+                reason,
+            }
         })?;
         let pre = W::linker()
             .instantiate_pre(&component)
@@ -288,6 +296,20 @@ pub enum Fault {
     BadAnswer(String),
     /// The plugin version is quarantined.
     Quarantined,
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Fault::Trap(reason) => write!(f, "{reason}"),
+            Fault::BadChoice(id) => write!(
+                f,
+                "it chose backend id {id}, which is unknown, unhealthy or already tried"
+            ),
+            Fault::BadAnswer(reason) => write!(f, "its answer cannot be used: {reason}"),
+            Fault::Quarantined => write!(f, "the plugin is quarantined after repeated faults"),
+        }
+    }
 }
 
 impl Fault {
@@ -533,7 +555,7 @@ impl<W: World> Binding<W> {
                     Err(fault) => Err(fault),
                 },
                 Err(reason) => {
-                    tracing::warn!(plugin = %plugin.name, %reason, "plugin call failed; using the fallback");
+                    tracing::warn!(plugin = %plugin.name, %reason, "plugin call failed; a pool's fallback or a filter's on_fault answers");
                     Err(Fault::Trap(reason))
                 }
             }

@@ -52,8 +52,12 @@ impl Lang {
 /// Why a scaffold was not made.
 #[derive(Debug, thiserror::Error)]
 pub enum ScaffoldError {
-    #[error("`{0}` is not a plugin name: use letters, digits, `-` and `_` (it becomes NAME.wasm)")]
+    #[error(
+        "`{0}` is not a plugin name: start with a letter, then letters, digits, `-` and `_` (it becomes NAME.wasm)"
+    )]
     BadName(String),
+    #[error("`{0}` is the name of a built-in policy; a plugin file of that name would be refused")]
+    Builtin(String),
     #[error("{0} already exists: choose another name or remove it")]
     Exists(PathBuf),
     #[error("cannot write {path}: {reason}")]
@@ -68,6 +72,9 @@ pub fn new(parent: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, Scaffo
         && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
     if !valid {
         return Err(ScaffoldError::BadName(name.into()));
+    }
+    if super::registry::is_builtin(name) {
+        return Err(ScaffoldError::Builtin(name.into()));
     }
     let root = parent.join(name);
     if root.exists() {
@@ -313,6 +320,10 @@ mod tests {
     #[test]
     fn names_are_checked_and_folders_never_overwritten() {
         let dir = tempfile::tempdir().expect("temp dir");
+        assert!(matches!(
+            new(dir.path(), "least-conn", Lang::Rust),
+            Err(ScaffoldError::Builtin(_))
+        ));
         assert!(matches!(
             new(dir.path(), "../x", Lang::Rust),
             Err(ScaffoldError::BadName(_))
