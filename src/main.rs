@@ -60,9 +60,10 @@ enum PluginCommand {
         #[arg(long, default_value = ".")]
         dir: PathBuf,
     },
-    /// Compile a component, list its imports and exports, link it as a
-    /// balancer, run its `init`, and make smoke decisions against a sample
-    /// pool (timed): exit 0 when it would load, 1 with the reason when not.
+    /// Compile a component, list its imports and exports, link it (as a
+    /// balancer, a filter or both), run its `init`, and make smoke calls
+    /// against a sample pool and requests (timed): exit 0 when it would
+    /// load, 1 with the reason when not.
     Check {
         /// The component (NAME.wasm).
         file: PathBuf,
@@ -70,11 +71,15 @@ enum PluginCommand {
         #[arg(long, default_value = "{}")]
         config: String,
         /// Smoke calls to make.
-        #[arg(long, default_value_t = 2000)]
-        calls: usize,
+        #[arg(long, default_value_t = 2000, value_parser = clap::value_parser!(u32).range(1..))]
+        calls: u32,
         /// CPU deadline of one call, as `[plugins] call_timeout` (whose default this is).
         #[arg(long, default_value = "5ms")]
         call_timeout: humantime::Duration,
+        /// The pools a filter may send requests to, comma-separated (the
+        /// config's pool names, for a filter that overrides the pool).
+        #[arg(long, value_delimiter = ',', default_value = "sample")]
+        pools: Vec<String>,
     },
     /// Exercise a policy over synthetic pools: its split (max/mean), whether
     /// it is deterministic, the share of keys remapped when a backend is
@@ -122,7 +127,19 @@ fn main() -> ExitCode {
             config,
             calls,
             call_timeout,
-        }) => plugin_check(&file, &config, calls, call_timeout.into()),
+            pools,
+        }) => plugin_check(
+            &file,
+            &config,
+            &fulcrum::plugin::check::Smoke {
+                calls: calls as usize,
+                limits: fulcrum::plugin::Limits {
+                    call_timeout: call_timeout.into(),
+                    ..fulcrum::plugin::check::DEFAULT_LIMITS
+                },
+                pools,
+            },
+        ),
         Command::Plugin(PluginCommand::Test {
             file,
             config,
@@ -162,13 +179,13 @@ fn plugin_new(dir: &Path, name: &str, lang: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn plugin_check(file: &Path, config: &str, calls: usize, call_timeout: std::time::Duration) -> anyhow::Result<()> {
+fn plugin_check(file: &Path, config: &str, smoke: &fulcrum::plugin::check::Smoke) -> anyhow::Result<()> {
     use fulcrum::plugin::check;
-    let limits = fulcrum::plugin::Limits {
-        call_timeout,
-        ..check::DEFAULT_LIMITS
-    };
-    match check::check(file, config, calls.max(1), limits) {
+    let timeout = smoke.limits.call_timeout;
+    if timeout.is_zero() || timeout > std::time::Duration::from_secs(10) {
+        anyhow::bail!("--call-timeout must be more than 0 and at most 10s, as [plugins] call_timeout");
+    }
+    match check::check(file, config, smoke) {
         Ok(report) => {
             for line in report.lines {
                 println!("{line}");

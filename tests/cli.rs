@@ -181,6 +181,23 @@ fn plugin_check_runs_a_filter_and_a_0_1_0_balancer() {
     ]);
     assert!(!ok && err.contains("rate must be a positive number"), "{err}");
 
+    // A filter that overrides the pool: checked against the config's pool names.
+    let canary = common::wasm("canary.wasm");
+    let canary_config = r#"{"pool": "canary", "percent": 50}"#;
+    let (ok, _, err) = plugin_check(&[canary.to_str().expect("path"), "--config", canary_config]);
+    assert!(!ok && err.contains("pool `canary`, which does not exist"), "{err}");
+    let (ok, out, err) = plugin_check(&[
+        canary.to_str().expect("path"),
+        "--config",
+        canary_config,
+        "--pools",
+        "web,canary",
+    ]);
+    assert!(ok, "{out}\n{err}");
+    assert!(out.contains("proceed to pool canary"), "{out}");
+    let (ok, _, err) = plugin_check(&[canary.to_str().expect("path"), "--calls", "0"]);
+    assert!(!ok && err.contains("--calls"), "{err}");
+
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/fixtures/plugin-0.1.0/least_conn.wasm"

@@ -33,9 +33,19 @@ pub struct Failed {
     pub reason: String,
 }
 
+/// How `plugin check` exercises a plugin.
+pub struct Smoke {
+    /// Smoke calls to make (at least 1).
+    pub calls: usize,
+    pub limits: Limits,
+    /// The pools a filter may send a request to (`--pools`).
+    pub pools: Vec<String>,
+}
+
 /// Checks `file` with `config` (the pool's `policy_config` as JSON), making
-/// `calls` smoke decisions.
-pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<Report, Box<Failed>> {
+/// `smoke.calls` smoke calls.
+pub fn check(file: &Path, config: &str, smoke: &Smoke) -> Result<Report, Box<Failed>> {
+    let (calls, limits) = (smoke.calls.max(1), smoke.limits);
     let mut report = Report::default();
     let fail = |report: Report, step, reason: String| Box::new(Failed { report, step, reason });
     let bytes = match std::fs::read(file) {
@@ -74,7 +84,7 @@ pub fn check(file: &Path, config: &str, calls: usize, limits: Limits) -> Result<
         report = check_balancer(report, plugin.clone(), config, calls, limits)?;
     }
     if plugin.pre.is_filter() {
-        report = check_filter(report, plugin, config, calls, limits)?;
+        report = check_filter(report, plugin, config, calls, limits, &smoke.pools)?;
     }
     Ok(report)
 }
@@ -86,6 +96,7 @@ fn check_filter(
     config: &str,
     calls: usize,
     limits: Limits,
+    pools: &[String],
 ) -> Result<Report, Box<Failed>> {
     let fail = |report: Report, step, reason: String| Box::new(Failed { report, step, reason });
     let filter = super::Filter::new(
@@ -107,7 +118,7 @@ fn check_filter(
         )));
         let current = sample_request(head, &client);
         let started = Instant::now();
-        let verdict = filter.on_request(&current, |pool| pool == "sample");
+        let verdict = filter.on_request(&current, |pool| pools.iter().any(|p| p == pool));
         times.push(started.elapsed());
         let verdict = match verdict {
             Ok(verdict) => verdict,
