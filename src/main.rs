@@ -90,15 +90,15 @@ enum PluginCommand {
         /// The pool's `policy_config`, as JSON.
         #[arg(long, default_value = "{}")]
         config: String,
-        /// Backends in the pool.
-        #[arg(long, default_value_t = 4)]
-        backends: usize,
+        /// Backends in the pool (default 4, or as many as --weights gives).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(2..))]
+        backends: Option<u16>,
         /// Their weights, comma-separated (default: all 1).
         #[arg(long)]
         weights: Option<String>,
         /// Distinct requests (keys: own x-user header, path and client address).
-        #[arg(long, default_value_t = 10_000)]
-        keys: usize,
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+        keys: u32,
         /// CPU deadline of one call: generous by default, as this measures
         /// behaviour, not deadlines (a busy machine can stall a call).
         #[arg(long, default_value = "1s")]
@@ -151,9 +151,9 @@ fn main() -> ExitCode {
         }) => plugin_test(
             &file,
             config,
-            backends,
+            backends.map(usize::from),
             weights.as_deref(),
-            keys,
+            keys as usize,
             call_timeout.into(),
             seed,
         ),
@@ -205,7 +205,7 @@ fn plugin_check(file: &Path, config: &str, smoke: &fulcrum::plugin::check::Smoke
 fn plugin_test(
     file: &Path,
     config: String,
-    backends: usize,
+    backends: Option<usize>,
     weights: Option<&str>,
     keys: usize,
     call_timeout: std::time::Duration,
@@ -213,13 +213,21 @@ fn plugin_test(
 ) -> anyhow::Result<()> {
     use fulcrum::plugin::check;
     let weights: Vec<u32> = match weights {
-        None => vec![1; backends],
+        None => vec![1; backends.unwrap_or(4)],
         Some(list) => list
             .split(',')
-            .map(|w| w.trim().parse::<u32>())
-            .collect::<Result<_, _>>()
-            .map_err(|e| anyhow::anyhow!("--weights: {e} (expected e.g. 1,1,2)"))?,
+            .map(|w| w.trim().parse::<u32>().ok().filter(|&w| w >= 1))
+            .collect::<Option<_>>()
+            .ok_or_else(|| anyhow::anyhow!("--weights: each at least 1, comma-separated (e.g. 1,1,2)"))?,
     };
+    if let Some(backends) = backends
+        && weights.len() != backends
+    {
+        anyhow::bail!(
+            "--backends {backends} and --weights with {} weights disagree: give one of them",
+            weights.len()
+        );
+    }
     let plan = check::TestPlan {
         config,
         weights,

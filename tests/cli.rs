@@ -275,6 +275,38 @@ fn plugin_test_gives_known_answers_for_a_modulo_and_a_consistent_hash() {
         "maglev moves at most 1% of the others: {others}%\n{maglev}"
     );
     assert!(maglev.contains("deterministic: yes"), "{maglev}");
+
+    // Arguments that would make the figures meaningless are refused.
+    let path = common::wasm("header_hash.wasm");
+    for args in [
+        &["--weights", "0,1,1"][..],
+        &["--keys", "0"],
+        &["--backends", "3", "--weights", "1,1,1,1"],
+        &["--backends", "1"],
+    ] {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+            .args(["plugin", "test"])
+            .arg(&path)
+            .args(args)
+            .output()
+            .expect("run fulcrum plugin test");
+        assert!(!output.status.success(), "{args:?} accepted");
+    }
+    // A heavy backend: the split is judged against each backend's share.
+    let heavy = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["plugin", "test"])
+        .arg(common::wasm("round_robin.wasm"))
+        .args(["--weights", "4294967295,1,1,1", "--keys", "2000"])
+        .env("RUST_LOG", "warn")
+        .output()
+        .expect("run fulcrum plugin test");
+    let text = String::from_utf8_lossy(&heavy.stdout).into_owned();
+    let split = text
+        .lines()
+        .find_map(|l| l.strip_prefix("split max/mean (by weight): "))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("split line: {text}"));
+    assert!(split < 2.0, "no overflow in the weights' sum: {split}\n{text}");
 }
 
 /// Where examples/build.sh installed the Python and JavaScript tools.

@@ -383,26 +383,35 @@ pub fn test(file: &Path, plan: &TestPlan, limits: Limits) -> Result<Report, Box<
         plan.weights
     ));
 
-    // The split, against each backend's share of the weight.
-    let total_weight: u32 = plan.weights.iter().sum();
-    let mut loads = Vec::new();
-    let mut split = Vec::new();
-    for (backend, weight) in base.iter().zip(&plan.weights) {
-        let count = first
-            .iter()
-            .filter(|c| c.as_deref() == Some(backend.address.as_str()))
-            .count();
-        let expected = plan.keys as f64 * f64::from(*weight) / f64::from(total_weight);
-        loads.push(count as f64 / expected);
-        split.push(format!("{} {count}", backend.address));
-    }
-    let max = loads.iter().cloned().fold(0.0, f64::max);
-    let mean = loads.iter().sum::<f64>() / loads.len() as f64;
+    // The split: each backend's count against its share (by weight) of the
+    // keys that got a backend; the most loaded one's ratio is max/mean
+    // (with equal weights, exactly the largest count over the mean count).
+    let total_weight: u64 = plan.weights.iter().map(|&w| u64::from(w)).sum();
+    let counts: Vec<usize> = base
+        .iter()
+        .map(|backend| {
+            first
+                .iter()
+                .filter(|c| c.as_deref() == Some(backend.address.as_str()))
+                .count()
+        })
+        .collect();
+    let decided: usize = counts.iter().sum();
+    let max = counts
+        .iter()
+        .zip(&plan.weights)
+        .map(|(&count, &weight)| {
+            let expected = decided as f64 * f64::from(weight) / total_weight as f64;
+            if expected > 0.0 { count as f64 / expected } else { 0.0 }
+        })
+        .fold(0.0, f64::max);
+    let split: Vec<String> = base
+        .iter()
+        .zip(&counts)
+        .map(|(backend, count)| format!("{} {count}", backend.address))
+        .collect();
     report.say(format!("split: {}", split.join(", ")));
-    report.say(format!(
-        "split max/mean (by weight): {:.2}",
-        if mean > 0.0 { max / mean } else { 0.0 }
-    ));
+    report.say(format!("split max/mean (by weight): {max:.2}"));
 
     let again = decide_all(&base, false).map_err(|e| fail(Report::default(), "decide", e))?;
     let differ = first.iter().zip(&again).filter(|(a, b)| a != b).count();
