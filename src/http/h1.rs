@@ -650,6 +650,25 @@ pub fn local_response(status: StatusCode, message: &str, connection: Option<&str
     out.push(b'\n');
 }
 
+/// Now as an HTTP date (`Sun, 06 Nov 1994 08:49:37 GMT`, RFC 9110 5.6.7),
+/// formatted once a second per thread: every answer Fulcrum writes itself
+/// carries one, as a server with a clock must (RFC 9110 6.6.1).
+fn write_date(out: &mut Vec<u8>) {
+    use std::cell::RefCell;
+    std::thread_local! {
+        static DATE: RefCell<(u64, String)> = const { RefCell::new((u64::MAX, String::new())) };
+    }
+    let now = std::time::SystemTime::now();
+    let second = now.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(cached, text)| {
+        if *cached != second {
+            *cached = second;
+            *text = httpdate::fmt_http_date(now);
+        }
+        out.extend_from_slice(text.as_bytes());
+    });
+}
+
 /// `HTTP/1.1 NNN Reason` of a local answer (no line end).
 fn status_line(status: StatusCode, out: &mut Vec<u8>) {
     out.extend_from_slice(b"HTTP/1.1 ");
@@ -658,9 +677,11 @@ fn status_line(status: StatusCode, out: &mut Vec<u8>) {
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
 }
 
-/// The end of a local answer's head: its `Connection`, the `extra` lines and
-/// the blank line.
+/// The end of a local answer's head: its `Date`, `Connection`, the `extra`
+/// lines and the blank line.
 fn head_end(connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(b"\r\ndate: ");
+    write_date(out);
     if let Some(connection) = connection {
         out.extend_from_slice(b"\r\nconnection: ");
         out.extend_from_slice(connection.as_bytes());
@@ -902,6 +923,27 @@ pub fn replaced_by(extra: &[u8], name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn local_answers_carry_a_date() {
+        let mut out = Vec::new();
+        local_response(StatusCode::NOT_FOUND, "no route", Some("close"), b"", &mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        let date = text
+            .lines()
+            .find_map(|l| l.strip_prefix("date: "))
+            .unwrap_or_else(|| panic!("no date: {text}"));
+        let when = httpdate::parse_http_date(date).expect("an HTTP date");
+        let off = std::time::SystemTime::now().duration_since(when).unwrap_or_default();
+        assert!(off < std::time::Duration::from_secs(5), "{date}");
+        let mut out = Vec::new();
+        direct_response(StatusCode::FORBIDDEN, b"no", None, b"x-a: 1\r\n", false, &mut out);
+        let text = String::from_utf8_lossy(&out).into_owned();
+        assert!(
+            text.contains("\r\ndate: ") && text.ends_with("x-a: 1\r\n\r\nno"),
+            "{text}"
+        );
+    }
     use http::Request;
 
     #[test]
