@@ -226,6 +226,10 @@ impl App {
         let Some(dir) = &config.plugins.dir else {
             return Ok(());
         };
+        if !dir.is_dir() {
+            let reason = format!("{} is not a directory (a restart would refuse it)", dir.display());
+            return Err(invalid(config, "plugins.dir", reason));
+        }
         let uses = config.clone();
         let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &uses));
         for name in config.plugin_policies() {

@@ -278,6 +278,22 @@ fn check(path: &Path) -> anyhow::Result<()> {
             pool.backends.len()
         );
     }
+    for (name, filter) in &snapshot.config.filters {
+        let routes = snapshot
+            .config
+            .routes
+            .iter()
+            .filter(|route| route.filters.contains(name))
+            .count();
+        println!(
+            "filter {name}: plugin {} on {routes} route(s), on_fault {}",
+            filter.plugin,
+            match filter.on_fault {
+                fulcrum::plugin::OnFault::Allow => "allow",
+                fulcrum::plugin::OnFault::Deny => "deny",
+            }
+        );
+    }
     println!("{}: ok", path.display());
     Ok(())
 }

@@ -391,3 +391,36 @@ fn plugin_new_makes_a_plugin_that_builds_and_passes_check_in_each_language() {
     );
     check(dir.path().join("script/script.wasm"));
 }
+
+#[test]
+fn check_lists_the_pools_and_the_filters() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::create_dir(dir.path().join("plugins.d")).expect("plugin dir");
+    std::fs::copy(common::wasm("rate_limit.wasm"), dir.path().join("plugins.d/limit.wasm")).expect("copy");
+    let path = dir.path().join("fulcrum.toml");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"127.0.0.1:18080\"\n[plugins]\ndir = \"plugins.d\"\n\
+         [pools.web]\nbackends = [\"127.0.0.1:9001\"]\n\
+         [filters.slow-down]\nplugin = \"limit\"\nconfig = { rate = 5, burst = 5 }\non_fault = \"deny\"\n\
+         [[routes]]\npool = \"web\"\nfilters = [\"slow-down\"]\n",
+    )
+    .expect("write config");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_fulcrum"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .env("XDG_CACHE_HOME", std::env::temp_dir().join("fulcrum-cli-test-cache"))
+        .output()
+        .expect("run fulcrum check");
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{out}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(out.contains("pool web: policy round-robin over 1 backends"), "{out}");
+    assert!(
+        out.contains("filter slow-down: plugin limit on 1 route(s), on_fault deny"),
+        "{out}"
+    );
+}

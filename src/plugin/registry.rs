@@ -126,9 +126,9 @@ impl Registry {
             });
         };
         if is_builtin(name) {
-            return Err(PluginError::Compile {
+            return Err(PluginError::Unfit {
                 name: name.into(),
-                reason: "this name belongs to a built-in policy; rename the file".into(),
+                reason: "the name belongs to a built-in policy; rename the file".into(),
             });
         }
         let bytes = std::fs::read(path).map_err(|e| PluginError::Compile {
