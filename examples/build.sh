@@ -14,8 +14,7 @@
 #   FULCRUM_TOOLS=dir FULCRUM_EXAMPLES_CACHE=dir examples/build.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
-COMPONENTIZE_PY=0.25.1
-COMPONENTIZE_JS=0.23.0
+source examples/tool-versions
 cache_home=${XDG_CACHE_HOME:-$HOME/.cache}/fulcrum
 TOOLS=${FULCRUM_TOOLS:-$cache_home/tools}
 CACHE=${FULCRUM_EXAMPLES_CACHE:-$cache_home/examples}

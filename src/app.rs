@@ -51,13 +51,20 @@ impl ChangeError {
 fn plugin_refusal(config: &Config, name: &str, error: PluginError) -> ConfigError {
     match error {
         PluginError::InUse { key, source } => invalid(config, &key, source.to_string()),
-        error => {
-            let key = config
-                .key_naming_plugin(name)
-                .unwrap_or_else(|| "plugins.dir".to_string());
-            invalid(config, &key, error.to_string())
-        }
+        error => invalid(config, &key_naming(config, name), error.to_string()),
     }
+}
+
+/// The config key naming plugin `name` (a pool's policy, a filter's plugin).
+fn key_naming(config: &Config, name: &str) -> String {
+    config
+        .key_naming_plugin(name)
+        .unwrap_or_else(|| "plugins.dir".to_string())
+}
+
+/// Checks a plugin version against every use `config` makes of it.
+fn validator_for(config: Config) -> Validator {
+    Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &config))
 }
 
 impl App {
@@ -76,9 +83,7 @@ impl App {
         }
         let registry = Arc::new(Registry::with_builtins().map_err(|e| invalid(&config, "plugins", e.to_string()))?);
         if let Some(dir) = &config.plugins.dir {
-            let uses = config.clone();
-            let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &uses));
-            for (path, error) in registry.load_dir(dir, &validator) {
+            for (path, error) in registry.load_dir(dir, &validator_for(config.clone())) {
                 let name = crate::plugin::registry::plugin_name(&path).unwrap_or_default();
                 if config.plugin_policies().any(|p| p == name) || !dir.is_dir() {
                     return Err(plugin_refusal(&config, name, error));
@@ -194,6 +199,9 @@ impl App {
                 tracing::warn!(key, old = %old, new = %new, "this setting takes effect at the next restart");
             }
         }
+        // Before the lock: a large component compiles for seconds, and runtime
+        // changes must not wait for it.
+        self.load_named_plugins(&config, current.config.plugins.dir.as_deref())?;
         // Runtime changes survive unless the reload touches their pool.
         let mut changes = self.changes.lock().unwrap_or_else(|p| p.into_inner());
         let mut kept_changes = changes.clone();
@@ -204,7 +212,6 @@ impl App {
             }
             same
         });
-        self.load_named_plugins(&config)?;
         let snapshot = Arc::new(self.build_with(config, &kept_changes)?);
         if kept_changes != *changes {
             *changes = kept_changes;
@@ -217,36 +224,34 @@ impl App {
         Ok(())
     }
 
-    /// Loads the plugins `config` names that are not loaded yet but whose
-    /// file is in the plugin directory: a file dropped in together with the
-    /// config that names it works whichever of the two the watcher sees first.
-    /// A plugin whose file was removed is refused, as a restart would refuse
-    /// it: a reload accepts only what a restart would.
-    fn load_named_plugins(&self, config: &Config) -> Result<(), ConfigError> {
-        let Some(dir) = &config.plugins.dir else {
+    /// Loads the plugins `config` names from the plugin directory `dir` (the
+    /// running one: a new `plugins.dir` waits for a restart) when their file
+    /// is new or changed: a file dropped in together with the config that
+    /// needs it works whichever of the two the watcher sees first (an
+    /// unchanged file costs a read and a hash). A plugin whose file was
+    /// removed is refused, as a restart would refuse it: a reload accepts
+    /// only what a restart would.
+    fn load_named_plugins(&self, config: &Config, dir: Option<&Path>) -> Result<(), ConfigError> {
+        let Some(dir) = dir else {
             return Ok(());
         };
         if !dir.is_dir() {
             let reason = format!("{} is not a directory (a restart would refuse it)", dir.display());
             return Err(invalid(config, "plugins.dir", reason));
         }
-        let uses = config.clone();
-        let validator: Validator = Arc::new(move |name: &str, plugin: &Plugin| check_against(plugin, name, &uses));
+        let validator = validator_for(config.clone());
         for name in config.plugin_policies() {
             let path = dir.join(format!("{name}.wasm"));
             if !path.is_file() {
-                let key = config.key_naming_plugin(name).unwrap_or_else(|| "plugins.dir".into());
                 let reason = format!(
                     "no {name}.wasm in {} (a removed plugin keeps serving its pools until they change, but a restart would refuse this config)",
                     dir.display()
                 );
-                return Err(invalid(config, &key, reason));
+                return Err(invalid(config, &key_naming(config, name), reason));
             }
-            if self.registry.slot(name).is_none() {
-                self.registry
-                    .load_file(&path, &validator)
-                    .map_err(|error| plugin_refusal(config, name, error))?;
-            }
+            let loaded = self.registry.load_file(&path, &validator);
+            crate::plugin::registry::count_load(&loaded);
+            loaded.map_err(|error| plugin_refusal(config, name, error))?;
         }
         Ok(())
     }
@@ -451,9 +456,10 @@ impl App {
                 };
                 check_against(plugin, name, &app.snapshot().config)
             });
-            let dir = dir.canonicalize().map_err(notify::Error::io)?;
-            watcher.watch(&dir, Box::new(PluginDir::new(self.registry.clone(), &dir, validator)))?;
-            tracing::info!(dir = %dir.display(), "watching the plugin directory");
+            let canonical = dir.canonicalize().map_err(notify::Error::io)?;
+            let handler = PluginDir::new(self.registry.clone(), &canonical, dir, validator);
+            watcher.watch(&canonical, Box::new(handler))?;
+            tracing::info!(dir = %canonical.display(), "watching the plugin directory");
         }
         *self.watcher.lock().unwrap_or_else(|p| p.into_inner()) = Some(watcher);
         Ok(())

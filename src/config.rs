@@ -913,7 +913,7 @@ fn socket(key: &str, text: &str) -> Result<SocketAddr, KeyError> {
 
 /// A plugin call's deadline: above zero, and at most 10 s, since a call
 /// holds its worker (and every connection on it) for that long.
-fn check_call_timeout(key: &str, timeout: Duration) -> Result<(), KeyError> {
+pub fn check_call_timeout(key: &str, timeout: Duration) -> Result<(), KeyError> {
     if timeout.is_zero() || timeout > Duration::from_secs(10) {
         return Err((
             key.into(),
@@ -1322,6 +1322,7 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
                 serde_json::to_string(&value).map_err(|e| (key("config"), format!("cannot be given as JSON: {e}")))?
             }
         };
+        check_policy_name(&filter.plugin).map_err(|reason| (key("plugin"), reason))?;
         let on_fault = match filter.on_fault.as_deref() {
             None | Some("allow") => crate::plugin::OnFault::Allow,
             Some("deny") => crate::plugin::OnFault::Deny,
@@ -1412,25 +1413,16 @@ fn validate(raw: RawConfig, folder: &Path) -> Result<Config, KeyError> {
             body_prefix,
         });
     }
-    // A limit for a plugin nothing uses is most likely a misspelt name.
+    // A limit for a plugin nothing uses may be a misspelt name, or one
+    // shared config for several: said, not refused.
     for name in plugins.limits.keys() {
         let used =
             pools.values().any(|p: &PoolConfig| &p.policy == name) || filters.values().any(|f| &f.plugin == name);
         if !used {
-            let mut uses: Vec<&str> = pools
-                .values()
-                .map(|p| p.policy.as_str())
-                .chain(filters.values().map(|f| f.plugin.as_str()))
-                .collect();
-            uses.sort_unstable();
-            uses.dedup();
-            return Err((
-                format!("plugins.limits.{name}"),
-                format!(
-                    "no pool or filter uses a plugin called `{name}` (the plugins in use: {})",
-                    uses.join(", ")
-                ),
-            ));
+            tracing::warn!(
+                key = %format!("plugins.limits.{name}"),
+                "no pool or filter uses a plugin called `{name}`: these limits apply to nothing (a misspelt name?)"
+            );
         }
     }
     if routes.is_empty() {
@@ -1671,7 +1663,9 @@ fn check_policy_name(name: &str) -> Result<(), String> {
     if ok {
         Ok(())
     } else {
-        Err(format!("`{name}` is not a policy name: use letters, digits, - and _"))
+        Err(format!(
+            "`{name}` is not a plugin name: use letters, digits, - and _ (it names NAME.wasm)"
+        ))
     }
 }
 

@@ -181,10 +181,8 @@ fn plugin_new(dir: &Path, name: &str, lang: &str) -> anyhow::Result<()> {
 
 fn plugin_check(file: &Path, config: &str, smoke: &fulcrum::plugin::check::Smoke) -> anyhow::Result<()> {
     use fulcrum::plugin::check;
-    let timeout = smoke.limits.call_timeout;
-    if timeout.is_zero() || timeout > std::time::Duration::from_secs(10) {
-        anyhow::bail!("--call-timeout must be more than 0 and at most 10s, as [plugins] call_timeout");
-    }
+    fulcrum::config::check_call_timeout("--call-timeout", smoke.limits.call_timeout)
+        .map_err(|(key, reason)| anyhow::anyhow!("{key}: {reason}, as [plugins] call_timeout"))?;
     match check::check(file, config, smoke) {
         Ok(report) => {
             for line in report.lines {

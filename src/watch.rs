@@ -31,15 +31,20 @@ pub const POLL_EVERY: Duration = Duration::from_secs(2);
 pub struct FileStamp {
     len: u64,
     modified: Option<std::time::SystemTime>,
+    /// The file itself (device, inode): a swap to another file of the same
+    /// size and time (`cp -p`, builds that pin times) is a change too.
+    file: (u64, u64),
 }
 
 impl FileStamp {
     /// None when the file is gone.
     pub fn of(path: &Path) -> Option<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(path).ok()?;
         Some(FileStamp {
             len: meta.len(),
             modified: meta.modified().ok(),
+            file: (meta.dev(), meta.ino()),
         })
     }
 }
@@ -123,22 +128,25 @@ fn run(inbox: &std::sync::mpsc::Receiver<Message>) {
     // Changed files not dealt with yet, with their last change.
     let mut pending: HashMap<PathBuf, Instant> = HashMap::new();
     let mut polled = Instant::now();
+    let mut ticked = Instant::now();
     loop {
         match inbox.recv_timeout(TICK) {
             Ok(Message::Changed(path)) => {
                 if handlers.iter().any(|h| h.claims(&path)) {
                     pending.insert(path, Instant::now());
                 }
-                continue;
             }
-            Ok(Message::Handle(handler)) => {
-                handlers.push(handler);
-                continue;
-            }
+            Ok(Message::Handle(handler)) => handlers.push(handler),
             Err(RecvTimeoutError::Timeout) => {}
             // The watcher was dropped: its callback's sender went with it.
             Err(RecvTimeoutError::Disconnected) => return,
         }
+        // Once a tick, even while events keep coming (a busy folder must not
+        // hold back the files that settled, or the poll).
+        if ticked.elapsed() < TICK {
+            continue;
+        }
+        ticked = Instant::now();
         if polled.elapsed() >= POLL_EVERY {
             polled = Instant::now();
             for path in handlers.iter_mut().flat_map(|h| h.poll()) {

@@ -381,14 +381,20 @@ fn plugin_new_makes_a_plugin_that_builds_and_passes_check_in_each_language() {
     new("python", "snake");
     run_ok(std::process::Command::new(dir.path().join("snake/build.sh")).env(
         "COMPONENTIZE_PY",
-        tools.join("componentize-py-0.25.1/bin/componentize-py"),
+        tools.join(format!(
+            "componentize-py-{}/bin/componentize-py",
+            fulcrum::plugin::scaffold::tool_version("COMPONENTIZE_PY")
+        )),
     ));
     check(dir.path().join("snake/snake.wasm"));
     new("js", "script");
-    run_ok(
-        std::process::Command::new(dir.path().join("script/build.sh"))
-            .env("COMPONENTIZE_JS_DIR", tools.join("componentize-js-0.23.0")),
-    );
+    run_ok(std::process::Command::new(dir.path().join("script/build.sh")).env(
+        "COMPONENTIZE_JS_DIR",
+        tools.join(format!(
+            "componentize-js-{}",
+            fulcrum::plugin::scaffold::tool_version("COMPONENTIZE_JS")
+        )),
+    ));
     check(dir.path().join("script/script.wasm"));
 }
 

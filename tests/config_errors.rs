@@ -346,6 +346,11 @@ fn bad_filters_and_plugin_limits() {
             "at least 1",
         ),
         (
+            "[filters.f]\nplugin = \"../elsewhere/canary\"\n",
+            "filters.f.plugin",
+            "is not a plugin name",
+        ),
+        (
             "[plugins.limits.round-robin]\ncall_timeout = \"1h\"\n",
             "plugins.limits.round-robin.call_timeout",
             "at most 10s",
@@ -366,11 +371,6 @@ fn bad_filters_and_plugin_limits() {
             "at most 4GiB",
         ),
         (
-            "[plugins.limits.round_robin]\ncall_timeout = \"1ms\"\n",
-            "plugins.limits.round_robin",
-            "no pool or filter uses a plugin called `round_robin` (the plugins in use: round-robin)",
-        ),
-        (
             "[filters.f]\nplugin = \"round-robin\"\n[[routes]]\npool = \"api\"\nfilters = [\"f\", \"f\"]\n",
             "routes[0].filters[1]",
             "listed twice",
@@ -384,6 +384,14 @@ fn bad_filters_and_plugin_limits() {
         };
         assert_refused(&config, key, reason);
     }
+    // Limits for a plugin nothing uses: accepted, with a warning naming them.
+    let (ok, stderr) = check(&format!("{base}[plugins.limits.round_robin]\ncall_timeout = \"1ms\"\n"));
+    assert!(ok, "{stderr}");
+    assert!(
+        stderr.contains("plugins.limits.round_robin")
+            && stderr.contains("no pool or filter uses a plugin called `round_robin`"),
+        "{stderr}"
+    );
     // A plugin's own memory_limit below what it needs: its init cannot run.
     let tight = format!("{base}[plugins.limits.least-conn]\nmemory_limit = \"64KiB\"\n");
     let tight = tight.replace("[pools.api]\n", "[pools.api]\npolicy = \"least-conn\"\n");

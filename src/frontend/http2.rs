@@ -181,23 +181,26 @@ async fn handle(snapshot: Arc<Snapshot>, client: &ClientAddr, request: Request<I
 
 /// Applies filters' response header edits to an HTTP/2 response's headers.
 fn apply_edits(headers: &mut http::HeaderMap, edits: &[crate::http::edit::HeaderEdit]) {
-    use crate::http::edit;
-    for name in edit::edited_names(edits) {
-        // Checked valid when the filter answered.
-        let Ok(name) = http::HeaderName::from_bytes(name.as_bytes()) else {
-            continue;
-        };
-        let values: Vec<http::HeaderValue> = {
-            let current = headers.get_all(&name).iter().map(http::HeaderValue::as_bytes).collect();
-            edit::apply(edits, name.as_str(), current)
-                .into_iter()
-                .filter_map(|v| http::HeaderValue::from_bytes(v).ok())
-                .collect()
-        };
-        headers.remove(&name);
-        for value in values {
-            headers.append(name.clone(), value);
-        }
+    // The fields of every edited name as the edits leave them (names and
+    // values checked valid when the filter answered).
+    let mut edited: Vec<(http::HeaderName, http::HeaderValue)> = Vec::new();
+    crate::http::edit::each_edited(
+        edits,
+        |name| headers.get_all(name).iter().map(http::HeaderValue::as_bytes).collect(),
+        |name, value| {
+            if let (Ok(name), Ok(value)) = (
+                http::HeaderName::from_bytes(name.as_bytes()),
+                http::HeaderValue::from_bytes(value),
+            ) {
+                edited.push((name, value));
+            }
+        },
+    );
+    for name in crate::http::edit::edited_names(edits) {
+        headers.remove(name);
+    }
+    for (name, value) in edited {
+        headers.append(name, value);
     }
 }
 

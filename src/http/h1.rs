@@ -680,8 +680,12 @@ fn status_line(status: StatusCode, out: &mut Vec<u8>) {
 /// The end of a local answer's head: its `Date`, `Connection`, the `extra`
 /// lines and the blank line.
 fn head_end(connection: Option<&str>, extra: &[u8], out: &mut Vec<u8>) {
-    out.extend_from_slice(b"\r\ndate: ");
-    write_date(out);
+    // A filter's answer may carry its own (as on HTTP/2, where hyper adds
+    // one only when there is none).
+    if !replaced_by(extra, b"date") {
+        out.extend_from_slice(b"\r\ndate: ");
+        write_date(out);
+    }
     if let Some(connection) = connection {
         out.extend_from_slice(b"\r\nconnection: ");
         out.extend_from_slice(connection.as_bytes());

@@ -147,9 +147,19 @@ impl<W: World> Plugin<W> {
         let state = StoreState::new(self.name.clone(), limits.memory_limit, tickets);
         let mut store = runtime.new_store(state);
         store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
-        let instance = W::instantiate(&self.pre, &mut store).map_err(|e| PluginError::Instantiate {
-            name: self.name.to_string(),
-            reason: one_line(&e),
+        let instance = W::instantiate(&self.pre, &mut store).map_err(|e| {
+            let mut reason = one_line(&e);
+            if reason.contains("failed to convert function to given type") {
+                // Names that match with types that do not: built against other WIT.
+                reason.push_str(&format!(
+                    " (its exports' types are not {}'s: rebuild it against the host's WIT, e.g. a draft of 0.2.0 whose `select` took no `hint`)",
+                    W::NAME
+                ));
+            }
+            PluginError::Instantiate {
+                name: self.name.to_string(),
+                reason,
+            }
         })?;
         store.set_epoch_deadline(deadline_ticks(limits.setup_timeout()));
         W::init(&instance, &mut store, config)
@@ -197,11 +207,12 @@ impl<W: World> Plugin<W> {
     /// Lifts a quarantine and forgets the faults that led to it (an
     /// operator's `POST /plugins/NAME/reset`). True when it was quarantined.
     pub fn reset_faults(&self) -> bool {
-        let was = self.is_quarantined();
-        self.quarantined_until_ms.store(0, Ordering::Relaxed);
-        self.quarantines.store(0, Ordering::Relaxed);
+        // The counts first: a fault between the two stores must not find a
+        // full count with no quarantine and start a new one at once.
         self.consecutive_faults.store(0, Ordering::Relaxed);
-        was
+        self.quarantines.store(0, Ordering::Relaxed);
+        let until = self.quarantined_until_ms.swap(0, Ordering::Relaxed);
+        until != 0 && crate::backend::process_ms() < until
     }
 
     fn record_fault(&self) {
@@ -209,7 +220,9 @@ impl<W: World> Plugin<W> {
         if n < QUARANTINE_AFTER || self.quarantined_until_ms.load(Ordering::Relaxed) != 0 {
             return;
         }
-        let times = self.quarantines.fetch_add(1, Ordering::Relaxed).min(16);
+        // Workers fault at once on their own instances: only the one that
+        // starts the quarantine counts it.
+        let times = self.quarantines.load(Ordering::Relaxed).min(16);
         let length = QUARANTINE_FIRST.saturating_mul(1 << times).min(QUARANTINE_LONGEST);
         let until = crate::backend::process_ms() + length.as_millis() as u64;
         if self
@@ -217,6 +230,7 @@ impl<W: World> Plugin<W> {
             .compare_exchange(0, until, Ordering::Relaxed, Ordering::Relaxed)
             .is_ok()
         {
+            self.quarantines.fetch_add(1, Ordering::Relaxed);
             tracing::error!(
                 plugin = %self.name,
                 digest = %self.digest,

@@ -167,13 +167,17 @@ impl Registry {
 /// handler in [`crate::watch::FileWatcher`].
 pub struct PluginDir {
     registry: Arc<Registry>,
+    /// The directory, canonical: as file events name it.
     dir: PathBuf,
+    /// The directory as configured (a symlink, perhaps): what a poll lists,
+    /// so that a swapped symlink's new target is seen.
+    given: PathBuf,
     validate: Validator,
     /// Files that did not compile, with their stamp then and why: awaited
     /// while they may be a copy in progress.
     incomplete: HashMap<PathBuf, (Option<FileStamp>, PluginError)>,
-    /// Each plugin file's stamp when last handled or polled: what a poll
-    /// compares against.
+    /// Each plugin file's stamp when last handled or polled, by its path in
+    /// `given`: what a poll compares against.
     seen: HashMap<PathBuf, FileStamp>,
 }
 
@@ -190,27 +194,30 @@ fn plugin_files(dir: &Path) -> HashMap<PathBuf, FileStamp> {
 }
 
 impl PluginDir {
-    pub fn new(registry: Arc<Registry>, dir: &Path, validate: Validator) -> PluginDir {
+    /// Watches `dir` (canonical) as configured: `given`.
+    pub fn new(registry: Arc<Registry>, dir: &Path, given: &Path, validate: Validator) -> PluginDir {
         PluginDir {
             registry,
             dir: dir.to_path_buf(),
+            given: given.to_path_buf(),
             validate,
             incomplete: HashMap::new(),
-            seen: plugin_files(dir),
+            seen: plugin_files(given),
         }
     }
 }
 
 impl Handler for PluginDir {
     fn claims(&self, path: &Path) -> bool {
-        plugin_name(path).is_some() && path.parent() == Some(self.dir.as_path())
+        plugin_name(path).is_some()
+            && (path.parent() == Some(self.dir.as_path()) || path.parent() == Some(self.given.as_path()))
     }
 
     /// The files added, changed or removed since the last look, found by
     /// listing the directory: what the file events miss when the directory
     /// itself was replaced (a deploy that swaps it, a mount).
     fn poll(&mut self) -> Vec<PathBuf> {
-        let now = plugin_files(&self.dir);
+        let now = plugin_files(&self.given);
         let mut changed: Vec<PathBuf> = now
             .iter()
             .filter(|(path, stamp)| self.seen.get(*path) != Some(stamp))
@@ -223,9 +230,10 @@ impl Handler for PluginDir {
 
     fn settled(&mut self, path: &Path, quiet: Duration) -> Settled {
         let stamp = FileStamp::of(path);
+        let key = self.given.join(path.file_name().unwrap_or_default());
         match stamp {
-            Some(stamp) => self.seen.insert(path.to_path_buf(), stamp),
-            None => self.seen.remove(path),
+            Some(stamp) => self.seen.insert(key, stamp),
+            None => self.seen.remove(&key),
         };
         if let Some((failed_at, error)) = self.incomplete.get(path)
             && *failed_at == stamp
@@ -264,6 +272,15 @@ impl Handler for PluginDir {
                 Settled::Done
             }
         }
+    }
+}
+
+/// Counts a plugin file's load in `fulcrum_plugin_reloads_total`: a new
+/// version in service, or a refusal.
+pub fn count_load<E>(result: &Result<bool, E>) {
+    match result {
+        Ok(new) => count_loaded(*new),
+        Err(_) => count_refused(),
     }
 }
 

@@ -46,16 +46,10 @@ fn edited_headers(head: &RequestHead, changes: &RequestChanges) -> Vec<(String, 
 /// The value of cookie `name` in the request's `Cookie` fields, with the
 /// filters' edits applied.
 fn cookie_of(head: &RequestHead, changes: &RequestChanges, name: &str) -> Option<String> {
-    if edit::touches(&changes.headers, b"cookie") {
-        // Every `Cookie` field as the filters left them, appended ones too.
-        return edit::apply(&changes.headers, "cookie", head.header_all("cookie").collect())
-            .into_iter()
-            .filter_map(visible_text)
-            .find_map(|value| cookie_in(value, name))
-            .map(str::to_owned);
-    }
-    // Every `Cookie` field (HTTP/2 clients may split them).
-    head.header_all("cookie")
+    // Every `Cookie` field (HTTP/2 clients may split them), as the filters
+    // left them, appended ones too.
+    edit::apply(&changes.headers, "cookie", head.header_all("cookie").collect())
+        .into_iter()
         .filter_map(visible_text)
         .find_map(|value| cookie_in(value, name))
         .map(str::to_owned)

@@ -99,7 +99,12 @@ pub fn new(parent: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, Scaffo
                 "app.py".into(),
                 include_str!("../../examples/python-policy/app.py").into(),
             ));
-            files.push(("build.sh".into(), PYTHON_BUILD.replace("NAME", name)));
+            files.push((
+                "build.sh".into(),
+                PYTHON_BUILD
+                    .replace("NAME", name)
+                    .replace("PY_VERSION", tool_version("COMPONENTIZE_PY")),
+            ));
             files.push(("README.md".into(), readme(name, lang)));
         }
         Lang::Js => {
@@ -111,7 +116,12 @@ pub fn new(parent: &Path, name: &str, lang: Lang) -> Result<Vec<PathBuf>, Scaffo
                 "componentize.mjs".into(),
                 include_str!("../../examples/js-policy/componentize.mjs").into(),
             ));
-            files.push(("package.json".into(), JS_PACKAGE.replace("NAME", name)));
+            files.push((
+                "package.json".into(),
+                JS_PACKAGE
+                    .replace("NAME", name)
+                    .replace("JS_VERSION", tool_version("COMPONENTIZE_JS")),
+            ));
             files.push(("build.sh".into(), JS_BUILD.replace("NAME", name)));
             files.push(("README.md".into(), readme(name, lang)));
         }
@@ -243,6 +253,19 @@ mod tests {
 }
 "#;
 
+/// The Python and JavaScript tools' versions (examples/tool-versions).
+const TOOL_VERSIONS: &str = include_str!("../../examples/tool-versions");
+
+/// The version `KEY=VERSION` in examples/tool-versions gives, e.g.
+/// `tool_version("COMPONENTIZE_PY")`; empty for an unknown key.
+pub fn tool_version(key: &str) -> &'static str {
+    TOOL_VERSIONS
+        .lines()
+        .filter_map(|line| line.split_once('='))
+        .find(|(name, _)| name.trim() == key)
+        .map_or("", |(_, version)| version.trim())
+}
+
 const PYTHON_BUILD: &str = r#"#!/usr/bin/env bash
 # Builds NAME.wasm from app.py with componentize-py (installed in .venv on
 # first use, unless COMPONENTIZE_PY names one).
@@ -250,7 +273,7 @@ set -euo pipefail
 cd "$(dirname "$0")"
 tool=${COMPONENTIZE_PY:-}
 if [[ -z $tool ]]; then
-  [[ -x .venv/bin/componentize-py ]] || { python3 -m venv .venv && .venv/bin/pip install --quiet componentize-py==0.25.1; }
+  [[ -x .venv/bin/componentize-py ]] || { python3 -m venv .venv && .venv/bin/pip install --quiet componentize-py==PY_VERSION; }
   tool=.venv/bin/componentize-py
 fi
 "$tool" -d wit -w balancer componentize app -o NAME.wasm
@@ -262,7 +285,7 @@ const JS_PACKAGE: &str = r#"{
   "private": true,
   "type": "module",
   "devDependencies": {
-    "@bytecodealliance/componentize-js": "0.23.0"
+    "@bytecodealliance/componentize-js": "JS_VERSION"
   }
 }
 "#;
@@ -315,6 +338,28 @@ mod tests {
             on_disk, embedded,
             "WIT in plugin/scaffold.rs must list every file of wit/"
         );
+    }
+
+    #[test]
+    fn the_tools_versions_come_from_one_file() {
+        for key in ["COMPONENTIZE_PY", "COMPONENTIZE_JS"] {
+            let version = tool_version(key);
+            assert!(
+                version.split('.').count() == 3 && version.split('.').all(|n| n.parse::<u32>().is_ok()),
+                "{key}={version}"
+            );
+        }
+        assert_eq!(tool_version("NOPE"), "");
+        let dir = tempfile::tempdir().expect("temp dir");
+        new(dir.path(), "snake", Lang::Python).expect("scaffold");
+        let script = std::fs::read_to_string(dir.path().join("snake/build.sh")).expect("build.sh");
+        assert!(
+            script.contains(&format!("componentize-py=={}", tool_version("COMPONENTIZE_PY"))),
+            "{script}"
+        );
+        new(dir.path(), "script", Lang::Js).expect("scaffold");
+        let package = std::fs::read_to_string(dir.path().join("script/package.json")).expect("package.json");
+        assert!(package.contains(tool_version("COMPONENTIZE_JS")), "{package}");
     }
 
     #[test]

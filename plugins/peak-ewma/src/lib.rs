@@ -4,9 +4,10 @@
 //! down loses traffic at once; one that recovers wins it back as its average
 //! decays. Backends with no answer yet cost the least, so they get tried.
 //!
-//! Reads the host's `latency-ewma-us` and `in-flight` signals, two backends
-//! per decision (a `read-one` call each): O(1) in the pool's size. The
-//! latency is prefetched, so for ids 0 to 3 it comes with the decision.
+//! Reads the host's `latency-ewma-us` and `in-flight` signals of two
+//! backends per decision (a `read-one` call per signal and backend): O(1) in
+//! the pool's size. The latency is prefetched, so for ids 0 to 3 it comes
+//! with the decision and only `in-flight` is read.
 //! `policy_config`: `{"default_latency_us": N}`, the latency assumed for a
 //! backend with no sample (default 1, so new backends are tried first).
 

@@ -9,15 +9,15 @@ use std::cell::Cell;
 std::thread_local! {
     /// The signal named with [`Signal::prefetch`], if any.
     static PREFETCHED: Cell<Option<backends::SignalId>> = const { Cell::new(None) };
-    /// The host's `hint` while a decision runs: the prefetched signal's
-    /// values for ids 0 to 3, read just before the call.
-    static HINT: Cell<Option<Batch>> = const { Cell::new(None) };
+    /// The host's `hint` while a decision runs: the values for ids 0 to 3 of
+    /// the signal prefetched when the decision began, read just before it.
+    static HINT: Cell<Option<(backends::SignalId, Batch)>> = const { Cell::new(None) };
 }
 
 /// Runs one decision with the host's `hint` at hand (the export glue).
 #[doc(hidden)]
 pub fn with_hint<R>(hint: Batch, decide: impl FnOnce() -> R) -> R {
-    HINT.set(Some(hint));
+    HINT.set(PREFETCHED.get().map(|signal| (signal, hint)));
     let answer = decide();
     HINT.set(None);
     answer
@@ -65,14 +65,12 @@ impl Signal {
         self
     }
 
-    /// The decision's hint, when this is the prefetched signal and a
-    /// decision is under way.
+    /// The decision's hint, when a decision is under way and its hint is
+    /// this signal's.
     fn hint(&self) -> Option<Batch> {
-        if PREFETCHED.get() == Some(self.0) {
-            HINT.get()
-        } else {
-            None
-        }
+        HINT.get()
+            .filter(|(signal, _)| *signal == self.0)
+            .map(|(_, batch)| batch)
     }
 
     /// The batch from id `first`: the decision's hint when it holds it.
