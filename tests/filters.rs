@@ -349,6 +349,33 @@ filters = ["canary"]
     assert_eq!(refused.backend.as_deref(), Some("backend-1"));
 }
 
+/// One pool with `backend`, behind one filter `limit` of `plugin` with
+/// `config` (inline TOML) on every request; `server` adds to `[server]`.
+fn one_filter_config(backend: std::net::SocketAddr, plugin: &str, config: &str, server: &str) -> String {
+    format!(
+        r#"
+[server]
+listen = "{{listen}}"
+{server}
+
+[plugins]
+dir = "plugins.d"
+call_timeout = "200ms"
+
+[pools.web]
+backends = ["{backend}"]
+
+[filters.limit]
+plugin = "{plugin}"
+config = {config}
+
+[[routes]]
+pool = "web"
+filters = ["limit"]
+"#
+    )
+}
+
 /// Sends `count` GETs from each of `clients` concurrent clients (a new
 /// connection each, so they land on every worker); the statuses seen, in
 /// the order they came back.
@@ -374,28 +401,11 @@ async fn burst(addr: std::net::SocketAddr, clients: usize, count: usize) -> Vec<
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_rate_limit_admits_the_burst_then_the_rate_across_workers() {
     let backends = start_backends(&[0], &[]).await.expect("backends");
-    let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-workers = 4
-
-[plugins]
-dir = "plugins.d"
-call_timeout = "200ms"
-
-[pools.web]
-backends = ["{}"]
-
-[filters.limit]
-plugin = "rate-limit"
-config = {{ rate = 100, burst = 20 }}
-
-[[routes]]
-pool = "web"
-filters = ["limit"]
-"#,
-        backends[0].addr
+    let config = one_filter_config(
+        backends[0].addr,
+        "rate-limit",
+        "{ rate = 100, burst = 20 }",
+        "workers = 4",
     );
     let fulcrum = Fulcrum::start(&config, &[("rate-limit.wasm", &wasm("rate_limit.wasm"))]);
     // After an idle period the bucket is full: a burst of 80 at once gets
@@ -466,28 +476,7 @@ fn another_version(bytes: &[u8]) -> Vec<u8> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_state_survives_a_hot_swap_of_its_plugin() {
     let backends = start_backends(&[0], &[]).await.expect("backends");
-    let config = format!(
-        r#"
-[server]
-listen = "{{listen}}"
-
-[plugins]
-dir = "plugins.d"
-call_timeout = "200ms"
-
-[pools.web]
-backends = ["{}"]
-
-[filters.limit]
-plugin = "limit"
-config = {{ rate = 0.01, burst = 3 }}
-
-[[routes]]
-pool = "web"
-filters = ["limit"]
-"#,
-        backends[0].addr
-    );
+    let config = one_filter_config(backends[0].addr, "limit", "{ rate = 0.01, burst = 3 }", "");
     let original = std::fs::read(wasm("rate_limit.wasm")).expect("rate_limit.wasm");
     let fulcrum = Fulcrum::start(&config, &[("limit.wasm", &wasm("rate_limit.wasm"))]);
     let statuses = burst(fulcrum.addr, 1, 5).await;
