@@ -343,3 +343,40 @@ async fn a_replaced_plugin_directory_is_still_watched() {
         fulcrum.log()
     );
 }
+
+/// A config mounted as Kubernetes mounts a ConfigMap: the file a symlink to
+/// `..data/fulcrum.toml`, `..data` a symlink to a versioned folder, and an
+/// update a new folder with `..data` swapped to it by a rename. No event
+/// names the config file; the watcher's poll sees its new target.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_config_behind_a_swapped_symlink_is_reloaded() {
+    use std::os::unix::fs::symlink;
+    let backends = start_backends(&[0, 0, 0], &[]).await.expect("backends");
+    let config = |list: &[DemoBackend]| {
+        format!(
+            "[server]\nlisten = \"{{listen}}\"\n[pools.web]\nbackends = {}\n",
+            backends_toml(list, &[])
+        )
+    };
+    let fulcrum = Fulcrum::start(&config(&backends[..1]), &[]);
+    let path = fulcrum.config_path();
+    let dir = path.parent().expect("config folder").to_path_buf();
+    let text = |list: &[DemoBackend]| config(list).replace("{listen}", &fulcrum.addr.to_string());
+    let version = |name: &str, list: &[DemoBackend]| {
+        std::fs::create_dir(dir.join(name)).expect("version folder");
+        std::fs::write(dir.join(name).join("fulcrum.toml"), text(list)).expect("write version");
+    };
+    // The same config, moved behind the two symlinks.
+    version("..v1", &backends[..1]);
+    symlink("..v1", dir.join("..data")).expect("..data");
+    symlink("..data/fulcrum.toml", dir.join("fulcrum.toml.link")).expect("link");
+    std::fs::rename(dir.join("fulcrum.toml.link"), &path).expect("the file becomes a symlink");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The update: a new folder, and ..data swapped to it in one rename.
+    version("..v2", &backends);
+    symlink("..v2", dir.join("..data_tmp")).expect("..data_tmp");
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).expect("swap ..data");
+    let seen = time_until(fulcrum.addr, 1, Duration::from_secs(8), |b| b == "backend-3").await;
+    assert!(seen.is_some(), "the new config took effect: {}", fulcrum.log());
+    assert!(!fulcrum.log().contains("config reload refused"), "{}", fulcrum.log());
+}
