@@ -29,8 +29,17 @@ pub fn touches(edits: &[HeaderEdit], name: &[u8]) -> bool {
 
 /// Writes, as `name: value\r\n` lines, the fields of every header name the
 /// edits touch, as the edits leave them: `values(name)` are the head's own.
-pub fn write_edited<'a>(edits: &[HeaderEdit], values: impl Fn(&str) -> Vec<&'a [u8]>, out: &mut Vec<u8>) {
+/// Names for which `skip` holds are left out (written by someone else).
+pub fn write_edited<'a>(
+    edits: &[HeaderEdit],
+    values: impl Fn(&str) -> Vec<&'a [u8]>,
+    skip: impl Fn(&str) -> bool,
+    out: &mut Vec<u8>,
+) {
     each_edited(edits, values, |name, value| {
+        if skip(name) {
+            return;
+        }
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
         out.extend_from_slice(value);
@@ -107,7 +116,7 @@ mod tests {
                 _ => vec![],
             }
         };
-        write_edited(&edits, original, &mut out);
+        write_edited(&edits, original, |_| false, &mut out);
         assert_eq!(
             String::from_utf8_lossy(&out),
             "x-a: 1\r\nx-a: 2\r\nx-b: new\r\nx-c: again\r\n"

@@ -375,10 +375,13 @@ impl ResponseHead {
             out.extend_from_slice(reason);
         }
         out.extend_from_slice(b"\r\n");
+        // Fields Fulcrum writes itself (HSTS): named once, not per field.
+        let replaced: smallvec::SmallVec<[&[u8]; 2]> = field_names(extra).collect();
+        let is_replaced = |name: &[u8]| replaced.iter().any(|r| r.eq_ignore_ascii_case(name));
         for (name, value) in self.forwarded_fields() {
             if (chunked && name.eq_ignore_ascii_case(b"content-length"))
                 || (!edits.is_empty() && super::edit::touches(edits, name))
-                || replaced_by(extra, name)
+                || is_replaced(name)
             {
                 continue;
             }
@@ -387,17 +390,6 @@ impl ResponseHead {
             out.extend_from_slice(value);
             out.extend_from_slice(b"\r\n");
         }
-        let kept;
-        let edits = if !edits.is_empty() && !extra.is_empty() {
-            kept = edits
-                .iter()
-                .filter(|e| !replaced_by(extra, e.name.as_bytes()))
-                .cloned()
-                .collect::<Vec<_>>();
-            &kept[..]
-        } else {
-            edits
-        };
         if !edits.is_empty() {
             // The fields forwarded, of that name (never a hop-by-hop one).
             let values = |name: &str| {
@@ -406,7 +398,7 @@ impl ResponseHead {
                     .map(|(_, v)| v)
                     .collect()
             };
-            super::edit::write_edited(edits, values, out);
+            super::edit::write_edited(edits, values, |name| is_replaced(name.as_bytes()), out);
         }
         if chunked {
             out.extend_from_slice(b"transfer-encoding: chunked\r\n");
@@ -835,7 +827,7 @@ pub fn encode_request_head(
                 .map(|(_, v)| v)
                 .collect()
         };
-        super::edit::write_edited(edits, values, out);
+        super::edit::write_edited(edits, values, |_| false, out);
     }
 
     // From a trusted proxy the chain goes on; from anyone else it starts here.
@@ -917,11 +909,15 @@ pub fn encode_request_head(
 /// called `name`: the listener's own fields (HSTS) replace those of the
 /// backend and of the filters, as they do on HTTP/2.
 pub fn replaced_by(extra: &[u8], name: &[u8]) -> bool {
-    !extra.is_empty()
-        && extra
-            .split(|&b| b == b'\n')
-            .filter_map(|line| line.split(|&b| b == b':').next())
-            .any(|field| field.eq_ignore_ascii_case(name))
+    field_names(extra).any(|field| field.eq_ignore_ascii_case(name))
+}
+
+/// The field names of `extra`'s lines (none when it is empty).
+fn field_names(extra: &[u8]) -> impl Iterator<Item = &[u8]> {
+    extra
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .filter_map(|line| line.split(|&b| b == b':').next())
 }
 
 #[cfg(test)]

@@ -33,9 +33,10 @@ pub struct Config {
     pub zone: String,
 }
 
-/// The shared-state key of `who`'s bucket under a limit of this shape.
-pub fn bucket_key(zone: &str, rate: f64, burst: u32, header: Option<&str>, who: &str) -> String {
-    format!("{zone}|{rate}/s|{burst}|{}|{who}", header.unwrap_or(""))
+/// The start of every bucket key under a limit of this shape (made once, at
+/// `init`); a client's key is this and who it is.
+pub fn bucket_prefix(zone: &str, rate: f64, burst: u32, header: Option<&str>) -> String {
+    format!("{zone}|{rate}/s|{burst}|{}|", header.unwrap_or(""))
 }
 
 /// `Retry-After` for a wait of `wait_ns`: whole seconds, rounded up, at least 1.
@@ -48,16 +49,16 @@ pub struct RateLimit {
     rate: f64,
     burst: u32,
     header: Option<String>,
-    zone: String,
+    /// [`bucket_prefix`] of this limit.
+    prefix: String,
 }
 
 impl RateLimit {
     fn key(&self) -> String {
-        let who = match self.header.as_deref().and_then(request::header) {
-            Some(value) => format!("h:{value}"),
-            None => format!("ip:{:016x}", request::client_ip_hash()),
-        };
-        bucket_key(&self.zone, self.rate, self.burst, self.header.as_deref(), &who)
+        match self.header.as_deref().and_then(request::header) {
+            Some(value) => format!("{}h:{value}", self.prefix),
+            None => format!("{}ip:{:016x}", self.prefix, request::client_ip_hash()),
+        }
     }
 }
 
@@ -74,11 +75,12 @@ impl Plugin for RateLimit {
         if config.burst == 0 {
             return Err("burst must be at least 1".into());
         }
+        let header = config.header.map(|h| h.to_ascii_lowercase());
         Ok(RateLimit {
             rate: config.rate,
             burst: config.burst,
-            header: config.header.map(|h| h.to_ascii_lowercase()),
-            zone: config.zone,
+            prefix: bucket_prefix(&config.zone, config.rate, config.burst, header.as_deref()),
+            header,
         })
     }
 }
@@ -112,14 +114,14 @@ mod tests {
 
     #[test]
     fn buckets_of_different_limits_or_zones_are_apart() {
-        let key = |zone, rate, burst| bucket_key(zone, rate, burst, Some("x-k"), "h:k1");
+        let key = |zone, rate, burst| bucket_prefix(zone, rate, burst, Some("x-k"));
         assert_eq!(key("", 100.0, 20), key("", 100.0, 20));
         assert_ne!(key("", 100.0, 20), key("", 1.0, 20), "another rate");
         assert_ne!(key("", 100.0, 20), key("", 100.0, 1), "another burst");
         assert_ne!(key("", 100.0, 20), key("login", 100.0, 20), "another zone");
         assert_ne!(
-            bucket_key("", 1.0, 1, None, "h:k1"),
-            bucket_key("", 1.0, 1, Some("x-k"), "h:k1"),
+            bucket_prefix("", 1.0, 1, None),
+            bucket_prefix("", 1.0, 1, Some("x-k")),
             "another header"
         );
     }
